@@ -1,0 +1,79 @@
+"""Features for heads: the cached embeddings of several backbones, concatenated and aligned by id."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from embedder.backbones import BackboneSpec
+from embedder.cache import DEFAULT_CACHE_DIR, CacheError, load_aligned
+from embedder.datasets import PatchDataset
+from embedder.extract import embed_dataset
+
+
+@dataclass
+class FeatureSet:
+    ids: list[str]
+    X: np.ndarray  # (N, D) float32
+    blocks: list[dict]  # per backbone: key, path, spec, identity, start, stop
+    tta: bool = False
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def n_features(self) -> int:
+        return int(self.X.shape[1])
+
+    def meta(self) -> dict:
+        """What a head fitted on these features must see again at predict time."""
+        return {
+            "backbones": [b["spec"] for b in self.blocks],
+            "identities": [b["identity"] for b in self.blocks],
+            "widths": [b["stop"] - b["start"] for b in self.blocks],
+            "cache_keys": [b["key"] for b in self.blocks],
+            "tta": self.tta,
+            "n_features": self.n_features,
+        }
+
+    def select(self, labels: list[str]) -> "FeatureSet":
+        """Only the blocks of the named backbones (by spec label or name), in the given order."""
+        chosen = []
+        for label in labels:
+            match = [b for b in self.blocks if BackboneSpec.from_dict(b["spec"]).label == label or b["spec"]["name"] == label]
+            if not match:
+                raise CacheError(f"backbone {label!r} is not among {[b['spec']['name'] for b in self.blocks]}")
+            chosen.append(match[0])
+        columns, blocks, start = [], [], 0
+        for b in chosen:
+            columns.append(self.X[:, b["start"]:b["stop"]])
+            stop = start + b["stop"] - b["start"]
+            blocks.append({**b, "start": start, "stop": stop})
+            start = stop
+        return FeatureSet(self.ids, np.concatenate(columns, axis=1), blocks, self.tta, self.warnings)
+
+
+def ensure_features(dataset: PatchDataset, specs: list[BackboneSpec], cache_dir=DEFAULT_CACHE_DIR, *, tta: bool = False, **embed_options) -> FeatureSet:
+    """Embed what is missing from the cache, then return the features aligned to ``dataset.ids``."""
+    entries = embed_dataset(dataset, specs, cache_dir, tta=tta, **embed_options)
+    incomplete = [e for e in entries if not e.exists()]
+    if incomplete:
+        raise CacheError(f"embedding stopped before finishing {[e.spec.label for e in incomplete]}; run again to resume")
+    X, blocks = load_aligned([e.path for e in entries], dataset.ids)
+    return FeatureSet(dataset.ids, X, blocks, tta)
+
+
+def specs_from_meta(meta: dict) -> list[BackboneSpec]:
+    return [BackboneSpec.from_dict(d) for d in meta["backbones"]]
+
+
+def check_features_match(features: FeatureSet, meta: dict, model_path: str = "the model") -> None:
+    """Refuse features that were not made the way the head's training features were."""
+    expected = [json.dumps(i, sort_keys=True) for i in meta["identities"]]
+    got = [json.dumps(b["identity"], sort_keys=True) for b in features.blocks]
+    if expected != got or bool(features.tta) != bool(meta.get("tta", False)):
+        raise CacheError(
+            f"{model_path} was fitted on features from {expected} (tta={meta.get('tta')}), but these features come "
+            f"from {got} (tta={features.tta}). Embed with the same backbones, weights and preprocessing, or refit."
+        )
+    if features.n_features != meta["n_features"]:
+        raise CacheError(f"{model_path} expects {meta['n_features']} features, got {features.n_features}")

@@ -1,0 +1,63 @@
+"""Score a prediction table against a truth table, joined by spot id and gene name."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from heads.metrics import N_TOP_DEFAULT, challenge_score, pearson_per_gene, top_genes
+
+
+class EvaluationError(ValueError):
+    """Prediction and truth cannot be compared; the message says why and what to do."""
+
+
+def _examples(items, limit: int = 5) -> str:
+    items = list(items)
+    return ", ".join(map(str, items[:limit])) + (f", ... ({len(items)} in all)" if len(items) > limit else "")
+
+
+def align(pred: pd.DataFrame, truth: pd.DataFrame, pred_name: str = "predictions", truth_name: str = "truth") -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Rows of ``truth`` order and columns of ``truth`` order, matched by index and name."""
+    for frame, name in ((pred, pred_name), (truth, truth_name)):
+        if frame.index.duplicated().any():
+            raise EvaluationError(f"{name}: duplicate ids, e.g. {frame.index[frame.index.duplicated()][0]!r}")
+    missing_ids = truth.index.difference(pred.index)
+    if len(missing_ids):
+        raise EvaluationError(f"{pred_name} lacks {len(missing_ids)} spot ids of {truth_name} (e.g. {_examples(missing_ids)})")
+    missing_genes = [g for g in truth.columns if g not in set(pred.columns)]
+    if missing_genes:
+        raise EvaluationError(f"{pred_name} lacks {len(missing_genes)} genes of {truth_name} (e.g. {_examples(missing_genes)})")
+    pred = pred.loc[truth.index, list(truth.columns)]
+    for frame, name in ((pred, pred_name), (truth, truth_name)):
+        values = frame.to_numpy(dtype=np.float64)
+        if not np.isfinite(values).all():
+            r, c = np.argwhere(~np.isfinite(values))[0]
+            raise EvaluationError(f"{name}: NaN/inf at id {frame.index[r]!r}, gene {frame.columns[c]!r}")
+    return pred, truth
+
+
+def evaluate_tables(pred: pd.DataFrame, truth: pd.DataFrame, n_top: int = N_TOP_DEFAULT, gene_list: list[str] | None = None,
+                    pred_name: str = "predictions", truth_name: str = "truth") -> tuple[dict, pd.DataFrame]:
+    """Challenge score and terms, mean Pearson over the top-``n_top`` HVGs and over ``gene_list``; per-gene table."""
+    pred, truth = align(pred, truth, pred_name, truth_name)
+    p, t = pred.to_numpy(np.float64), truth.to_numpy(np.float64)
+    report = challenge_score(p, t, n_top=n_top)
+    r = pearson_per_gene(p, t)
+    hvg = top_genes(t, n_top, "variance")
+    report["mean_corr_hvg"] = float(r[hvg].mean())
+    if gene_list:
+        unknown = [g for g in gene_list if g not in set(truth.columns)]
+        if unknown:
+            raise EvaluationError(f"gene list names {len(unknown)} genes absent from {truth_name} (e.g. {_examples(unknown)})")
+        index = truth.columns.get_indexer(gene_list)
+        report["mean_corr_gene_list"] = float(r[index].mean())
+        report["n_gene_list"] = len(gene_list)
+    per_gene = pd.DataFrame({
+        "gene": truth.columns,
+        "pearson": r,
+        "truth_mean": t.mean(axis=0),
+        "truth_variance": t.var(axis=0),
+        "is_top_hvg": np.isin(np.arange(t.shape[1]), hvg),
+        "is_top_heg": np.isin(np.arange(t.shape[1]), top_genes(t, n_top, "sum")),
+    }).sort_values("pearson", ascending=False, kind="stable")
+    return report, per_gene
