@@ -32,6 +32,7 @@ TtaOpt = Annotated[bool, typer.Option("--tta", help="Average features over the 8
 BatchOpt = Annotated[int, typer.Option("--batch-size", help="Images per forward pass.")]
 WorkersOpt = Annotated[Optional[int], typer.Option("--workers", help="DataLoader workers (default: CPUs - 1, at most 8).")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto | cpu | cuda | cuda:N")]
+PrecisionOpt = Annotated[str, typer.Option("--precision", help="auto (bf16 on CUDA and bf16-capable CPUs) | fp32 | bf16")]
 ChunkOpt = Annotated[int, typer.Option("--chunk-size", help="Rows per resumable chunk written to disk.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 
@@ -47,12 +48,16 @@ def _friendly_errors(func):
         from embedder.backbones import BackboneError
         from embedder.cache import CacheError
         from embedder.datasets import DatasetError
+        from embedder.finetune_model import FinetuneError
+        from embedder.importers import ImporterError
         from heads.evaluation import EvaluationError
 
         warnings.showwarning = _show_warning
+        warnings.simplefilter("once")
         try:
             return func(*args, **kwargs)
-        except (DatasetError, BackboneError, CacheError, EvaluationError, FileExistsError, FileNotFoundError) as exc:
+        except (DatasetError, BackboneError, CacheError, EvaluationError, ImporterError, FinetuneError, FileExistsError,
+                FileNotFoundError) as exc:
             console.print(f"[bold red]Error:[/bold red] {exc}", highlight=False)
             raise typer.Exit(2) from None
     return wrapper
@@ -92,13 +97,14 @@ def embed(
     data: Annotated[Path, typer.Argument(help="Challenge CSV, HEST .h5 patch file, or folder with patches/.")],
     backbone: BackboneOpt = None, backbone_config: BackboneConfigOpt = None, no_pretrained: NoPretrainedOpt = False,
     cache_dir: CacheDirOpt = Path("cache"), tta: TtaOpt = False, batch_size: BatchOpt = 64,
-    workers: WorkersOpt = None, device: DeviceOpt = "auto", chunk_size: ChunkOpt = 512, quiet: QuietOpt = False,
+    workers: WorkersOpt = None, device: DeviceOpt = "auto", precision: PrecisionOpt = "auto", chunk_size: ChunkOpt = 512,
+    quiet: QuietOpt = False,
 ):
     """Embed every patch with frozen backbones and cache the features (resumes after an interruption)."""
     import workflow
 
     features = workflow.embed(data, _specs(backbone, backbone_config, no_pretrained), cache_dir, tta=tta,
-                              batch_size=batch_size, num_workers=workers, device=device, chunk_size=chunk_size,
+                              batch_size=batch_size, num_workers=workers, device=device, precision=precision, chunk_size=chunk_size,
                               progress=not quiet)
     table = Table(title=f"embeddings of {data}")
     for column in ("backbone", "weights", "width", "cache file"):
@@ -116,14 +122,264 @@ def evaluate(
     n_top: Annotated[int, typer.Option(help="Genes in the HEG/HVG panels.")] = 50,
     genes: Annotated[Optional[Path], typer.Option(help="File of gene names (one per line): also report mean Pearson over them.")] = None,
     out_dir: Annotated[Optional[Path], typer.Option(help="Where to write scores JSON and per-gene CSV (default: beside predictions).")] = None,
+    plots: Annotated[bool, typer.Option("--plots", help="Also write the plots of `hexpr plot` into the output folder.")] = False,
 ):
     """Challenge score (MeanCorr spots, MaxCorr genes, HEG, HVG) plus per-gene Pearson."""
     import workflow
 
     report = workflow.evaluate(predictions, truth, out_dir=out_dir, n_top=n_top, gene_list_path=genes)
+    if plots:
+        from heads.plots import make_report_plots
+
+        made = make_report_plots(predictions, truth, Path(report["scores_json"]).parent / f"{predictions.stem}_plots", n_top=n_top)
+        report["plots"] = str(Path(made["pearson_distribution"]).parent)
     keys = ["score", "mean_corr_cells", "max_corr_genes", "heg_corr", "hvg_corr", "mean_corr_genes", "mean_corr_hvg",
-            "mean_corr_gene_list", "n_spots", "n_genes", "n_constant_spots", "n_constant_genes", "scores_json", "per_gene_csv"]
+            "mean_corr_gene_list", "n_spots", "n_genes", "n_constant_spots", "n_constant_genes", "scores_json", "per_gene_csv",
+            "plots"]
     _print_mapping(f"{predictions} vs {truth}", {k: report[k] for k in keys if k in report})
+
+
+def _params(pairs: list[str] | None) -> dict:
+    import json
+
+    params = {}
+    for pair in pairs or []:
+        key, eq, value = pair.partition("=")
+        if not eq:
+            raise typer.BadParameter(f"--param {pair!r} is not key=value")
+        try:
+            params[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            params[key.strip()] = value
+    return params
+
+
+def _print_cv(report: dict) -> None:
+    terms = {"score": "score", "mean_corr_cells": "MeanCorr spots", "max_corr_genes": "MaxCorr genes", "heg_corr": "HEG",
+             "hvg_corr": "HVG", "pearson_all_genes": "r all genes", "pearson_hvg": "r top HVG"}
+    features = "" if report["features"] == "features" else f", features {report['features']}"
+    table = Table(title=f"{report['n_folds']}-fold CV ({'grouped' if report['grouped'] else 'KFold'}), "
+                        f"{report['n_spots']} spots x {report['n_genes']} genes{features}")
+    table.add_column("", no_wrap=True)
+    for label in terms.values():
+        table.add_column(label, justify="right")
+    for i, fold in enumerate(report.get("folds", [])):
+        table.add_row(f"fold {i + 1}", *(f"{fold.get(t, float('nan')):.4f}" for t in terms))
+    table.add_row(f"[bold]{report['head']}", *(f"[bold]{report['cv'].get(t, float('nan')):.4f}" for t in terms))
+    table.add_row("mean head", *(f"{report['mean_head'].get(t, float('nan')):.4f}" for t in terms))
+    out.print(table)
+    if report.get("sweep"):
+        out.print(f"sweep: {report['sweep']['n_configs']} configs ({report['sweep']['search']}); best {report['sweep']['best']}; "
+                  f"leaderboard {report['sweep']['leaderboard']}")
+    out.print(f"model saved in {report['out_dir']} (out-of-fold predictions: {report['files']['oof_predictions']})")
+
+
+def _random_init_notice(names: list[str]) -> None:
+    if names:
+        console.print(f"[bold yellow]NOTE:[/bold yellow] backbones without pretrained weights (random init): {', '.join(names)}. "
+                      "Scores show the pipeline works, not what pretrained features reach.", highlight=False)
+
+
+@app.command("fit-head")
+@_friendly_errors
+def fit_head(
+    data: Annotated[Path, typer.Argument(help="Training data: challenge CSV with gene columns, or HEST .h5/folder with .h5ad.")],
+    head: Annotated[str, typer.Option("--head", help="mean | ridge | hest | mlp | gbm | knn | bleep | ensemble")] = "ridge",
+    param: Annotated[Optional[list[str]], typer.Option("--param", "-p", help="Head hyper-parameter key=value (JSON values), repeatable.")] = None,
+    transform: Annotated[str, typer.Option(help="Target transform: none | log1p | standardize | robust | minmax (chain with '+').")] = "none",
+    folds: Annotated[int, typer.Option(help="Cross-validation folds (GroupKFold when the data has groups).")] = 5,
+    sweep: Annotated[Optional[Path], typer.Option(help="YAML/JSON grid: {param: [values]} (use 'features' to sweep backbones).")] = None,
+    trials: Annotated[Optional[int], typer.Option(help="Random search: this many configs from the head's default space.")] = None,
+    sweep_backbones: Annotated[bool, typer.Option("--sweep-backbones", help="Rank each backbone and their concatenation by CV.")] = False,
+    genes: Annotated[Optional[str], typer.Option(help="Gene panel from the training data: hvg:N, heg:N, or a file of names.")] = None,
+    neighbours: Annotated[int, typer.Option(help="Append the mean embedding of the k nearest spots (needs coordinates).")] = 0,
+    seed: int = 0,
+    jobs: Annotated[int, typer.Option(help="Parallel sweep configs (-1: all cores).")] = -1,
+    out_dir: Annotated[Optional[Path], typer.Option("--out", help="Model folder (default cache/models/<data>__<head>).")] = None,
+    backbone: BackboneOpt = None, backbone_config: BackboneConfigOpt = None, no_pretrained: NoPretrainedOpt = False,
+    cache_dir: CacheDirOpt = Path("cache"), tta: TtaOpt = False, batch_size: BatchOpt = 64,
+    workers: WorkersOpt = None, device: DeviceOpt = "auto", quiet: QuietOpt = False,
+):
+    """Fit a head on cached embeddings with cross-validation (and sweeps); refit on all data and save it."""
+    import workflow
+
+    report = workflow.fit_head(data, _specs(backbone, backbone_config, no_pretrained), head=head, params=_params(param),
+                               transform=transform, folds=folds, sweep=sweep, trials=trials, sweep_backbones=sweep_backbones,
+                               seed=seed, n_jobs=jobs, out_dir=out_dir, cache_dir=cache_dir, tta=tta, genes=genes,
+                               neighbours=neighbours, progress=not quiet,
+                               batch_size=batch_size, num_workers=workers, device=device)
+    _print_cv(report)
+    _random_init_notice(report["random_init_backbones"])
+
+
+@app.command()
+@_friendly_errors
+def predict(
+    model: Annotated[Path, typer.Argument(help="Model folder (or model.joblib) written by fit-head.")],
+    data: Annotated[Path, typer.Argument(help="Patches to predict: challenge CSV (ID, path) or HEST .h5/folder.")],
+    out_path: Annotated[Optional[Path], typer.Option("--out", help="Output .csv or .h5ad (default <model>/predictions/<data>.csv).")] = None,
+    fmt: Annotated[Optional[str], typer.Option("--format", help="csv | h5ad (default from --out's suffix).")] = None,
+    template: Annotated[Optional[Path], typer.Option(help="sample_submission.csv fixing ids/columns (default: the one beside DATA).")] = None,
+    cache_dir: CacheDirOpt = Path("cache"), batch_size: BatchOpt = 64, workers: WorkersOpt = None,
+    device: DeviceOpt = "auto", quiet: QuietOpt = False,
+):
+    """Predict expression for new patches with a fitted head (embeds them with the head's own backbones)."""
+    import workflow
+
+    result = workflow.predict(model, data, out=out_path, fmt=fmt, cache_dir=cache_dir, template=template,
+                              progress=not quiet, batch_size=batch_size, num_workers=workers, device=device)
+    out.print(f"wrote {result['n_spots']} spots x {result['n_genes']} genes to {result['out']}")
+
+
+@app.command()
+@_friendly_errors
+def demo(
+    workdir: Annotated[Path, typer.Option(help="Folder for the demo's data, cache, model and outputs.")] = Path("hexpr-demo"),
+    n_train: int = 600, n_test: int = 200, n_genes: int = 200, size: int = 224,
+    head: Annotated[str, typer.Option("--head")] = "ridge", folds: int = 3,
+    backbone: BackboneOpt = None, quiet: QuietOpt = False,
+):
+    """Run the whole pipeline offline on a generated dataset and print the score beside the training-mean baseline."""
+    import workflow
+    from embedder.backbones import resolve_specs
+
+    specs = resolve_specs(backbone, None, no_pretrained=True)
+    result = workflow.demo(workdir, n_train=n_train, n_test=n_test, n_genes=n_genes, size=size, specs=specs,
+                           head=head, folds=folds, progress=not quiet)
+    test, base = result["test"], result["test_mean_baseline"]
+    table = Table(title=f"hexpr demo: {head} on {', '.join(result['backbones'])} ({result['seconds']} s)")
+    for column in ("", "score", "MeanCorr spots", "MaxCorr genes", "HEG", "HVG"):
+        table.add_column(column, justify="right")
+    for label, s in ((f"{head}, held-out test", test), ("training mean, held-out test", base)):
+        table.add_row(label, *(f"{s[k]:.4f}" for k in ("score", "mean_corr_cells", "max_corr_genes", "heg_corr", "hvg_corr")))
+    out.print(table)
+    out.print(f"CV score {result['cv_score']:.4f} (mean head {result['cv_mean_head_score']:.4f}); predictions {result['predictions']}")
+    _random_init_notice(result["random_init_backbones"])
+
+
+@app.command()
+@_friendly_errors
+def plot(
+    predictions: Annotated[Path, typer.Argument(help="Predictions: CSV (ID + genes) or .h5ad.")],
+    truth: Annotated[Path, typer.Argument(help="Truth: CSV, a dataset (HEST folder/.h5 gives coordinates and thumbnails) or .h5ad.")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder for the PNG files.")] = Path("plots"),
+    gene: Annotated[Optional[list[str]], typer.Option("--gene", help="Genes to map (repeatable; default: best-predicted of the top HVG).")] = None,
+    n_genes: Annotated[int, typer.Option(help="Genes to map when --gene is not given.")] = 4,
+):
+    """Per-gene Pearson distribution, predicted-vs-measured scatter, and spatial maps over the slide thumbnail."""
+    from heads.plots import make_report_plots
+
+    made = make_report_plots(predictions, truth, out_dir, genes=gene, n_genes=n_genes)
+    for key in ("pearson_distribution", "scatter"):
+        out.print(f"{key}: {made[key]}")
+    for sample, path in (made.get("spatial_maps") or {}).items():
+        out.print(f"spatial map {sample}: {path}")
+    for note in made.get("notes", []):
+        console.print(f"[yellow]{note}[/yellow]", highlight=False)
+
+
+@app.command()
+@_friendly_errors
+def inspect(
+    data: Annotated[Path, typer.Argument(help="Training data with expression (challenge CSV, HEST folder/.h5, or .h5ad).")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder for summary.json and the PNG views.")] = Path("inspect"),
+    n_top: Annotated[int, typer.Option(help="Top genes for the heatmap / highlights.")] = 50,
+    method: Annotated[str, typer.Option(help="2-D map of spots: pca | tsne")] = "pca",
+):
+    """Dataset summary (spots, genes, groups, ranges, constant genes, outlier spots) and exploratory plots."""
+    from heads.inspect import inspect_dataset
+
+    result = inspect_dataset(data, out_dir, n_top=n_top, method=method)
+    summary = result["summary"]
+    groups, values = summary.get("groups", {}), summary.get("values", {})
+    outliers, constant = summary.get("outlier_spots", {}), summary.get("constant_genes", {})
+    _print_mapping(f"inspect {data}", {
+        "spots": summary["n_spots"], "genes": summary["n_genes"],
+        "groups": ", ".join(f"{g} ({n})" for g, n in (groups.get("counts") or {}).items()) or "none",
+        "values": f"{values.get('kind', '?')}: {values.get('kind_reason', '')}",
+        "constant genes": f"{constant.get('n', 0)} (e.g. {', '.join((constant.get('names') or [])[:5])})",
+        "outlier spots": f"{outliers.get('n', 0)} (e.g. {', '.join((outliers.get('ids') or [])[:5])})",
+    })
+    for name, path in result["files"].items():
+        out.print(f"{name}: {path}")
+    for note in result.get("notes", []):
+        console.print(f"[yellow]{note}[/yellow]", highlight=False)
+
+
+@app.command("import")
+@_friendly_errors
+def import_(
+    source: Annotated[list[Path], typer.Argument(help="her2st-style legacy ST root, Space Ranger output folder(s), or HEST-1k root.")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Dataset folder to write (patches/ + st/, or PNG + dataset.csv).")],
+    kind: Annotated[str, typer.Option(help="auto | legacy_st | visium | hest")] = "auto",
+    patch_um: Annotated[float, typer.Option(help="Patch side in micrometres.")] = 112.0,
+    um_per_px: Annotated[float, typer.Option(help="Patch resolution in µm/px (0.5 -> 112 µm = 224 px, HEST's convention).")] = 0.5,
+    source_um_per_px: Annotated[Optional[float], typer.Option(help="Slide µm/px when it cannot be derived (scalefactors or spot grid).")] = None,
+    image: Annotated[Optional[Path], typer.Option(help="Full-resolution slide image when not found in the folder.")] = None,
+    sample: Annotated[Optional[list[str]], typer.Option(help="Only these sample ids (legacy ST/HEST) or names (Visium), repeatable.")] = None,
+    normalize: Annotated[str, typer.Option(help="log1p_cp10k | none (raw counts are kept in layers['counts']).")] = "log1p_cp10k",
+    filter_background: Annotated[bool, typer.Option(help="Drop mostly-white patches.")] = False,
+    output: Annotated[str, typer.Option(help="hest (patch .h5 + .h5ad) | challenge (PNG + CSV)")] = "hest",
+    quiet: QuietOpt = False,
+):
+    """Cut spot-centred patches from slides at a fixed µm size and write a dataset hexpr trains on."""
+    from embedder.importers import import_dataset
+
+    summary = import_dataset(source if len(source) > 1 else source[0], out_dir, kind=kind, patch_um=patch_um,
+                             target_um_per_px=um_per_px, source_um_per_px=source_um_per_px, normalize=normalize,
+                             filter_background=filter_background, output=output, sample_ids=sample, progress=not quiet,
+                             image=image)
+    table = Table(title=f"imported {summary['kind']} -> {summary['out_dir']} ({summary['seconds']} s)")
+    for column in ("sample", "patches", "µm/px slide", "padded", "dropped (outside/background)"):
+        table.add_column(column)
+    for name, info in summary["samples"].items():
+        table.add_row(name, str(info.get("n_patches")), f"{info.get('source_um_per_px', float('nan')):.4f}",
+                      str(info.get("n_padded", 0)),
+                      f"{info.get('n_outside_dropped', 0)}/{info.get('n_background_dropped', 0)}")
+    out.print(table)
+    out.print(f"{summary['n_patches']} patches of {summary['patch_size_px']} px ({summary['patch_um']} µm), "
+              f"{summary['n_genes']} genes ({summary['n_genes_dropped']} not shared by all samples dropped)")
+
+
+@app.command()
+@_friendly_errors
+def finetune(
+    data: Annotated[Path, typer.Argument(help="Training data with targets (challenge CSV or HEST).")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder for checkpoints and the exported model.")] = Path("cache/finetuned"),
+    head_init: Annotated[Optional[Path], typer.Option(help="Start the head from a fitted mlp head (fit-head model folder).")] = None,
+    loss: Annotated[str, typer.Option(help="mse | huber | logcosh | pearson | mse+pearson | weighted_mse")] = "mse",
+    transform: Annotated[str, typer.Option(help="Target transform (minmax, the challenge's choice).")] = "minmax",
+    epochs: int = 10, batch_size: BatchOpt = 32, lr: float = 1e-4, head_lr: float = 1e-3, weight_decay: float = 0.05,
+    warmup_epochs: int = 1, schedule: Annotated[str, typer.Option(help="cosine | plateau | constant")] = "cosine",
+    freeze_epochs: Annotated[int, typer.Option(help="Epochs training the head only before unfreezing the backbones.")] = 1,
+    layer_decay: Annotated[Optional[float], typer.Option(help="Layer-wise learning-rate decay (e.g. 0.75).")] = None,
+    accum_steps: Annotated[int, typer.Option(help="Gradient accumulation steps.")] = 1,
+    folds: int = 5, val_fold: Annotated[int, typer.Option(help="Which fold (grouped when groups exist) validates; -1: none, train on all.")] = 0,
+    patience: int = 3, augment: Annotated[bool, typer.Option(help="H&E augmentations.")] = True, seed: int = 0,
+    resume: Annotated[bool, typer.Option(help="Continue from the last checkpoint in --out.")] = False,
+    backbone: BackboneOpt = None, backbone_config: BackboneConfigOpt = None, no_pretrained: NoPretrainedOpt = False,
+    workers: WorkersOpt = None, device: DeviceOpt = "auto", quiet: QuietOpt = False,
+):
+    """Train the fused backbones + MLP head end to end; the best epoch is exported for `hexpr predict`."""
+    from embedder.finetune import finetune as run_finetune
+
+    terms = ("score", "mean_corr_cells", "max_corr_genes", "heg_corr", "hvg_corr")
+
+    def on_epoch(row: dict) -> None:
+        out.print(f"epoch {row.get('epoch'):>3}  loss {row.get('train_loss', float('nan')):.4f}  "
+                  + "  ".join(f"{t} {row.get('val_' + t, row.get(t, float('nan'))):.4f}" for t in terms)
+                  + f"  {row.get('images_per_s', float('nan')):.1f} img/s  ETA {row.get('eta_s', float('nan')):.0f} s", highlight=False)
+
+    specs = _specs(backbone, backbone_config, no_pretrained)
+    report = run_finetune(data, specs, out_dir, head_init=head_init, loss=loss, transform=transform, epochs=epochs,
+                          batch_size=batch_size, lr=lr, head_lr=head_lr, weight_decay=weight_decay,
+                          warmup_epochs=warmup_epochs, schedule=schedule, freeze_epochs=freeze_epochs,
+                          layer_decay=layer_decay, accum_steps=accum_steps, folds=folds, val_fold=None if val_fold < 0 else val_fold,
+                          patience=patience, augment=augment, seed=seed, device=device, num_workers=workers,
+                          resume=resume, progress=not quiet, on_epoch=on_epoch)
+    out.print(f"best epoch {report.get('best_epoch')}: validation score {report.get('best_score', float('nan')):.4f}; "
+              f"model exported to {out_dir} (use: hexpr predict {out_dir} DATA)")
+    _random_init_notice([s.name for s in specs if s.is_random_init])
 
 
 def main():  # console-script entry point

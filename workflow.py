@@ -105,3 +105,227 @@ def evaluate(pred_path: str | Path, truth_path: str | Path, out_dir: str | Path 
     report["scores_json"] = str(write_json(out_dir / f"{stem}.scores.json", report))
     report["per_gene_csv"] = str(write_table(out_dir / f"{stem}.per_gene.csv", per_gene, index_label=None))
     return report
+
+
+# ----------------------------------------------------------------------------- fit-head
+
+DEFAULT_MODELS_DIR = Path(DEFAULT_CACHE_DIR) / "models"
+
+
+def _training_dataset(data):
+    dataset = open_dataset(data)
+    if dataset.targets is None:
+        raise DatasetError(f"{data}: no gene columns / expression found; fit-head needs training data with targets")
+    return dataset
+
+
+def feature_choices(features: FeatureSet, add_context=lambda f: f) -> tuple[dict, dict]:
+    """Named feature sets for a backbone sweep: each backbone alone and all of them concatenated."""
+    from embedder.backbones import BackboneSpec
+
+    labels = [BackboneSpec.from_dict(b["spec"]).label for b in features.blocks]
+    named = {label: features.select([label]) for label in labels}
+    if len(labels) > 1:
+        named["+".join(labels)] = features
+    named = {k: add_context(v) for k, v in named.items()}
+    return {k: v.X for k, v in named.items()}, {k: v.meta() for k, v in named.items()}
+
+
+def select_gene_panel(targets: pd.DataFrame, panel: str | Path | None) -> list[str]:
+    """Genes to model: all, the top-N HVG/HEG of the training targets (``hvg:N`` / ``heg:N``), or a file of names."""
+    from heads.metrics import top_genes
+
+    if panel is None:
+        return list(targets.columns)
+    text = str(panel)
+    kind, _, count = text.partition(":")
+    if kind in ("hvg", "heg") and count.isdigit():
+        index = top_genes(targets.to_numpy(), int(count), "variance" if kind == "hvg" else "sum")
+        return [targets.columns[i] for i in sorted(index)]
+    path = Path(panel)
+    if not path.is_file():
+        raise DatasetError(f"gene panel {panel!r}: give hvg:N, heg:N or a file of gene names (one per line)")
+    genes = [g.strip() for g in path.read_text().replace(",", "\n").splitlines() if g.strip()]
+    unknown = [g for g in genes if g not in set(targets.columns)]
+    if unknown:
+        raise DatasetError(f"{path}: {len(unknown)} genes are not in the training data, e.g. {unknown[:5]}")
+    return genes
+
+
+def cv_groups(groups: pd.Series | None, folds: int) -> tuple[np.ndarray | None, int]:
+    """Grouped folds when there are enough groups; leave-one-group-out with fewer; KFold (warned) with one."""
+    import warnings
+
+    if groups is None:
+        return None, folds
+    n_groups = groups.nunique()
+    if n_groups == 1:
+        warnings.warn(f"all spots are in one group ({groups.iloc[0]}): folds split neighbouring spots of one slide, "
+                      "so CV scores are optimistic; add slides to get grouped CV", stacklevel=2)
+        return None, folds
+    if n_groups < folds:
+        warnings.warn(f"{n_groups} groups for {folds} folds: using {n_groups} folds (leave one group out)", stacklevel=2)
+        return groups.to_numpy(), n_groups
+    return groups.to_numpy(), folds
+
+
+def _with_context(features: FeatureSet, dataset, neighbours: int) -> FeatureSet:
+    from embedder.features import add_neighbour_context
+
+    if not neighbours:
+        return features
+    return add_neighbour_context(features, dataset.coords, None if dataset.groups is None else dataset.groups.to_numpy(), neighbours)
+
+
+def fit_head(data, specs: list[BackboneSpec], *, head: str = "ridge", params: dict | None = None,
+             transform: str = "none", folds: int = 5, sweep=None, trials: int | None = None,
+             sweep_backbones: bool = False, seed: int = 0, n_jobs: int = -1, out_dir=None,
+             cache_dir=DEFAULT_CACHE_DIR, tta: bool = False, genes: str | Path | None = None, neighbours: int = 0,
+             progress: bool = True, **embed_options) -> dict:
+    """Embed if needed, cross-validate (optionally sweep heads and backbones), refit and save the head.
+
+    ``genes``: the gene panel (``hvg:N``, ``heg:N`` or a file), chosen from this training data only and
+    saved with the model. ``neighbours``: append the mean embedding of the k nearest spots.
+    """
+    from heads.fitting import fit_head as fit_head_on_features
+
+    dataset = _training_dataset(data)
+    panel = select_gene_panel(dataset.targets, genes)
+    features = ensure_features(dataset, specs, cache_dir, tta=tta, progress=progress, **embed_options)
+    if sweep_backbones:
+        X, meta = feature_choices(features, lambda f: _with_context(f, dataset, neighbours))
+        if sweep is None and trials is None:
+            sweep = {}  # a grid over backbones alone
+    else:
+        features = _with_context(features, dataset, neighbours)
+        X, meta = features.X, features.meta()
+    for m in (meta.values() if sweep_backbones else [meta]):
+        m["neighbours"] = int(neighbours)
+    out_dir = Path(out_dir) if out_dir is not None else DEFAULT_MODELS_DIR / f"{dataset.name}__{head}"
+    groups, folds = cv_groups(dataset.groups, folds)
+    report = fit_head_on_features(
+        X, dataset.targets[panel].to_numpy(), panel, head=head, params=params,
+        transform=transform, folds=folds, groups=groups,
+        seed=seed, out_dir=out_dir, feature_meta=meta, sweep=sweep, trials=trials, n_jobs=n_jobs,
+        progress=progress, ids=features.ids,
+    )
+    report["out_dir"] = str(out_dir)
+    report["random_init_backbones"] = [s.name for s in specs if s.is_random_init]
+    return report
+
+
+# ----------------------------------------------------------------------------- predict
+
+
+def _h5ad_safe(value):
+    """Drop None (h5ad cannot store it) and turn lists of mixed types into strings."""
+    if isinstance(value, dict):
+        return {k: _h5ad_safe(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        if all(isinstance(v, dict) for v in value):
+            return {str(i): _h5ad_safe(v) for i, v in enumerate(value)}
+        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value) or all(isinstance(v, str) for v in value):
+            return value
+        return [json.dumps(v) for v in value]
+    return value
+
+
+def write_anndata(path, predictions: pd.DataFrame, coords, groups, provenance: dict) -> Path:
+    """Predictions as AnnData: X = predicted expression, obs = spots, obsm['spatial'] when known."""
+    import anndata
+
+    obs = pd.DataFrame(index=predictions.index.astype(str))
+    if groups is not None:
+        obs["group"] = pd.Categorical(np.asarray(groups).astype(str))
+    adata = anndata.AnnData(X=predictions.to_numpy(np.float32), obs=obs, var=pd.DataFrame(index=predictions.columns.astype(str)))
+    if coords is not None:
+        adata.obsm["spatial"] = np.asarray(coords, dtype=np.float64)
+    adata.uns["hexpr"] = _h5ad_safe(json.loads(json.dumps(provenance, default=str)))
+    with atomic_path(path) as tmp:
+        adata.write_h5ad(tmp)
+    return Path(path)
+
+
+def predict(model_path, data, *, out=None, fmt: str | None = None, cache_dir=DEFAULT_CACHE_DIR,
+            template=None, progress: bool = True, **embed_options) -> dict:
+    """Embed ``data`` with exactly the model's backbones, predict, write CSV (or .h5ad)."""
+    from embedder.datasets import check_genes_match
+    from embedder.features import check_features_match, specs_from_meta
+    from heads.fitting import load_model
+
+    model_dir = Path(model_path) if Path(model_path).is_dir() else Path(model_path).parent
+    dataset = open_dataset(data, template=template)
+    if (model_dir / "finetuned.pt").is_file():  # an end-to-end model embeds on the fly
+        from embedder.finetune import load_finetuned
+
+        finetuned = load_finetuned(model_dir)
+        frame = finetuned.predict_dataset(dataset, progress=progress, batch_size=embed_options.get("batch_size", 64),
+                                          device=embed_options.get("device", "auto"),
+                                          num_workers=embed_options.get("num_workers"))
+        config, meta, cache_files = {"finetuned": str(model_dir)}, {"backbones": [s.to_dict() for s in finetuned.specs]}, []
+    else:
+        fitted = load_model(model_path)
+        meta = fitted.feature_meta
+        features = ensure_features(dataset, specs_from_meta(meta), cache_dir, tta=bool(meta.get("tta")),
+                                   progress=progress, **embed_options)
+        features = _with_context(features, dataset, int(meta.get("neighbours", 0)))
+        check_features_match(features, meta, str(model_path))
+        frame = fitted.predict_frame(features.X, features.ids)
+        config, cache_files = fitted.config, [b["path"] for b in features.blocks]
+    if dataset.template_genes is not None:
+        check_genes_match(list(frame.columns), dataset.template_genes, f"model {model_path}", "the submission template")
+        frame = frame[dataset.template_genes]
+    if out is None:
+        out = model_dir / "predictions" / f"{dataset.name}.{fmt or 'csv'}"
+    out = Path(out)
+    fmt = fmt or ("h5ad" if out.suffix.lower() == ".h5ad" else "csv")
+    if fmt == "h5ad":
+        provenance = {"model": str(model_path), "config": config, "feature_meta": meta,
+                      "dataset": str(dataset.source), "dataset_fingerprint": dataset.fingerprint(),
+                      "cache_files": cache_files}
+        write_anndata(out, frame, dataset.coords, None if dataset.groups is None else dataset.groups.to_numpy(), provenance)
+    elif fmt == "csv":
+        write_table(out, frame)
+    else:
+        raise ValueError(f"unknown output format {fmt!r}: use csv or h5ad")
+    return {"out": str(out), "n_spots": frame.shape[0], "n_genes": frame.shape[1], "format": fmt}
+
+
+# ----------------------------------------------------------------------------- demo
+
+
+def demo(workdir="hexpr-demo", *, n_train: int = 600, n_test: int = 200, n_genes: int = 200, size: int = 224,
+         specs: list[BackboneSpec] | None = None, head: str = "ridge", folds: int = 3, seed: int = 0,
+         progress: bool = True, **embed_options) -> dict:
+    """The whole pipeline offline on a generated dataset: demo-data, embed, fit-head, predict, evaluate."""
+    import time
+
+    from embedder.backbones import resolve_specs
+    from embedder.demo_data import write_demo_dataset
+
+    started = time.perf_counter()
+    workdir = Path(workdir)
+    data_dir = workdir / "data"
+    if not (data_dir / "train.csv").is_file():
+        write_demo_dataset(data_dir, n_train=n_train, n_test=n_test, n_genes=n_genes, size=size, seed=seed)
+    specs = specs or resolve_specs(no_pretrained=True)
+    cache_dir = workdir / "cache"
+    steps = {}
+    fit = fit_head(data_dir / "train.csv", specs, head=head, folds=folds, seed=seed, out_dir=workdir / "model",
+                   cache_dir=cache_dir, progress=progress, **embed_options)
+    steps["fit"] = fit
+    pred = predict(workdir / "model", data_dir / "test.csv", out=workdir / "predictions.csv", cache_dir=cache_dir,
+                   progress=progress, **embed_options)
+    scores = evaluate(pred["out"], data_dir / "test_truth.csv", out_dir=workdir)
+    # the floor: the training-mean profile on the same test spots
+    train = read_expression_table(data_dir / "train.csv")
+    truth = read_expression_table(data_dir / "test_truth.csv")
+    mean_pred = pd.DataFrame(np.tile(train.mean().to_numpy(), (len(truth), 1)), index=truth.index, columns=train.columns)
+    baseline, _ = evaluate_tables(mean_pred, truth)
+    return {
+        "workdir": str(workdir), "head": head, "backbones": [s.name for s in specs],
+        "random_init_backbones": [s.name for s in specs if s.is_random_init],
+        "cv_score": fit["cv"]["score"], "cv_mean_head_score": fit["mean_head"]["score"],
+        "test": scores, "test_mean_baseline": baseline,
+        "predictions": pred["out"], "model_dir": fit["out_dir"], "seconds": round(time.perf_counter() - started, 1),
+    }

@@ -368,9 +368,7 @@ def create_backbone(spec: BackboneSpec, device: str | torch.device = "cpu") -> L
         raise BackboneError(f"backbone {spec.name!r}: bad model kwargs {spec.model_kwargs}: {exc}") from exc
     model.eval().requires_grad_(False)
     preprocess = resolve_preprocess(model, spec)
-    model = model.to(device)
-    if torch.device(device).type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    model = model.to(device).to(memory_format=torch.channels_last)
     return LoadedBackbone(spec, model, preprocess, int(model.num_features), source, sha)
 
 

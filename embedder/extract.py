@@ -26,12 +26,63 @@ DEFAULT_BATCH_SIZE = 64
 
 def resolve_device(device: str = "auto") -> torch.device:
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+        return torch.device("cpu")
     return torch.device(device)
 
 
-def default_num_workers() -> int:
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def cpu_supports_bf16() -> bool:
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype: bf16 on CUDA and on CPUs with native bf16 (AMX/AVX512-BF16), else fp32 (None)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "fp32":
+        return None
+    if precision == "bf16" or device.type == "cuda" or (device.type == "cpu" and cpu_supports_bf16()):
+        return torch.bfloat16
+    return None
+
+
+@dataclass
+class _Ranks:
+    """This process's place in a torchrun launch (rank 0 of 1 when not distributed)."""
+
+    rank: int = 0
+    world: int = 1
+    dist: object = None
+
+    def barrier(self) -> None:
+        if self.dist is not None:
+            self.dist.barrier()
+
+
+def distributed_ranks() -> _Ranks:
+    """Join the process group that torchrun describes in the environment (NCCL on GPUs, gloo on CPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return _Ranks()
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    return _Ranks(dist.get_rank(), dist.get_world_size(), dist)
+
+
+def default_num_workers(device: torch.device | None = None) -> int:
+    """Decode workers: up to 8 feeding a GPU; on CPU the model needs the cores (decode is ~3% of the time)."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if device is not None and device.type == "cpu":
+        return min(4, cpus // 4)
     return max(1, min(8, cpus - 1))
 
 
@@ -83,11 +134,11 @@ class _Job:
     buffers: dict
 
 
-def _forward(backbone: LoadedBackbone, batch_uint8: torch.Tensor, device: torch.device, tta: bool, amp: bool) -> np.ndarray:
+def _forward(backbone: LoadedBackbone, batch_uint8: torch.Tensor, device: torch.device, tta: bool,
+             autocast_dtype: torch.dtype | None) -> np.ndarray:
     x = backbone.preprocess.normalize(batch_uint8.to(device, non_blocking=True))
-    if device.type == "cuda":
-        x = x.contiguous(memory_format=torch.channels_last)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if (amp and device.type == "cuda") else nullcontext()
+    x = x.contiguous(memory_format=torch.channels_last)
+    autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else nullcontext()
     with torch.inference_mode(), autocast:
         if tta:
             views = list(dihedral_views(x))
@@ -116,40 +167,52 @@ def embed_dataset(
     num_workers: int | None = None,
     device: str = "auto",
     tta: bool = False,
-    amp: bool = True,
+    precision: str = "auto",
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     progress: bool = True,
     max_chunks: int | None = None,
 ) -> list[CacheEntry]:
     """Embed ``dataset`` with every spec whose cache is missing; returns the entries in spec order.
 
+    Under torchrun (WORLD_SIZE > 1) rank r computes the chunks c with c % world == r into the shared
+    in-progress folder, with exactly the batches a single process would use; rank 0 then writes the
+    same cache file a single-process run writes. The cache folder must be shared by all ranks.
+    ``precision``: "auto" (bf16 autocast on CUDA and on CPUs with native bf16, else fp32), "fp32" or "bf16".
     ``max_chunks`` stops after that many chunks (for tests of interruption and resume).
     """
     from pathlib import Path
 
     if len(dataset) == 0:
         raise DatasetError(f"{dataset.source}: the dataset is empty")
+    ranks = distributed_ranks()
     torch_device = resolve_device(device)
+    autocast_dtype = resolve_precision(precision, torch_device)
     fingerprint = dataset.fingerprint()
     entries = [CacheEntry(Path(cache_dir), dataset.name, spec, cache_key(fingerprint, spec, tta)) for spec in specs]
     todo = [e for e in entries if not e.exists()]
+    ranks.barrier()  # every rank has decided what to do before rank 0 can finish anything
     if not todo:
         return entries
 
     n = len(dataset)
     jobs: list[_Job] = []
     preprocesses: list[Preprocess] = []
-    layout = None
+    layouts = []
+    for turn in (0, 1):  # rank 0 lays the chunk layout out first; the others then read it
+        if (ranks.rank == 0) == (turn == 0):
+            first = None
+            for entry in todo:
+                first = entry.start(n, first["chunk_size"] if first else chunk_size, first["batch_size"] if first else batch_size)
+                layouts.append(first)
+        ranks.barrier()
+    chunk, batch = layouts[0]["chunk_size"], layouts[0]["batch_size"]
+    n_chunks = math.ceil(n / chunk)
     for entry in todo:
         backbone = create_backbone(entry.spec, torch_device)
-        layout = entry.start(n, layout["chunk_size"] if layout else chunk_size, layout["batch_size"] if layout else batch_size)
         if backbone.preprocess not in preprocesses:
             preprocesses.append(backbone.preprocess)
-        n_chunks = math.ceil(n / layout["chunk_size"])
-        missing = set(range(n_chunks)) - entry.done_chunks(n_chunks)
+        missing = {c for c in set(range(n_chunks)) - entry.done_chunks(n_chunks) if c % ranks.world == ranks.rank}
         jobs.append(_Job(entry, backbone, preprocesses.index(backbone.preprocess), missing, {}))
-    chunk, batch = layout["chunk_size"], layout["batch_size"]
-    n_chunks = math.ceil(n / chunk)
     needed_chunks = sorted(set().union(*(j.missing_chunks for j in jobs)))
     if max_chunks is not None:
         needed_chunks = needed_chunks[:max_chunks]
@@ -159,7 +222,7 @@ def embed_dataset(
         for c in needed_chunks
         for start in range(c * chunk, min((c + 1) * chunk, n), batch)
     ]
-    workers = default_num_workers() if num_workers is None else num_workers
+    workers = default_num_workers(torch_device) if num_workers is None else num_workers
     loader = torch.utils.data.DataLoader(
         _ResizedPatches(dataset, preprocesses), batch_sampler=batches, num_workers=workers,
         collate_fn=_collate, pin_memory=torch_device.type == "cuda",
@@ -168,7 +231,7 @@ def embed_dataset(
     total_images = sum(len(b) for b in batches)
     done_images = 0
     started = time.perf_counter()
-    with _progress_bar(progress) as bar:
+    with _progress_bar(progress and ranks.rank == 0) as bar:
         task = bar.add_task(f"embed {dataset.name} ({', '.join(j.entry.spec.label for j in jobs)})", total=total_images, rate=0.0)
         for indices, stacks, errors in loader:
             if errors:
@@ -176,7 +239,7 @@ def embed_dataset(
             c = indices[0] // chunk
             for job in jobs:
                 if c in job.missing_chunks:
-                    feats = _forward(job.backbone, stacks[job.preprocess_index], torch_device, tta, amp)
+                    feats = _forward(job.backbone, stacks[job.preprocess_index], torch_device, tta, autocast_dtype)
                     job.buffers.setdefault(c, []).append(feats)
             chunk_end = min((c + 1) * chunk, n)
             if indices[-1] + 1 == chunk_end:
@@ -187,10 +250,11 @@ def embed_dataset(
             done_images += len(indices)
             bar.update(task, advance=len(indices), rate=done_images / max(time.perf_counter() - started, 1e-9))
 
-    precision = "bf16-autocast" if (amp and torch_device.type == "cuda") else "fp32"
+    precision_used = "bf16-autocast" if autocast_dtype is not None else "fp32"
+    ranks.barrier()  # all ranks' chunks are on disk
     for job in jobs:
-        if job.missing_chunks:
-            continue  # interrupted on purpose (max_chunks): resume later
+        if ranks.rank != 0 or job.entry.done_chunks(n_chunks) != set(range(n_chunks)):
+            continue  # another rank's job, or interrupted on purpose (max_chunks): resume later
         job.entry.finalize(dataset.ids, n_chunks, {
             "dataset_fingerprint": fingerprint,
             "dataset_source": str(dataset.source),
@@ -202,9 +266,11 @@ def embed_dataset(
             "pretrained": not job.entry.spec.is_random_init,
             "preprocess": job.backbone.preprocess.to_dict(),
             "tta": "dihedral8" if tta else "none",
-            "precision": precision,
+            "precision": precision_used,
             "device": str(torch_device),
             "chunk_size": chunk,
             "batch_size": batch,
+            "world_size": ranks.world,
         })
+    ranks.barrier()  # the cache files exist before any rank returns
     return entries

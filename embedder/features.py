@@ -27,7 +27,7 @@ class FeatureSet:
     def meta(self) -> dict:
         """What a head fitted on these features must see again at predict time."""
         return {
-            "backbones": [b["spec"] for b in self.blocks],
+            "backbones": [b["spec"] for b in self.blocks if b.get("kind", "backbone") == "backbone"],
             "identities": [b["identity"] for b in self.blocks],
             "widths": [b["stop"] - b["start"] for b in self.blocks],
             "cache_keys": [b["key"] for b in self.blocks],
@@ -77,3 +77,32 @@ def check_features_match(features: FeatureSet, meta: dict, model_path: str = "th
         )
     if features.n_features != meta["n_features"]:
         raise CacheError(f"{model_path} expects {meta['n_features']} features, got {features.n_features}")
+
+
+def add_neighbour_context(features: FeatureSet, coords, groups, k: int) -> FeatureSet:
+    """Append the mean features of each spot's ``k`` nearest spots (same slide/group, self excluded).
+
+    Spatial context in the spirit of TRIPLEX's neighbourhood branch, computed from cached
+    embeddings alone. ``coords`` are pixel centres (N, 2); ``groups`` keeps slides apart.
+    """
+    from sklearn.neighbors import NearestNeighbors
+
+    if coords is None:
+        raise CacheError("neighbour context needs spot coordinates (x, y columns, or HEST coords); this dataset has none")
+    coords = np.asarray(coords, dtype=np.float64)
+    groups = np.zeros(len(coords)) if groups is None else np.asarray(groups)
+    context = np.zeros_like(features.X)
+    for group in np.unique(groups):
+        rows = np.flatnonzero(groups == group)
+        n_neighbours = min(k, len(rows) - 1)
+        if n_neighbours < 1:
+            context[rows] = features.X[rows]
+            continue
+        index = NearestNeighbors(n_neighbors=n_neighbours + 1).fit(coords[rows])
+        _, neighbours = index.kneighbors(coords[rows])
+        context[rows] = features.X[rows[neighbours[:, 1:]]].mean(axis=1)
+    width = features.n_features
+    block = {"kind": "context", "key": f"neighbour-mean-k{k}", "path": "", "spec": {"name": f"neighbour_mean_k{k}"},
+             "identity": {"neighbour_mean_k": k}, "start": width, "stop": 2 * width}
+    return FeatureSet(features.ids, np.concatenate([features.X, context], axis=1), features.blocks + [block],
+                      features.tta, features.warnings)

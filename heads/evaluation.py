@@ -24,7 +24,8 @@ def align(pred: pd.DataFrame, truth: pd.DataFrame, pred_name: str = "predictions
     missing_ids = truth.index.difference(pred.index)
     if len(missing_ids):
         raise EvaluationError(f"{pred_name} lacks {len(missing_ids)} spot ids of {truth_name} (e.g. {_examples(missing_ids)})")
-    missing_genes = [g for g in truth.columns if g not in set(pred.columns)]
+    pred_genes = set(pred.columns)
+    missing_genes = [g for g in truth.columns if g not in pred_genes]
     if missing_genes:
         raise EvaluationError(f"{pred_name} lacks {len(missing_genes)} genes of {truth_name} (e.g. {_examples(missing_genes)})")
     pred = pred.loc[truth.index, list(truth.columns)]

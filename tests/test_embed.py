@@ -113,7 +113,7 @@ def test_local_weights_file_gives_in_memory_model_features(tiny_csv, tmp_path):
         x = loaded.preprocess.normalize(torch.stack([loaded.preprocess.resize_uint8(ds.read_image(i)) for i in range(len(ds))]))
         with torch.no_grad():
             expected = model(x).numpy()
-        fs = _embed(tiny_csv, tmp_path / "cache", spec)
+        fs = _embed(tiny_csv, tmp_path / "cache", spec, precision="fp32")
         np.testing.assert_allclose(fs.X, expected, rtol=1e-4, atol=1e-5)
     assert batch.shape[0] == 12
 
@@ -165,10 +165,10 @@ def test_tta_features_are_rotation_invariant(tmp_path):
         Image.fromarray(rotated).save(tmp_path / "b" / "img" / path.name)
     (tmp_path / "b" / "data.csv").write_text(csv.read_text())
     spec = parse_backbone("resnet18:weights=none,size=32")
-    a = _embed(csv, tmp_path / "cache", spec, tta=True).X
-    b = _embed(tmp_path / "b" / "data.csv", tmp_path / "cache", spec, tta=True).X
-    plain_a = _embed(csv, tmp_path / "cache", spec).X
-    plain_b = _embed(tmp_path / "b" / "data.csv", tmp_path / "cache", spec).X
+    a = _embed(csv, tmp_path / "cache", spec, tta=True, precision="fp32").X
+    b = _embed(tmp_path / "b" / "data.csv", tmp_path / "cache", spec, tta=True, precision="fp32").X
+    plain_a = _embed(csv, tmp_path / "cache", spec, precision="fp32").X
+    plain_b = _embed(tmp_path / "b" / "data.csv", tmp_path / "cache", spec, precision="fp32").X
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
     assert np.abs(plain_a - plain_b).max() > 1e-3  # without TTA rotation changes features
 
@@ -178,6 +178,15 @@ def test_unreadable_image_reported_with_file_and_no_cache(tiny_csv, tmp_path):
     with pytest.raises(DatasetError, match=r"spot5\.png"):
         _embed(tiny_csv, tmp_path / "cache")
     assert not list((tmp_path / "cache" / "embeddings").glob("*.h5"))
+
+
+def test_bf16_precision_is_recorded_and_close_to_fp32(tiny_csv, tmp_path):
+    fp32 = _embed(tiny_csv, tmp_path / "a", precision="fp32")
+    bf16 = _embed(tiny_csv, tmp_path / "b", precision="bf16")
+    assert read_attrs(fp32.blocks[0]["path"])["precision"] == "fp32"
+    assert read_attrs(bf16.blocks[0]["path"])["precision"] == "bf16-autocast"
+    cosine = (fp32.X * bf16.X).sum(1) / np.linalg.norm(fp32.X, axis=1) / np.linalg.norm(bf16.X, axis=1)
+    assert cosine.min() > 0.99 and not np.array_equal(fp32.X, bf16.X)
 
 
 def test_default_backbones_and_no_pretrained():

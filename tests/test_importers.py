@@ -444,3 +444,59 @@ def test_her2st_section_alignment(tmp_path):
         ds = [np.abs(p - crop(*coords[i], dx=dx, dy=dy)).mean() for dx, dy in shifts]
         assert shifts[int(np.argmin(ds))] == (0, 0), (i, ds)     # best match: no shift
         assert d0 < 6 and d1 > 4 * d0, (i, d0, d1)
+
+
+# ---------------------------------------------------------------------------------------------
+# slide thumbnails (thumbnails/<sample>.png + thumbnail_scale)
+# ---------------------------------------------------------------------------------------------
+def _thumb_red_centroid(t: np.ndarray):
+    r = (t[..., 0] > 150) & (t[..., 1] < 110) & (t[..., 2] < 130)
+    ys, xs = np.nonzero(r)
+    return xs.mean(), ys.mean(), r.sum()
+
+
+@pytest.mark.parametrize("fmt,pyramidal,region,max_side", [
+    ("png", False, False, 300),      # PIL slide, factor 4
+    ("tif", False, True, 250),       # big flat TIFF read by bands, factor 5
+    ("tif", True, True, 300),        # pyramid level 1/4 used directly
+    ("tif", True, True, 250),        # pyramid level 1/4 resampled to 1/5
+])
+def test_thumbnail_written_with_scale(tmp_path, monkeypatch, fmt, pyramidal, region, max_side):
+    v = make_visium(tmp_path / "S", image_fmt=fmt, pyramidal=pyramidal)
+    monkeypatch.setattr(common, "THUMBNAIL_MAX_SIDE", max_side)
+    if region:
+        monkeypatch.setattr(common, "MAX_INMEMORY_IMAGE_BYTES", 0)
+        monkeypatch.setattr(common, "SUPER_TILE_PX", 256)
+        monkeypatch.setattr(common, "THUMBNAIL_BAND_BYTES", 1)      # one block row per band
+    with pytest.warns(ImporterWarning):
+        s = import_dataset(v["root"], tmp_path / "o", target_um_per_px=1.0, progress=False)
+    f = -(-W // max_side)
+    scale = 1.0 / f
+    smp = s["samples"]["S"]
+    assert smp["image_read"] == ("region" if region else "memory")
+    thumb = tmp_path / "o" / "thumbnails" / "S.png"
+    assert smp["thumbnail"] == str(thumb) and smp["thumbnail_scale"] == pytest.approx(scale)
+    im = Image.open(thumb)
+    assert im.size == (-(-W // f), -(-H // f)) and max(im.size) <= max_side
+    assert float(im.text["hexpr_thumbnail_scale"]) == pytest.approx(scale)
+    t = np.asarray(im.convert("RGB"))
+    _, bc, coords, attrs, a = _read_out(tmp_path / "o", "S")
+    assert attrs["thumbnail"] == "thumbnails/S.png" and attrs["thumbnail_scale"] == pytest.approx(scale)
+    prov = a.uns["hexpr_import"]
+    assert prov["thumbnail"] == "thumbnails/S.png" and prov["thumbnail_scale"] == pytest.approx(scale)
+    # the planted marker (centred on the MARK spot) lands at coords * scale in the thumbnail
+    mark = coords[bc.index(v["barcodes"][v["xy"].tolist().index(list(map(float, MARK)))])]
+    cx, cy, n = _thumb_red_centroid(t)
+    # pixel-index centroid of the marker = continuous centre - 0.5; continuous centre = (coord + 0.5) * scale
+    assert abs(cx + 0.5 - (mark[0] + 0.5) * scale) < 0.6 and abs(cy + 0.5 - (mark[1] + 0.5) * scale) < 0.6
+    assert n == pytest.approx((2 * MARK_HALF + 1) ** 2 * scale ** 2, rel=0.5)
+    # the rest of the slide is reduced too: blank glass white, tissue grey-blue
+    assert (t[-3:, -3:] > 240).all() and abs(float(t[20, 20, 2]) - 200) < 10
+
+
+def test_thumbnail_factor_and_block_mean():
+    assert common.thumbnail_factor(9270, 9936) == 5 and common.thumbnail_factor(1000, 800) == 1
+    a = np.arange(5 * 7 * 3, dtype=np.uint8).reshape(5, 7, 3)
+    b = common.block_mean(a, 2)
+    assert b.shape == (3, 4, 3)
+    assert b[0, 0, 0] == round(a[:2, :2, 0].mean()) and b[2, 3, 1] == a[4, 6, 1]   # edge replicated

@@ -8,7 +8,10 @@
 Output (CONTRACT.md "HEST-style files"): ``out_dir/patches/<sample>.h5`` + ``out_dir/st/<sample>.h5ad``,
 or with ``output="challenge"`` ``out_dir/<sample>/<barcode>.png`` + ``out_dir/dataset.csv``
 (ID = ``<sample>/<barcode>`` as embedder.datasets names HEST spots; path, group, x, y, then one
-column per gene of normalised expression).
+column per gene of normalised expression).  Samples cut from a slide also get
+``out_dir/thumbnails/<sample>.png`` (longest side <= 2048 px); its scale (thumbnail px per
+full-res px) is in the patch file attrs ``thumbnail_scale`` / ``thumbnail`` (path relative to
+out_dir), in ``uns['hexpr_import']`` and in the summary.
 All samples of one call share one gene set (intersection).  Everything is written under temporary
 names and renamed only when every sample succeeded.
 """

@@ -10,6 +10,13 @@
 * writing: :func:`run_import` drives a whole import (common gene set, patch cutting, background
   filter, HEST-style or challenge-layout output written under temporary names and renamed only
   when every sample succeeded).
+* thumbnails: every sample cut from a slide also gets ``out_dir/thumbnails/<sample>.png``, the
+  slide reduced by an integer factor ``f`` (longest side <= :data:`THUMBNAIL_MAX_SIDE`), so
+  thumbnail pixel ``j`` covers full-resolution pixels ``[j*f, (j+1)*f)`` and a full-resolution
+  position ``p`` lies at ``p * thumbnail_scale`` (``thumbnail_scale = 1/f``, thumbnail px per
+  full-res px).  The scale and the path (relative to ``out_dir``) are stored in the patch file's
+  attrs (``thumbnail_scale``, ``thumbnail``), in the .h5ad's ``uns['hexpr_import']`` and as PNG text
+  chunks (``hexpr_thumbnail_scale``).  Big TIFFs use a pyramid level or band-wise reads.
 
 Pixel-coordinate convention: a spot coordinate ``(x, y)`` names the pixel at column ``x``, row
 ``y`` (numpy ``img[y, x]``); its centre is at continuous position ``(x + 0.5, y + 0.5)`` where
@@ -52,6 +59,10 @@ SUPER_TILE_PX = 1024                    # side of the cached read unit of the re
 DENSE_X_MAX_ELEMENTS = 50_000_000       # .h5ad X is dense float32 up to this many values
 OUTSIDE_ERROR_FRACTION = 0.5            # more spots than this outside the image -> error
 PIL_MAX_PIXELS = 2_000_000_000          # decompression-bomb limit used for JPEG/PNG slides
+THUMBNAIL_MAX_SIDE = 2048               # longest side of thumbnails/<sample>.png, at most
+THUMBNAIL_DIR = "thumbnails"            # folder of the thumbnails, under the import's out_dir
+THUMBNAIL_BAND_BYTES = 16 << 20         # full-res rows read at a time when reducing by region
+THUMBNAIL_LEVEL_MAX_BYTES = 512 << 20   # a pyramid level larger than this is not read whole
 
 NORMALIZATIONS = ("log1p_cp10k", "none")
 OUTPUTS = ("hest", "challenge")
@@ -207,6 +218,20 @@ class SlideImage:
         """Visiting order of spots that makes region reads cache-friendly."""
         return np.arange(len(coords))
 
+    def thumbnail(self, factor: int) -> np.ndarray:
+        """The slide reduced ``factor`` times: (ceil(H/f), ceil(W/f), 3) uint8, block means.
+
+        Generic version: full-width bands of ``region()`` (memory bounded by THUMBNAIL_BAND_BYTES).
+        """
+        f = max(1, int(factor))
+        w, h = int(self.width), int(self.height)
+        out = np.empty((-(-h // f), -(-w // f), 3), np.uint8)
+        rows = max(1, THUMBNAIL_BAND_BYTES // max(1, w * 3 * f)) * f     # multiple of f
+        for y0 in range(0, h, rows):
+            y1 = min(h, y0 + rows)
+            out[y0 // f: -(-y1 // f)] = block_mean(np.asarray(self.region(0, y0, w, y1)), f)
+        return out
+
     def close(self) -> None:
         pass
 
@@ -219,6 +244,24 @@ class SlideImage:
 
 def _white_canvas(w: int, h: int) -> np.ndarray:
     return np.full((h, w, 3), WHITE, np.uint8)
+
+
+def block_mean(a: np.ndarray, f: int) -> np.ndarray:
+    """(h, w, 3) uint8 -> (ceil(h/f), ceil(w/f), 3) uint8 means of f x f blocks (edges replicated)."""
+    if f == 1:
+        return np.ascontiguousarray(a, dtype=np.uint8)
+    h, w = a.shape[:2]
+    ph, pw = -h % f, -w % f
+    if ph or pw:
+        a = np.pad(a, ((0, ph), (0, pw), (0, 0)), mode="edge")
+    s = a.reshape(a.shape[0] // f, f, a.shape[1] // f, f, a.shape[2]).sum(axis=(1, 3), dtype=np.uint32)
+    return ((s + (f * f) // 2) // (f * f)).astype(np.uint8)
+
+
+def thumbnail_factor(width: int, height: int, max_side: int | None = None) -> int:
+    """Smallest integer reduction that brings the longest side to <= max_side."""
+    max_side = THUMBNAIL_MAX_SIDE if max_side is None else int(max_side)
+    return max(1, math.ceil(max(int(width), int(height)) / max(1, max_side)))
 
 
 class PILSlide(SlideImage):
@@ -263,6 +306,10 @@ class PILSlide(SlideImage):
                     im = im.convert("RGB")
             self._im = im
         return self._im
+
+    def thumbnail(self, factor: int) -> np.ndarray:
+        f = max(1, int(factor))
+        return np.asarray(self._load().reduce(f) if f > 1 else self._load(), dtype=np.uint8)
 
     def region(self, x0, y0, x1, y1):
         im = self._load()
@@ -375,6 +422,7 @@ class TiffRegionSlide(SlideImage):
         self._ax = ax
         self._messages = messages
         self.width, self.height = ax.width, ax.height
+        self._series = series
         self._store = series.aszarr(level=0)
         z = zarr.open(self._store, mode="r")
         if isinstance(z, zarr.Group):      # multiscale group -> full-resolution level
@@ -435,6 +483,36 @@ class TiffRegionSlide(SlideImage):
     def order(self, coords):
         band = np.floor(np.asarray(coords)[:, 1] / self.th)
         return np.lexsort((np.asarray(coords)[:, 0], band))
+
+    def thumbnail(self, factor: int) -> np.ndarray:
+        """From the coarsest pyramid level at least as fine as the thumbnail, else by bands."""
+        f = max(1, int(factor))
+        best = None
+        for lvl in list(getattr(self._series, "levels", []))[1:]:
+            try:
+                ax = _TiffAxes(lvl.axes, lvl.shape, self.path)
+            except ImporterError:
+                continue
+            d = min(self.width / ax.width, self.height / ax.height)
+            if 1.5 <= d <= f * 1.0001 and (best is None or d > best[0]):
+                best = (d, lvl, ax)
+        if best is None or best[2].width * best[2].height * 3 > THUMBNAIL_LEVEL_MAX_BYTES:
+            return super().thumbnail(f)
+        _, lvl, ax = best
+        try:
+            raw = np.asarray(lvl.asarray())
+        except Exception as e:  # noqa: BLE001
+            raise _decode_error(self.path, e) from e
+        idx, kept = ax.index(0, ax.height, 0, ax.width)
+        arr = _to_rgb8(ax.to_yxc(raw[idx], kept), self.path)
+        tw, th = -(-self.width // f), -(-self.height // f)
+        # thumbnail pixel j covers full-res [j f, (j+1) f) = level [j f sx, (j+1) f sx)
+        bw, bh = tw * f * ax.width / self.width, th * f * ax.height / self.height
+        pw, ph = max(0, math.ceil(bw) - ax.width), max(0, math.ceil(bh) - ax.height)
+        if pw or ph:
+            arr = np.pad(arr, ((0, ph), (0, pw), (0, 0)), mode="edge")
+        im = Image.fromarray(arr).resize((tw, th), Image.Resampling.BOX, box=(0, 0, bw, bh))
+        return np.asarray(im, dtype=np.uint8)
 
     def close(self):
         self._cache.clear()
@@ -962,8 +1040,11 @@ def _import_sample(data: SampleData, genes: list[str], staging: _Staging, prog: 
     padded = np.zeros(n, bool)
     white = np.zeros(n, np.float32)
     advance = prog.task(sid, n)
+    thumb: dict = {}
     try:
         if image is not None:
+            thumb = _write_thumbnail(image, sid, staging, out_dir)
+            res.update(thumbnail=str(out_dir / thumb["thumbnail"]), thumbnail_scale=thumb["thumbnail_scale"])
             side_src = patch_um / data.source_um_per_px
             for i in image.order(coords):
                 patch, padded[i] = cut_patch(image, coords[i, 0], coords[i, 1], side_src, size)
@@ -1031,6 +1112,7 @@ def _import_sample(data: SampleData, genes: list[str], staging: _Staging, prog: 
             "n_background_dropped": n_bg,
             "n_padded": n_pad,
             "n_outside_dropped": res["n_outside_dropped"],
+            **thumb,
             **data.provenance,
         }
         prov = _clean(prov)
@@ -1041,6 +1123,9 @@ def _import_sample(data: SampleData, genes: list[str], staging: _Staging, prog: 
             "source_pixel_size_um": float(src_mpp) if src_mpp else float("nan"),
             "patch_size_px": int(size),
         }
+        if thumb:
+            attrs["thumbnail"] = thumb["thumbnail"]
+            attrs["thumbnail_scale"] = float(thumb["thumbnail_scale"])
         csv_part = None
         if output == "hest":
             sink.finish(kept, barcodes, coords, attrs)
@@ -1084,6 +1169,25 @@ def _import_sample(data: SampleData, genes: list[str], staging: _Staging, prog: 
         sink.close()
         raise
     return res, csv_part
+
+
+def _write_thumbnail(image: SlideImage, sid: str, staging: _Staging, out_dir: Path) -> dict:
+    """Write out_dir/thumbnails/<sid>.png (under a temporary name until commit); returns its record."""
+    from PIL.PngImagePlugin import PngInfo
+
+    f = thumbnail_factor(image.width, image.height)
+    arr = image.thumbnail(f)
+    rel = f"{THUMBNAIL_DIR}/{sid}.png"
+    final = out_dir / THUMBNAIL_DIR / f"{sid}.png"
+    final.parent.mkdir(parents=True, exist_ok=True)
+    scale = 1.0 / f
+    info = PngInfo()
+    info.add_text("hexpr_thumbnail_scale", repr(scale))
+    info.add_text("hexpr_image_size", f"{int(image.width)}x{int(image.height)}")
+    info.add_text("hexpr_sample_id", str(sid))
+    Image.fromarray(arr).save(staging.temp_file(final), format="PNG", pnginfo=info, compress_level=3)
+    return {"thumbnail": rel, "thumbnail_scale": scale, "thumbnail_factor": int(f),
+            "thumbnail_size": [int(arr.shape[1]), int(arr.shape[0])]}
 
 
 def _fmt(v: float) -> str:

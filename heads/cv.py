@@ -1,0 +1,122 @@
+"""Cross-validation of heads with the challenge score, gene panels chosen on training folds only.
+
+``make_folds`` gives (train, test) index pairs: grouped (a slide/patient never straddles folds)
+when ``groups`` is given, shuffled K-fold otherwise. ``cross_validate`` fits a fresh model per
+fold and returns out-of-fold predictions with a JSON-ready report. Every gene panel -- the
+challenge's highly expressed (HEG) and highly variable (HVG) genes, and any panel a weighted loss
+uses -- is picked from the training part of the fold; the held-out truth is only scored.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+from sklearn.model_selection import GroupKFold, KFold
+
+from heads.base import check_pair, fit_with_supported, progress_task
+from heads.mean import MeanHead
+from heads.metrics import N_TOP_DEFAULT, challenge_score, top_genes
+
+METRICS = ("score", "mean_corr_cells", "max_corr_genes", "heg_corr", "hvg_corr",
+           "pearson_all_genes", "pearson_hvg")
+
+
+def make_folds(n: int, k: int, groups=None, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``k`` (train_idx, test_idx) pairs over ``n`` spots; groups are never split across folds."""
+    n, k = int(n), int(k)
+    if k < 2:
+        raise ValueError(f"cross-validation needs at least 2 folds, got {k}")
+    if k > n:
+        raise ValueError(f"cannot make {k} folds from {n} spots")
+    index = np.arange(n)
+    if groups is None:
+        splits = KFold(n_splits=k, shuffle=True, random_state=seed).split(index)
+    else:
+        groups = np.asarray(groups)
+        if groups.shape != (n,):
+            raise ValueError(f"groups must hold one label per spot ({n}), got shape {groups.shape}")
+        labels = np.unique(groups)
+        if len(labels) < k:
+            shown = ", ".join(map(str, labels[:10]))
+            raise ValueError(
+                f"cannot make {k} grouped folds: there are only {len(labels)} groups ({shown}) and a "
+                f"group is never split across folds; use at most {len(labels)} folds "
+                f"(e.g. folds={len(labels)}) or give finer groups")
+        splits = GroupKFold(n_splits=k, shuffle=True, random_state=seed).split(index, groups=groups)
+    return [(np.sort(train), np.sort(test)) for train, test in splits]
+
+
+def training_panels(train_truth, n_top: int = N_TOP_DEFAULT) -> dict[str, np.ndarray]:
+    """The challenge's gene panels chosen on training targets: top ``n_top`` by sum and by variance."""
+    return {"heg": top_genes(train_truth, n_top, by="sum"),
+            "hvg": top_genes(train_truth, n_top, by="variance")}
+
+
+def score_with_panels(pred, truth, panels: dict[str, np.ndarray]) -> dict[str, float]:
+    """Challenge score and terms of ``pred`` vs ``truth`` on given (training-chosen) panels,
+    plus mean per-gene Pearson over all genes and over the HVG panel."""
+    s = challenge_score(pred, truth, n_top=len(panels["hvg"]),
+                        heg_genes=panels["heg"], hvg_genes=panels["hvg"])
+    return {"score": s["score"], "mean_corr_cells": s["mean_corr_cells"],
+            "max_corr_genes": s["max_corr_genes"], "heg_corr": s["heg_corr"], "hvg_corr": s["hvg_corr"],
+            "pearson_all_genes": s["mean_corr_genes"], "pearson_hvg": s["hvg_corr"]}
+
+
+def summarize_folds(fold_rows: list[dict], prefix: str = "") -> dict[str, float]:
+    """Mean of each metric over folds (keys ``prefix + metric``), plus the score's spread."""
+    summary = {m: float(np.mean([r[prefix + m] for r in fold_rows])) for m in METRICS}
+    summary["score_std"] = float(np.std([r[prefix + "score"] for r in fold_rows]))
+    return summary
+
+
+def ratio(score: float, floor: float) -> float | None:
+    return float(score / floor) if floor > 0 else None
+
+
+@dataclass
+class CVResult:
+    oof: np.ndarray          # (N, G) out-of-fold predictions in the scale of Y (NaN: never held out)
+    report: dict             # JSON-serialisable: summary, mean-head summary, per-fold rows
+
+
+def cross_validate(make_model, X, Y, folds, *, n_top: int = N_TOP_DEFAULT, groups=None,
+                   progress: bool = False, description: str = "cross-validation") -> CVResult:
+    """Fit ``make_model()`` on each training fold, predict its held-out fold, score both the model
+    and the ``mean`` head with panels chosen on the training fold.
+
+    ``folds``: list of (train_idx, test_idx), usually from ``make_folds``; spots in no test fold
+    (e.g. a single hold-out split) keep NaN out-of-fold predictions. ``groups`` (optional) is passed,
+    restricted to the training fold, to heads whose ``fit`` takes it (the ensemble's inner CV).
+    """
+    X, Y = check_pair(X, Y)
+    groups = None if groups is None else np.asarray(groups)
+    oof = np.full(Y.shape, np.nan)
+    rows = []
+    with progress_task(description, len(folds), progress) as advance:
+        for i, (train, test) in enumerate(folds):
+            panels = training_panels(Y[train], n_top)
+            start = time.perf_counter()
+            model = fit_with_supported(make_model(), X[train], Y[train],
+                                       groups=None if groups is None else groups[train])
+            fit_seconds = time.perf_counter() - start
+            oof[test] = model.predict(X[test])
+            floor = MeanHead().fit(X[train], Y[train]).predict(X[test])
+            row = {"fold": i, "n_train": int(len(train)), "n_test": int(len(test)),
+                   "fit_seconds": round(fit_seconds, 3)}
+            row.update(score_with_panels(oof[test], Y[test], panels))
+            row.update({"mean_head_" + k: v for k, v in score_with_panels(floor, Y[test], panels).items()})
+            rows.append(row)
+            advance()
+    model_summary = summarize_folds(rows)
+    floor_summary = summarize_folds(rows, prefix="mean_head_")
+    report = {
+        "n_folds": len(folds), "n_top": int(n_top),
+        "n_predicted_spots": int((~np.isnan(oof[:, 0])).sum()),
+        "model": model_summary,
+        "mean_head": floor_summary,
+        "ratio_to_mean": ratio(model_summary["score"], floor_summary["score"]),
+        "fit_seconds": float(sum(r["fit_seconds"] for r in rows)),
+        "folds": rows,
+    }
+    return CVResult(oof=oof, report=report)

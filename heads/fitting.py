@@ -1,0 +1,238 @@
+"""The library entry point the CLI calls: cross-validate (optionally sweep), save, refit, persist.
+
+``fit_head`` writes to ``out_dir``:
+  * ``oof_predictions.csv`` -- out-of-fold predictions (index = spot ids, columns = genes);
+  * ``cv_report.json``      -- the report ``fit_head`` returns;
+  * ``leaderboard.csv``     -- one row per sweep config (only when sweeping);
+  * ``model.joblib``        -- a ``FittedModel`` refitted on all spots (written to a temporary
+    name, then renamed), with ``model.json`` beside it describing it for humans.
+``load_model(path)`` reads a ``FittedModel`` back; its ``predict(X)`` refuses features of the
+wrong width. The library prints nothing except progress bars (stderr).
+"""
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import joblib
+import numpy as np
+import pandas as pd
+
+from heads.base import (as_matrix, atomic_dump, atomic_write, default_search_space,
+                        fit_with_supported, head_param_names)
+from heads.cv import cross_validate, make_folds
+from heads.metrics import N_TOP_DEFAULT
+from heads.sweep import as_feature_sets, load_search_file, model_factory, run_sweep
+
+MODEL_FILE = "model.joblib"
+MODEL_INFO_FILE = "model.json"
+OOF_FILE = "oof_predictions.csv"
+REPORT_FILE = "cv_report.json"
+LEADERBOARD_FILE = "leaderboard.csv"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class FittedModel:
+    """A head fitted on all training spots plus what is needed to use it safely later."""
+
+    model: object                 # a fitted head (TargetTransformed: predictions in target scale)
+    genes: list[str]              # output column order
+    feature_meta: dict            # caller's description of the expected features (cache keys, specs)
+    n_features: int               # expected feature width
+    config: dict                  # {"head", "features", "transform", "params"}
+    cv: dict | None = None        # cross-validated summary of this config
+    format_version: int = FORMAT_VERSION
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def transform(self) -> str:
+        return str(self.config.get("transform", "none"))
+
+    def predict(self, X) -> np.ndarray:
+        """(N, G) predictions in the training targets' scale, columns in ``self.genes`` order."""
+        X = np.asarray(X)
+        if X.ndim != 2 or X.shape[1] != self.n_features:
+            got = X.shape[1] if X.ndim == 2 else f"an array of shape {X.shape}"
+            raise ValueError(
+                f"this model expects {self.n_features} features per spot but got {got}; embed the "
+                f"images with the same backbone(s) it was trained on ({describe_features(self.feature_meta)})")
+        return self.model.predict(as_matrix(X, "X (features)"))
+
+    def predict_frame(self, X, ids) -> pd.DataFrame:
+        return pd.DataFrame(self.predict(X), index=pd.Index(list(ids), name="ID"), columns=self.genes)
+
+    def save(self, path) -> Path:
+        return atomic_dump(self, path)
+
+
+def describe_features(meta) -> str:
+    """Short human description of ``feature_meta`` for error messages."""
+    if not meta:
+        return "no feature description was saved"
+    blocks = meta.get("blocks") if isinstance(meta, Mapping) else None
+    if blocks:
+        return "feature blocks: " + ", ".join(str(b.get("key", b)) for b in blocks)
+    return json.dumps(meta, default=str)[:300]
+
+
+def load_model(path) -> FittedModel:
+    """Read a ``FittedModel`` from ``model.joblib`` or from the folder holding it."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / MODEL_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"no fitted model at {path}; run the fit step first")
+    obj = joblib.load(path)
+    if not isinstance(obj, FittedModel):
+        raise TypeError(f"{path} holds a {type(obj).__name__}, not a hexpr FittedModel")
+    return obj
+
+
+# --------------------------------------------------------------------------------------------
+# helpers of fit_head
+# --------------------------------------------------------------------------------------------
+def json_ready(obj):
+    """``obj`` with NaN/inf floats as None and numpy/tuple values as plain JSON types."""
+    if isinstance(obj, Mapping):
+        return {str(k): json_ready(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_ready(v) for v in obj]
+    if isinstance(obj, (np.generic, np.ndarray)):
+        return json_ready(obj.tolist())
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return None
+    return obj
+
+
+def write_json(obj, path: Path) -> Path:
+    """Pretty, strict JSON written atomically."""
+    text = json.dumps(json_ready(obj), indent=2, default=str, allow_nan=False) + "\n"
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def write_csv(frame: pd.DataFrame, path: Path, **kwargs) -> Path:
+    return atomic_write(path, lambda tmp: frame.to_csv(tmp, **kwargs))
+
+
+def resolve_space(sweep, head: str) -> dict:
+    """A search space from a file path, a mapping, or "default" (the head's own space)."""
+    if isinstance(sweep, Mapping):
+        return dict(sweep)
+    if sweep is None or str(sweep) == "default":
+        return default_search_space(head)
+    return load_search_file(sweep)
+
+
+def _select_feature_meta(feature_meta, name: str, names: list[str]) -> dict:
+    """When features come as several named sets, ``feature_meta`` may be keyed by the same names."""
+    if isinstance(feature_meta, Mapping) and len(names) > 1 and set(feature_meta) == set(names):
+        return dict(feature_meta[name])
+    return dict(feature_meta or {})
+
+
+def _check_inputs(feature_sets: dict, Y, gene_names, ids) -> tuple[np.ndarray, list[str], list[str]]:
+    Y = as_matrix(Y, "Y (targets)")
+    genes = [str(g) for g in gene_names]
+    if len(genes) != Y.shape[1]:
+        raise ValueError(f"{len(genes)} gene names for {Y.shape[1]} target columns")
+    if len(set(genes)) != len(genes):
+        raise ValueError("gene names must be unique")
+    ids = [str(i) for i in (range(Y.shape[0]) if ids is None else ids)]
+    if len(ids) != Y.shape[0]:
+        raise ValueError(f"{len(ids)} spot ids for {Y.shape[0]} target rows")
+    for name, X in feature_sets.items():
+        if np.shape(X)[0] != Y.shape[0]:
+            raise ValueError(f"feature set {name!r} has {np.shape(X)[0]} rows but there are {Y.shape[0]} spots")
+    return Y, genes, ids
+
+
+def _single_config(head: str, params, transform, feature_sets: dict, features: str | None, seed: int) -> dict:
+    names = list(feature_sets)
+    if features is None:
+        if len(names) > 1:
+            raise ValueError(f"several feature sets given ({', '.join(names)}): pick one with "
+                             "features=... or sweep over them")
+        features = names[0]
+    if features not in feature_sets:
+        raise ValueError(f"unknown feature set {features!r}; have {', '.join(names)}")
+    params = dict(params or {})
+    if "seed" in head_param_names(head):
+        params.setdefault("seed", seed)
+    return {"head": head, "features": features, "transform": transform, "params": params}
+
+
+# --------------------------------------------------------------------------------------------
+# the entry point
+# --------------------------------------------------------------------------------------------
+def fit_head(X, Y, gene_names, *, head: str = "ridge", params: dict | None = None,
+             transform: str = "none", folds=5, groups=None, seed: int = 0, out_dir,
+             feature_meta: dict, sweep=None, trials: int | None = None, n_jobs: int = -1,
+             progress: bool = True, ids=None, features: str | None = None,
+             n_top: int = N_TOP_DEFAULT) -> dict:
+    """Cross-validate ``head`` (after an optional sweep), save the artefacts, refit on all spots.
+
+    X: (N, D) features, or a mapping name -> (N, D_name) to choose between backbones (a sweep
+       picks the best; otherwise name one with ``features``).
+    Y: (N, G) targets (array or DataFrame) in the scale predictions should come out in.
+    folds: number of folds, or a list of (train_idx, test_idx). groups: per-spot slide/patient ids
+       (grouped folds never split a group).
+    sweep: None, a YAML/JSON file, a mapping param -> values, or "default" (the head's space);
+       with ``trials`` random search, else a full grid. ``trials`` alone: random search over the
+       head's default space. ``params`` are fixed in every config.
+    Returns the JSON-serialisable report also written to cv_report.json.
+    """
+    started = time.perf_counter()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    feature_sets = as_feature_sets(X)
+    Y, genes, ids = _check_inputs(feature_sets, Y, gene_names, ids)
+    groups = None if groups is None else np.asarray(groups)
+    fold_list = make_folds(Y.shape[0], folds, groups, seed) if isinstance(folds, (int, np.integer)) else list(folds)
+
+    sweep_info = None
+    if sweep is not None or trials is not None:
+        result = run_sweep(head, feature_sets, Y, fold_list, space=resolve_space(sweep, head),
+                           n_trials=trials, transform=transform, fixed_params=params, n_top=n_top,
+                           groups=groups, seed=seed, n_jobs=n_jobs, progress=progress)
+        config = result.best
+        write_csv(result.leaderboard, out_dir / LEADERBOARD_FILE, index=False)
+        sweep_info = {"n_configs": len(result.leaderboard), "search": "grid" if trials is None else "random",
+                      "best": config, "leaderboard": str(out_dir / LEADERBOARD_FILE),
+                      "top": result.leaderboard.head(5).drop(columns=["config"]).to_dict(orient="records")}
+    else:
+        config = _single_config(head, params, transform, feature_sets, features, seed)
+
+    X_chosen = as_matrix(feature_sets[config["features"]], "X (features)")
+    factory = model_factory(config["head"], config["params"], config["transform"])
+    cv = cross_validate(factory, X_chosen, Y, fold_list, n_top=n_top, groups=groups, progress=progress,
+                        description=f"cross-validating {config['head']}")
+    write_csv(pd.DataFrame(cv.oof, index=pd.Index(ids, name="ID"), columns=genes), out_dir / OOF_FILE)
+
+    refit_start = time.perf_counter()
+    model = fit_with_supported(factory(), X_chosen, Y, groups=groups)
+    refit_seconds = time.perf_counter() - refit_start
+    meta = _select_feature_meta(feature_meta, config["features"], list(feature_sets))
+    fitted = FittedModel(model=model, genes=genes, feature_meta=meta, n_features=X_chosen.shape[1],
+                         config=config, cv=cv.report["model"])
+    fitted.save(out_dir / MODEL_FILE)
+
+    report = {
+        "head": config["head"], "params": config["params"], "transform": config["transform"],
+        "features": config["features"], "n_spots": int(Y.shape[0]), "n_features": int(X_chosen.shape[1]),
+        "n_genes": len(genes), "n_folds": len(fold_list), "grouped": groups is not None, "seed": seed,
+        "cv": cv.report["model"], "mean_head": cv.report["mean_head"],
+        "ratio_to_mean": cv.report["ratio_to_mean"], "folds": cv.report["folds"],
+        "sweep": sweep_info, "refit_seconds": round(refit_seconds, 3),
+        "total_seconds": round(time.perf_counter() - started, 3),
+        "files": {"oof_predictions": str(out_dir / OOF_FILE), "report": str(out_dir / REPORT_FILE),
+                  "model": str(out_dir / MODEL_FILE), "model_info": str(out_dir / MODEL_INFO_FILE)},
+    }
+    report = json_ready(report)
+    write_json({"format_version": FORMAT_VERSION, "config": config, "n_features": X_chosen.shape[1],
+                "feature_meta": meta, "genes": genes, "cv": cv.report["model"]}, out_dir / MODEL_INFO_FILE)
+    write_json(report, out_dir / REPORT_FILE)
+    return report

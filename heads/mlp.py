@@ -1,0 +1,301 @@
+"""Multi-output MLP head (torch) plus the torch helpers other trained heads reuse.
+
+Input features are standardized; the network maps them to all G genes at once. Training uses
+AdamW on minibatches with one of the losses in ``LOSSES`` and stops early on the validation
+challenge score (an internal split of the training data, or validation data passed to ``fit``).
+The gene panels of that score and of the ``weighted_mse`` loss come from the training targets
+only, and the score is computed in the scale of the original targets when the head sits behind
+a target transform. Runs are deterministic for a given ``seed`` (the global torch RNG is left
+untouched). ``device="auto"`` (the default) uses CUDA when present, else the CPU.
+"""
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+from torch import nn
+
+from heads.base import FeaturePCA, Head, as_matrix, register_head, rng_split
+from heads.cv import score_with_panels, training_panels
+from heads.metrics import N_TOP_DEFAULT
+
+_PREDICT_CHUNK = 4096
+
+
+# --------------------------------------------------------------------------------------------
+# torch helpers shared by trained heads
+# --------------------------------------------------------------------------------------------
+def resolve_device(device: str = "auto", *, strict: bool = True) -> torch.device:
+    """"auto" -> CUDA if available else CPU. A requested but missing CUDA is an error when
+    ``strict`` (fitting) and falls back to CPU otherwise (loading a saved model)."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        if strict:
+            raise ValueError(f"device {device!r} requested but CUDA is not available; use device='cpu'")
+        return torch.device("cpu")
+    return dev
+
+
+@contextmanager
+def torch_session(seed: int, n_threads: int | None = None):
+    """Seeded torch RNG (restored afterwards) and, optionally, a fixed intra-op thread count."""
+    previous_threads = torch.get_num_threads()
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        if n_threads:
+            torch.set_num_threads(int(n_threads))
+        try:
+            yield torch.Generator().manual_seed(seed)
+        finally:
+            torch.set_num_threads(previous_threads)
+
+
+def build_mlp(n_in: int, hidden, n_out: int, dropout: float = 0.0) -> nn.Sequential:
+    """Linear -> GELU -> Dropout blocks for each width in ``hidden``, then a linear output layer."""
+    layers, width = [], n_in
+    for h in hidden:
+        layers += [nn.Linear(width, int(h)), nn.GELU(), nn.Dropout(dropout)]
+        width = int(h)
+    layers.append(nn.Linear(width, n_out))
+    return nn.Sequential(*layers)
+
+
+def as_widths(hidden) -> tuple[int, ...]:
+    """Hidden sizes from an int, a list/tuple, or a string like "512,256" (YAML/CLI friendly)."""
+    if hidden is None or hidden == "":
+        return ()
+    if isinstance(hidden, (int, np.integer)):
+        return (int(hidden),)
+    if isinstance(hidden, str):
+        return tuple(int(h) for h in hidden.replace("x", ",").split(",") if h.strip())
+    return tuple(int(h) for h in hidden)
+
+
+def minibatches(n: int, batch_size: int, generator: torch.Generator):
+    """Shuffled index batches of about ``batch_size`` (no batch smaller than half of it)."""
+    perm = torch.randperm(n, generator=generator)
+    return torch.tensor_split(perm, max(1, math.ceil(n / batch_size - 0.5)))
+
+
+@torch.no_grad()
+def predict_in_chunks(module: nn.Module, X: np.ndarray, device: torch.device) -> np.ndarray:
+    module.eval()
+    out = [module(torch.as_tensor(X[i:i + _PREDICT_CHUNK], dtype=torch.float32, device=device)).cpu()
+           for i in range(0, X.shape[0], _PREDICT_CHUNK)]
+    return torch.cat(out).double().numpy()
+
+
+class TorchStateMixin:
+    """Pickles torch modules as CPU ``state_dict``s and rebuilds them on load.
+
+    A head lists its module attributes in ``_torch_modules`` and implements
+    ``_build_module(attr) -> nn.Module`` from its (already restored) fitted attributes.
+    """
+
+    _torch_modules: tuple[str, ...] = ()
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        saved = {}
+        for attr in self._torch_modules:
+            module = state.pop(attr, None)
+            if module is not None:
+                saved[attr] = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+        state["_torch_state"] = saved
+        return state
+
+    def __setstate__(self, state):
+        saved = state.pop("_torch_state", {})
+        self.__dict__.update(state)
+        device = resolve_device(getattr(self, "device", "cpu"), strict=False)
+        for attr, weights in saved.items():
+            module = self._build_module(attr)
+            module.load_state_dict(weights)
+            setattr(self, attr, module.to(device).eval())
+
+    def _build_module(self, attr: str) -> nn.Module:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+# --------------------------------------------------------------------------------------------
+# losses: (pred, target, head, gene_weights) -> scalar tensor
+# --------------------------------------------------------------------------------------------
+def correlation_loss(pred, target, dim: int) -> torch.Tensor:
+    """1 - mean Pearson r of matching slices along ``dim`` (dim=1: per spot, dim=0: per gene)."""
+    p = pred - pred.mean(dim=dim, keepdim=True)
+    t = target - target.mean(dim=dim, keepdim=True)
+    r = (p * t).sum(dim=dim) / (p.norm(dim=dim) * t.norm(dim=dim) + 1e-8)
+    return 1.0 - r.mean()
+
+
+def pearson_loss(pred, target, head, weights=None):
+    axes = {"spot": (1,), "gene": (0,), "both": (1, 0)}[head.pearson_axis]
+    return sum(correlation_loss(pred, target, d) for d in axes) / len(axes)
+
+
+def logcosh_loss(pred, target, head, weights=None):
+    d = pred - target
+    return (d + nn.functional.softplus(-2.0 * d) - math.log(2.0)).mean()
+
+
+LOSSES = {
+    "mse": lambda pred, target, head, w=None: nn.functional.mse_loss(pred, target),
+    "huber": lambda pred, target, head, w=None: nn.functional.huber_loss(pred, target, delta=head.huber_delta),
+    "logcosh": logcosh_loss,
+    "pearson": pearson_loss,
+    "mse+pearson": lambda pred, target, head, w=None: (nn.functional.mse_loss(pred, target)
+                                                       + head.pearson_weight * pearson_loss(pred, target, head)),
+    "weighted_mse": lambda pred, target, head, w=None: (((pred - target) ** 2) * w).mean(),
+}
+
+
+def panel_gene_weights(reference: np.ndarray, n_top: int, boost: float) -> np.ndarray:
+    """Per-gene loss weights (mean 1): genes in the training HEG or HVG panel count ``1 + boost``."""
+    panels = training_panels(reference, n_top)
+    w = np.ones(reference.shape[1])
+    w[np.union1d(panels["heg"], panels["hvg"])] += boost
+    return w / w.mean()
+
+
+# --------------------------------------------------------------------------------------------
+# the head
+# --------------------------------------------------------------------------------------------
+@register_head("mlp")
+class MLPHead(TorchStateMixin, Head):
+    """Multi-output MLP with early stopping on the validation challenge score."""
+
+    _torch_modules = ("net_",)
+    search_space = {
+        "hidden": [[256], [512], [512, 256]],
+        "dropout": [0.0, 0.1, 0.25, 0.5],
+        "lr": {"log": [1e-4, 3e-3]},
+        "weight_decay": {"log": [1e-6, 1e-2]},
+        "batch_size": [128, 256, 512],
+        "loss": ["mse", "huber", "pearson", "mse+pearson", "weighted_mse"],
+    }
+
+    def __init__(self, hidden=(512,), dropout: float = 0.1, weight_decay: float = 1e-4,
+                 lr: float = 1e-3, epochs: int = 40, batch_size: int = 256, loss: str = "mse",
+                 pearson_axis: str = "both", pearson_weight: float = 1.0, huber_delta: float = 1.0,
+                 gene_weight: float = 4.0, n_top: int = N_TOP_DEFAULT, val_fraction: float = 0.1,
+                 patience: int = 6, seed: int = 0, device: str = "auto", n_threads: int | None = None):
+        self.hidden = hidden
+        self.dropout = dropout
+        self.weight_decay = weight_decay
+        self.lr = lr
+        self.epochs = epochs
+        self.batch_size = batch_size
+        self.loss = loss
+        self.pearson_axis = pearson_axis
+        self.pearson_weight = pearson_weight
+        self.huber_delta = huber_delta
+        self.gene_weight = gene_weight
+        self.n_top = n_top
+        self.val_fraction = val_fraction
+        self.patience = patience
+        self.seed = seed
+        self.device = device
+        self.n_threads = n_threads
+
+    def _build_module(self, attr):
+        return build_mlp(self.features_.n_output_, as_widths(self.hidden), self.n_targets_, self.dropout)
+
+    def _check_options(self):
+        if self.loss not in LOSSES:
+            raise ValueError(f"unknown loss {self.loss!r}; choose from {', '.join(LOSSES)}")
+        if self.pearson_axis not in ("spot", "gene", "both"):
+            raise ValueError(f"pearson_axis must be 'spot', 'gene' or 'both', got {self.pearson_axis!r}")
+
+    def _split(self, X, Y, reference, X_val, Y_val, to_reference):
+        """(X_tr, Y_tr, ref_tr, X_val, ref_val): training rows and the validation spots with their
+        targets in the reference (untransformed) scale; validation is None when there is none."""
+        if X_val is not None:
+            X_val, Y_val = as_matrix(X_val, "X_val"), as_matrix(Y_val, "Y_val")
+            if X_val.shape[1] != X.shape[1] or Y_val.shape[1] != Y.shape[1]:
+                raise ValueError("validation data must have the same columns as the training data")
+            return X, Y, reference, X_val, to_reference(Y_val)
+        if not self.val_fraction:
+            return X, Y, reference, None, None
+        train, val = rng_split(X.shape[0], self.val_fraction, self.seed)
+        return X[train], Y[train], reference[train], X[val], reference[val]
+
+    def fit(self, X, Y, *, X_val=None, Y_val=None, reference_targets=None, inverse_targets=None):
+        """Fit on (X, Y); early-stop on (X_val, Y_val) when given, else on an internal split.
+
+        When Y is a transform of the targets (``TargetTransformed`` passes both):
+        ``reference_targets`` are the untransformed targets of the same rows (gene panels are
+        chosen on them) and ``inverse_targets`` maps predictions back, so the validation score is
+        the challenge score in the targets' own scale."""
+        X, Y = self._start_fit(X, Y)
+        self._check_options()
+        reference = Y if reference_targets is None else as_matrix(reference_targets, "reference_targets")
+        to_reference = inverse_targets or (lambda values: values)
+        X_tr, Y_tr, ref_tr, X_val, ref_val = self._split(X, Y, reference, X_val, Y_val, to_reference)
+        self.features_ = FeaturePCA(None, standardize=True).fit(X_tr)
+        device = resolve_device(self.device)
+        panels = training_panels(ref_tr, self.n_top)
+        weights = panel_gene_weights(ref_tr, self.n_top, self.gene_weight)
+        validation = None if X_val is None else (self.features_.transform(X_val), ref_val, to_reference)
+        with torch_session(self.seed, self.n_threads) as generator:
+            self.net_ = self._build_module("net_").to(device)
+            with torch.no_grad():
+                self.net_[-1].bias.copy_(torch.as_tensor(Y_tr.mean(axis=0), dtype=torch.float32))
+            self._train(X_tr, Y_tr, validation, panels, weights, device, generator)
+        return self
+
+    def _train(self, X_tr, Y_tr, validation, panels, weights, device, generator):
+        """Minibatch AdamW; ``validation`` = (standardized X_val, reference-scale truth, inverse)."""
+        Xt = torch.as_tensor(self.features_.transform(X_tr), dtype=torch.float32, device=device)
+        Yt = torch.as_tensor(Y_tr, dtype=torch.float32, device=device)
+        w = torch.as_tensor(weights, dtype=torch.float32, device=device)
+        loss_fn = LOSSES[self.loss]
+        optimizer = torch.optim.AdamW(self.net_.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        best_score, best_state, stale = -np.inf, None, 0
+        self.history_ = []
+        for epoch in range(int(self.epochs)):
+            self.net_.train()
+            total = 0.0
+            for idx in minibatches(Xt.shape[0], int(self.batch_size), generator):
+                idx = idx.to(device)
+                optimizer.zero_grad(set_to_none=True)
+                loss = loss_fn(self.net_(Xt[idx]), Yt[idx], self, w)
+                loss.backward()
+                optimizer.step()
+                total += loss.detach().item() * len(idx)
+            record = {"epoch": epoch + 1, "train_loss": total / Xt.shape[0]}
+            if validation is not None:
+                Z_val, truth, to_reference = validation
+                pred = to_reference(predict_in_chunks(self.net_, Z_val, device))
+                terms = score_with_panels(pred, truth, panels)
+                # early-stop on the unclipped mean of the four terms (the score clips at 0)
+                record["val_score"] = (terms["mean_corr_cells"] + terms["max_corr_genes"]
+                                       + terms["heg_corr"] + terms["hvg_corr"]) / 4.0
+                if record["val_score"] > best_score + 1e-6:
+                    best_score, stale = record["val_score"], 0
+                    best_state = {k: v.detach().clone() for k, v in self.net_.state_dict().items()}
+                else:
+                    stale += 1
+            self.history_.append(record)
+            if validation is not None and stale >= self.patience:
+                break
+        if best_state is not None:
+            self.net_.load_state_dict(best_state)
+        self.net_.eval()
+        self.best_epoch_ = (max(self.history_, key=lambda r: r.get("val_score", -np.inf))["epoch"]
+                            if validation is not None else len(self.history_))
+        self.best_val_score_ = None if validation is None else float(best_score)
+
+    def _predict(self, X):
+        device = next(self.net_.parameters()).device
+        threads = torch.get_num_threads()
+        if self.n_threads:
+            torch.set_num_threads(int(self.n_threads))
+        try:
+            return predict_in_chunks(self.net_, self.features_.transform(X), device)
+        finally:
+            torch.set_num_threads(threads)

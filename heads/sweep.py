@@ -1,0 +1,242 @@
+"""Hyper-parameter sweeps: grid or random search, every configuration scored by cross-validation.
+
+A *config* is ``{"head": name, "features": name, "transform": name, "params": {...}}`` (plus a
+``trial`` number inside a sweep).
+``features`` picks one of several named feature matrices (which backbone, or a concatenation),
+so the backbone is a sweep dimension like any other; ``transform`` is the target transform.
+
+Search spaces map a parameter (or "features" / "transform") to
+  * a list of choices -- a grid enumerates them all, random search picks one per trial;
+  * ``{"log": [low, high]}``, ``{"uniform": [low, high]}``, ``{"int": [low, high]}`` -- random
+    search only.
+Files: YAML (.yaml/.yml) or JSON with that mapping at the top level.
+Configs run in parallel over CPU cores (joblib); each worker is held to one BLAS/torch thread.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from joblib import Parallel, delayed, effective_n_jobs
+
+from heads.base import default_search_space, head_param_names, make_head, progress_task
+from heads.cv import METRICS, cross_validate
+from heads.metrics import N_TOP_DEFAULT
+from heads.targets import TargetTransformed
+
+RESERVED = ("features", "transform")
+DISTRIBUTIONS = ("log", "uniform", "int")
+DEFAULT_FEATURES_NAME = "features"
+
+
+# --------------------------------------------------------------------------------------------
+# spaces and configs
+# --------------------------------------------------------------------------------------------
+def load_search_file(path) -> dict:
+    """A search space from a YAML or JSON file (param -> list of values or distribution)."""
+    path = Path(path)
+    text = path.read_text()
+    if path.suffix.lower() in (".yaml", ".yml"):
+        import yaml
+        space = yaml.safe_load(text)
+    else:
+        space = json.loads(text)
+    if not isinstance(space, dict) or not space:
+        raise ValueError(f"{path}: a sweep file must hold a non-empty mapping of parameter -> values")
+    return space
+
+
+def _is_distribution(value) -> bool:
+    return isinstance(value, Mapping) and len(value) == 1 and next(iter(value)) in DISTRIBUTIONS
+
+
+def _choices(name: str, value) -> list:
+    """The grid values of one parameter; scalars are a single fixed choice."""
+    if _is_distribution(value):
+        raise ValueError(f"parameter {name!r} is a distribution {dict(value)}; a grid needs lists "
+                         "of values -- ask for random search (n_trials) instead")
+    if isinstance(value, (list, tuple)):
+        if not value:
+            raise ValueError(f"parameter {name!r} has an empty list of values")
+        return list(value)
+    return [value]
+
+
+def expand_grid(space: Mapping) -> list[dict]:
+    """Every combination of the listed values (param -> value dicts), in file order."""
+    names = list(space)
+    return [dict(zip(names, combo)) for combo in itertools.product(*(_choices(n, space[n]) for n in names))]
+
+
+def _draw(name: str, value, rng: np.random.Generator):
+    if _is_distribution(value):
+        kind, (low, high) = next(iter(value.items()))
+        if kind == "log":
+            return float(math.exp(rng.uniform(math.log(low), math.log(high))))
+        if kind == "uniform":
+            return float(rng.uniform(low, high))
+        return int(rng.integers(int(low), int(high) + 1))
+    choices = _choices(name, value)
+    return choices[int(rng.integers(len(choices)))]
+
+
+def sample_configs(space: Mapping, n_trials: int, seed: int = 0) -> list[dict]:
+    """``n_trials`` random draws from ``space``, without repeats when the space is a finite grid."""
+    rng = np.random.default_rng(seed)
+    finite = not any(_is_distribution(v) for v in space.values())
+    if finite:
+        grid = expand_grid(space)
+        if len(grid) <= n_trials:
+            return grid
+        return [grid[i] for i in sorted(rng.choice(len(grid), size=n_trials, replace=False))]
+    return [{name: _draw(name, value, rng) for name, value in space.items()} for _ in range(int(n_trials))]
+
+
+def make_configs(head: str, space: Mapping, *, n_trials: int | None, feature_names: list[str],
+                 transform="none", fixed_params: Mapping | None = None, seed: int = 0) -> list[dict]:
+    """Configs of ``head``: a full grid over ``space`` (n_trials None) or ``n_trials`` random draws.
+
+    Feature names not constrained by ``space`` are all tried; ``transform`` is the default target
+    transform unless ``space`` sweeps it; ``fixed_params`` apply to every config.
+    """
+    space = dict(space)
+    space.setdefault("features", list(feature_names))
+    space.setdefault("transform", [transform])
+    unknown_features = set(_choices("features", space["features"])) - set(feature_names)
+    if unknown_features:
+        raise ValueError(f"sweep names feature set(s) {sorted(unknown_features)} but only "
+                         f"{sorted(feature_names)} were given")
+    valid = set(head_param_names(head))
+    unknown = sorted((set(space) | set(fixed_params or {})) - valid - set(RESERVED))
+    if unknown:
+        raise ValueError(f"head {head!r} has no parameter(s) {', '.join(unknown)}; valid: {', '.join(sorted(valid))}")
+    draws = expand_grid(space) if n_trials is None else sample_configs(space, n_trials, seed)
+    configs = []
+    for draw in draws:
+        params = {**(fixed_params or {}), **{k: v for k, v in draw.items() if k not in RESERVED}}
+        if "seed" in valid:
+            params.setdefault("seed", seed)
+        configs.append({"trial": len(configs), "head": head, "features": draw["features"],
+                        "transform": draw["transform"], "params": params})
+    return configs
+
+
+def model_factory(head: str, params: Mapping | None = None, transform="none"):
+    """A zero-argument callable building the full model of a config: ``head`` behind ``transform``."""
+    params = dict(params or {})
+    make_head(head, **params)  # fail now, in the caller, on a bad parameter
+
+    def build():
+        return TargetTransformed(make_head(head, **params), transform)
+    return build
+
+
+# --------------------------------------------------------------------------------------------
+# running
+# --------------------------------------------------------------------------------------------
+def _single_thread():
+    """Hold this worker to one thread (BLAS, OpenMP, torch) so parallel configs do not oversubscribe."""
+    from threadpoolctl import threadpool_limits
+    os.environ["OMP_NUM_THREADS"] = "1"          # for libraries (torch) imported later in this worker
+    threadpool_limits(1)
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(1)
+
+
+def evaluate_config(config: dict, X, Y, folds, n_top: int, groups, single_thread: bool) -> dict:
+    """CV summary of one config (never raises: a failing config is reported with its error)."""
+    if single_thread:
+        _single_thread()
+    start = time.perf_counter()
+    try:
+        factory = model_factory(config["head"], config["params"], config["transform"])
+        report = cross_validate(factory, X, Y, folds, n_top=n_top, groups=groups).report
+        row = {**report["model"], "ratio_to_mean": report["ratio_to_mean"],
+               "mean_head_score": report["mean_head"]["score"], "error": None}
+    except Exception as exc:  # noqa: BLE001 - recorded in the leaderboard
+        row = {m: float("nan") for m in METRICS} | {"error": f"{type(exc).__name__}: {exc}"}
+    row["seconds"] = round(time.perf_counter() - start, 3)
+    return {"config": config, **row}
+
+
+def _cell(value):
+    """Leaderboard cell: scalars as they are, lists/tuples/dicts as compact JSON."""
+    if isinstance(value, (list, tuple, dict)):
+        return json.dumps(value, default=str)
+    return value
+
+
+def leaderboard_frame(rows: list[dict]) -> pd.DataFrame:
+    """Rows sorted by CV score (best first, failures last), one column per swept parameter."""
+    records = []
+    for row in rows:
+        config = row["config"]
+        record = {k: v for k, v in row.items() if k != "config"}
+        record.update({"trial": config["trial"], "features": config["features"],
+                       "transform": config["transform"]})
+        record.update({k: _cell(v) for k, v in config["params"].items()})
+        record["config"] = json.dumps(config, default=str, sort_keys=True)
+        records.append(record)
+    frame = pd.DataFrame.from_records(records)
+    frame = frame.sort_values(["score", "seconds"], ascending=[False, True], na_position="last",
+                              kind="stable").reset_index(drop=True)
+    frame.insert(0, "rank", np.arange(1, len(frame) + 1))
+    return frame
+
+
+@dataclass
+class SweepResult:
+    leaderboard: pd.DataFrame   # one row per config, best first
+    best: dict                  # the best config: {"head", "features", "transform", "params"}
+    rows: list[dict]            # raw results (config + CV summary), in completion order
+
+
+def as_feature_sets(features) -> dict[str, np.ndarray]:
+    """A name -> matrix mapping from a mapping or a single matrix (named "features")."""
+    if isinstance(features, Mapping):
+        if not features:
+            raise ValueError("no feature sets given")
+        return {str(k): v for k, v in features.items()}
+    return {DEFAULT_FEATURES_NAME: features}
+
+
+def run_sweep(head: str, features, Y, folds, *, space: Mapping | None = None,
+              n_trials: int | None = None, transform="none", fixed_params: Mapping | None = None,
+              n_top: int = N_TOP_DEFAULT, groups=None, seed: int = 0, n_jobs: int = -1,
+              progress: bool = True) -> SweepResult:
+    """Score every config of ``head`` by cross-validation on ``folds``; return the leaderboard.
+
+    ``features``: one (N, D) matrix or a mapping name -> matrix (each config picks one by name).
+    ``space``: param -> values/distribution (see module doc); a full grid when ``n_trials`` is
+    None, else ``n_trials`` random draws. Default: the head's own random-search space with
+    ``n_trials`` (20 when not given).
+    """
+    feature_sets = as_feature_sets(features)
+    if space is None:
+        space = default_search_space(head)
+        n_trials = 20 if n_trials is None else n_trials
+    configs = make_configs(head, space, n_trials=n_trials, feature_names=list(feature_sets),
+                           transform=transform, fixed_params=fixed_params, seed=seed)
+    n_workers = min(len(configs), effective_n_jobs(n_jobs))
+    Y = np.asarray(Y, dtype=np.float64)
+    tasks = (delayed(evaluate_config)(c, feature_sets[c["features"]], Y, folds, n_top, groups, n_workers > 1)
+             for c in configs)
+    rows = []
+    with progress_task(f"sweep {head} ({len(configs)} configs)", len(configs), progress) as advance:
+        for row in Parallel(n_jobs=n_workers, return_as="generator_unordered")(tasks):
+            rows.append(row)
+            advance()
+    board = leaderboard_frame(rows)
+    if board["score"].isna().all():
+        raise RuntimeError(f"every sweep config failed; first error: {board['error'].iloc[0]}")
+    best = configs[int(board["trial"].iloc[0])]
+    return SweepResult(leaderboard=board, best={k: v for k, v in best.items() if k != "trial"}, rows=rows)

@@ -1,0 +1,117 @@
+"""The hexpr command end to end: demo, fit-head -> predict -> evaluate, refusals and clean errors."""
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from conftest import TINY_BACKBONE, write_challenge_dataset
+from pipeline import app
+
+runner = CliRunner()
+
+
+def run(*args):
+    result = runner.invoke(app, [str(a) for a in args])
+    return result
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    work = tmp_path_factory.mktemp("demo")
+    result = run("demo", "--workdir", work, "--n-train", 60, "--n-test", 20, "--n-genes", 12, "--size", 48,
+                 "-b", "resnet18:size=48", "--folds", 3, "--quiet")
+    assert result.exit_code == 0, result.output
+    return work, result.output
+
+
+def test_demo_end_to_end_beats_training_mean(demo_run):
+    work, output = demo_run
+    assert "random init" in output and "training mean" in output
+    scores = json.loads((work / "predictions.scores.json").read_text())
+    truth = pd.read_csv(work / "data" / "test_truth.csv")
+    pred = pd.read_csv(work / "predictions.csv")
+    assert list(pred["ID"]) == list(pd.read_csv(work / "data" / "sample_submission.csv")["ID"])
+    assert list(pred.columns) == list(truth.columns)
+    # the planted image signal is learnable: the head beats the training-mean profile on held-out spots
+    from heads.evaluation import evaluate_tables
+
+    mean_profile = pd.read_csv(work / "data" / "train.csv").drop(columns=["ID", "path", "group"]).mean()
+    truth = truth.set_index("ID")
+    floor = pd.DataFrame(np.tile(mean_profile.to_numpy(), (len(truth), 1)), index=truth.index, columns=truth.columns)
+    baseline, _ = evaluate_tables(floor, truth)
+    assert scores["score"] > baseline["score"] + 0.1
+    assert scores["hvg_corr"] > 0.1
+
+
+def test_fit_head_predict_evaluate_with_template_order(tmp_path):
+    train = write_challenge_dataset(tmp_path / "train", n=30, n_genes=4, groups=3)
+    test = write_challenge_dataset(tmp_path / "test", n=8, n_genes=4, with_targets=False, seed=5)
+    pd.DataFrame({"ID": [f"spot{i}" for i in range(8)][::-1], "G3": 0, "G1": 0, "G0": 0, "G2": 0}).to_csv(
+        tmp_path / "test" / "sample_submission.csv", index=False)
+    model_dir, cache = tmp_path / "model", tmp_path / "cache"
+    r = run("fit-head", train, "--head", "ridge", "-b", TINY_BACKBONE, "--folds", 3, "--out", model_dir, "--cache-dir", cache, "--quiet")
+    assert r.exit_code == 0, r.output
+    assert "mean head" in r.output and "grouped" in r.output
+    oof = pd.read_csv(model_dir / "oof_predictions.csv")
+    assert len(oof) == 30
+    r = run("predict", model_dir, test, "--out", tmp_path / "sub.csv", "--cache-dir", cache, "--quiet")
+    assert r.exit_code == 0, r.output
+    sub = pd.read_csv(tmp_path / "sub.csv")
+    assert list(sub.columns) == ["ID", "G3", "G1", "G0", "G2"]
+    assert sorted(sub["ID"]) == sorted(f"spot{i}" for i in range(8))
+    r = run("evaluate", model_dir / "oof_predictions.csv", train, "--n-top", 2)
+    assert r.exit_code == 0, r.output
+    report = json.loads((model_dir / "oof_predictions.scores.json").read_text())
+    assert report["n_spots"] == 30 and 0 <= report["score"] <= 1
+    per_gene = pd.read_csv(model_dir / "oof_predictions.per_gene.csv")
+    assert set(per_gene["gene"]) == {"G0", "G1", "G2", "G3"}
+
+
+def test_predict_writes_anndata(tmp_path):
+    import anndata
+
+    train = write_challenge_dataset(tmp_path / "train", n=20, n_genes=3)
+    model_dir, cache = tmp_path / "model", tmp_path / "cache"
+    assert run("fit-head", train, "-b", TINY_BACKBONE, "--folds", 2, "--out", model_dir, "--cache-dir", cache, "--quiet").exit_code == 0
+    r = run("predict", model_dir, train, "--out", tmp_path / "pred.h5ad", "--cache-dir", cache, "--quiet")
+    assert r.exit_code == 0, r.output
+    adata = anndata.read_h5ad(tmp_path / "pred.h5ad")
+    assert adata.shape == (20, 3) and list(adata.obs_names[:2]) == ["spot0", "spot1"]
+    assert adata.uns["hexpr"]["feature_meta"]["backbones"]["0"]["name"] == "resnet18"
+
+
+def test_predict_refuses_features_from_other_weights(tmp_path):
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    weights = tmp_path / "w.safetensors"
+    save_file(timm.create_model("resnet18", num_classes=0).state_dict(), weights)
+    train = write_challenge_dataset(tmp_path / "train", n=16, n_genes=3)
+    model_dir, cache = tmp_path / "model", tmp_path / "cache"
+    spec = f"resnet18:weights={weights},size=48"
+    assert run("fit-head", train, "-b", spec, "--folds", 2, "--out", model_dir, "--cache-dir", cache, "--quiet").exit_code == 0
+    torch.manual_seed(99)
+    save_file(timm.create_model("resnet18", num_classes=0).state_dict(), weights)  # same path, other weights
+    r = run("predict", model_dir, train, "--out", tmp_path / "p.csv", "--cache-dir", cache, "--quiet")
+    assert r.exit_code == 2
+    assert "fitted on features from" in r.output and not (tmp_path / "p.csv").exists()
+
+
+def test_bad_input_exits_2_with_message_and_writes_nothing(tmp_path):
+    train = write_challenge_dataset(tmp_path / "train", n=10)
+    frame = pd.read_csv(train)
+    frame.loc[3, "G0"] = np.nan
+    frame.to_csv(train, index=False)
+    r = run("fit-head", train, "-b", TINY_BACKBONE, "--out", tmp_path / "model", "--cache-dir", tmp_path / "cache", "--quiet")
+    assert r.exit_code == 2
+    assert "line 5, column 'G0'" in r.output
+    assert not (tmp_path / "model").exists() and not (tmp_path / "cache").exists()
+
+
+def test_test_data_cannot_train(tmp_path):
+    test = write_challenge_dataset(tmp_path / "t", n=5, with_targets=False)
+    r = run("fit-head", test, "-b", TINY_BACKBONE, "--cache-dir", tmp_path / "cache", "--quiet")
+    assert r.exit_code == 2 and "needs training data" in r.output

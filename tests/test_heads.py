@@ -1,0 +1,165 @@
+import sys
+
+import numpy as np
+import pytest
+from sklearn.decomposition import PCA
+from sklearn.linear_model import Ridge
+from sklearn.preprocessing import StandardScaler
+
+from conftest import REPO
+from heads import HEADS, FeatureReduced, Head, TargetTransformed, default_search_space, make_head
+from heads.base import HEAD_MODULES
+from heads.ensemble import simplex_weights
+from heads.metrics import pearson_per_gene
+from heads.ridge import RidgeHead
+
+
+def synthetic_expression(*args, **kwargs):
+    """The benchmark's synthetic data generator (shared by the head tests; benchmarks/ is not an
+    installed package, hence the path)."""
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    from benchmarks.heads import synthetic_expression as generate
+    return generate(*args, **kwargs)
+
+
+# small settings; torch heads on one thread (tiny tensors run far faster than on two busy cores)
+FAST = {
+    "mean": {},
+    "ridge": {},
+    "hest": {"n_components": 8},
+    "mlp": {"hidden": [32], "epochs": 40, "lr": 3e-3, "device": "cpu", "n_threads": 1},
+    "gbm": {"n_components": 4, "n_estimators": 60, "min_child_samples": 5},
+    "knn": {"k": 10},
+    "bleep": {"dim": 16, "epochs": 12, "batch_size": 90, "lr": 1e-2, "device": "cpu", "n_threads": 1},
+    "ensemble": {"members": ["ridge", "knn"], "n_folds": 2},
+}
+
+
+@pytest.fixture(scope="module")
+def planted():
+    X, Y, _ = synthetic_expression(240, 12, 20, rank=3, n_dominant=2, noise=0.3, seed=7)
+    return X[:180], Y[:180], X[180:], Y[180:]
+
+
+def test_registry_covers_every_head():
+    assert set(FAST) == set(HEADS) == set(HEAD_MODULES)
+    for name, module in HEAD_MODULES.items():
+        assert HEADS[name].__module__ == module
+    for name in HEADS:
+        assert isinstance(default_search_space(name), dict)
+
+
+def test_unknown_head_and_parameter_are_clear_errors():
+    with pytest.raises(ValueError, match="unknown head 'svm'"):
+        make_head("svm")
+    with pytest.raises(ValueError, match="no parameter.*alhpa"):
+        make_head("ridge", alhpa=3)
+
+
+@pytest.mark.parametrize("name", sorted(FAST))
+def test_head_recovers_planted_signal_and_round_trips(name, planted, tmp_path):
+    X, Y, X_test, Y_test = planted
+    head = make_head(name, **FAST[name]).fit(X, Y)
+    pred = head.predict(X_test)
+    assert pred.shape == Y_test.shape and np.isfinite(pred).all()
+    r = pearson_per_gene(pred, Y_test).mean()
+    if name == "mean":
+        assert r == 0.0
+    else:
+        assert r > 0.4, f"{name} mean per-gene r {r:.3f} too close to the mean head (0)"
+    head.save(tmp_path / f"{name}.joblib")
+    loaded = Head.load(tmp_path / f"{name}.joblib")
+    np.testing.assert_array_equal(loaded.predict(X_test), pred)
+    with pytest.raises(ValueError, match="fitted on 12 features but X has 11"):
+        loaded.predict(X_test[:, :11])
+
+
+def test_unfitted_head_refuses_to_predict():
+    with pytest.raises(RuntimeError, match="not fitted"):
+        make_head("ridge").predict(np.zeros((2, 3)))
+
+
+def test_ridge_loo_matches_brute_force(planted):
+    X, Y, _, _ = planted
+    X, Y = X[:40], Y[:40, :3]
+    alphas = [0.1, 10.0, 1000.0]
+    head = RidgeHead(alphas=alphas, alpha_selection="loo").fit(X, Y)
+    brute = np.zeros((len(alphas), Y.shape[1]))
+    for i in range(len(X)):
+        keep = np.arange(len(X)) != i
+        for a, alpha in enumerate(alphas):
+            # the same standardization as the head, fitted on all rows (the closed form's assumption)
+            Z = head.features_.transform(X)
+            ridge = Ridge(alpha=alpha).fit(Z[keep], Y[keep])
+            brute[a] += (ridge.predict(Z[i:i + 1])[0] - Y[i]) ** 2 / len(X)
+    np.testing.assert_allclose(head.cv_errors_, brute.min(axis=0), rtol=1e-6)
+    np.testing.assert_array_equal(head.alpha_, np.asarray(alphas)[brute.argmin(axis=0)])
+
+
+def test_ridge_per_gene_alpha_adapts_to_noise():
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((200, 10))
+    signal = X @ rng.standard_normal(10)
+    Y = np.column_stack([signal, signal + 20 * rng.standard_normal(200)])
+    head = make_head("ridge").fit(X, Y)
+    assert head.alpha_[0] < head.alpha_[1]
+
+
+def test_ridge_coefficients_equal_sklearn_at_chosen_alpha(planted):
+    X, Y, X_test, _ = planted
+    head = make_head("ridge").fit(X, Y)
+    Z = head.features_.transform(X)
+    for g in (0, 5):
+        ref = Ridge(alpha=head.alpha_[g]).fit(Z, Y[:, g])
+        np.testing.assert_allclose(head.predict(X_test)[:, g],
+                                   ref.predict(head.features_.transform(X_test)), rtol=1e-8, atol=1e-8)
+
+
+def test_hest_recipe_matches_sklearn_pipeline(planted):
+    X, Y, X_test, _ = planted
+    X, X_test = X.astype(np.float64), X_test.astype(np.float64)
+    head = make_head("hest", n_components=8, solver="svd").fit(X, Y)
+    scaler = StandardScaler().fit(X)
+    pca = PCA(8).fit(scaler.transform(X))
+    alpha = 100 / (8 * Y.shape[1])
+    assert head.alpha_ == pytest.approx(alpha)
+    ridge = Ridge(alpha=alpha, fit_intercept=False, solver="svd").fit(pca.transform(scaler.transform(X)), Y)
+    ref = ridge.predict(pca.transform(scaler.transform(X_test)))
+    # the recipe has no intercept; the head centres the targets and adds the mean back
+    np.testing.assert_allclose(head.predict(X_test) - Y.mean(axis=0), ref, rtol=1e-8, atol=1e-8)
+
+
+def test_feature_reduced_wraps_any_head(planted, tmp_path):
+    X, Y, X_test, Y_test = planted
+    model = FeatureReduced(make_head("knn", k=10), n_components=5).fit(X, Y)
+    assert model.step_.n_output_ == 5
+    assert pearson_per_gene(model.predict(X_test), Y_test).mean() > 0.3
+    model.save(tmp_path / "fr.joblib")
+    np.testing.assert_array_equal(Head.load(tmp_path / "fr.joblib").predict(X_test), model.predict(X_test))
+
+
+def test_transforms_compose_with_every_trained_head(planted):
+    X, Y, X_test, Y_test = planted
+    for name in ("ridge", "knn", "gbm"):
+        model = TargetTransformed(make_head(name, **FAST[name]), "log1p+minmax").fit(X, Y)
+        pred = model.predict(X_test)
+        assert pearson_per_gene(pred, Y_test).mean() > 0.4
+        assert abs(pred.mean() - Y_test.mean()) < 0.5 * Y_test.std()   # back in input scale
+
+
+def test_simplex_weights_pick_the_useful_member():
+    rng = np.random.default_rng(0)
+    Y = rng.standard_normal((50, 4))
+    good, bad = Y + 0.1 * rng.standard_normal(Y.shape), rng.standard_normal(Y.shape)
+    w = simplex_weights([bad, good], Y)
+    assert w.min() >= 0 and w.sum() == pytest.approx(1.0) and w[1] > 0.9
+
+
+def test_ensemble_weights_are_a_convex_combination(planted):
+    X, Y, _, _ = planted
+    model = make_head("ensemble", members=["mean", ("ridge", {})], n_folds=2).fit(X, Y)
+    assert model.weights_.min() >= 0 and model.weights_.sum() == pytest.approx(1.0)
+    assert model.weights_[1] > model.weights_[0]
+    groups = np.repeat(np.arange(3), 60)
+    assert make_head("ensemble", n_folds=5).fit(X, Y, groups=groups).weights_.sum() == pytest.approx(1.0)
