@@ -29,7 +29,7 @@ BackboneConfigOpt = Annotated[Optional[Path], typer.Option("--backbone-config", 
 NoPretrainedOpt = Annotated[bool, typer.Option("--no-pretrained", help="Random-init weights (testing only; recorded in the cache).")]
 CacheDirOpt = Annotated[Path, typer.Option("--cache-dir", help="Where embeddings are cached.")]
 TtaOpt = Annotated[bool, typer.Option("--tta", help="Average features over the 8 dihedral flips/rotations.")]
-BatchOpt = Annotated[int, typer.Option("--batch-size", help="Images per forward pass.")]
+BatchOpt = Annotated[Optional[int], typer.Option("--batch-size", help="Images per forward pass (default: 16 on CPU, 128 on CUDA).")]
 WorkersOpt = Annotated[Optional[int], typer.Option("--workers", help="DataLoader workers (default: CPUs - 1, at most 8).")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto | cpu | cuda | cuda:N")]
 PrecisionOpt = Annotated[str, typer.Option("--precision", help="auto (bf16 on CUDA and bf16-capable CPUs) | fp32 | bf16")]
@@ -96,7 +96,7 @@ def demo_data(
 def embed(
     data: Annotated[Path, typer.Argument(help="Challenge CSV, HEST .h5 patch file, or folder with patches/.")],
     backbone: BackboneOpt = None, backbone_config: BackboneConfigOpt = None, no_pretrained: NoPretrainedOpt = False,
-    cache_dir: CacheDirOpt = Path("cache"), tta: TtaOpt = False, batch_size: BatchOpt = 64,
+    cache_dir: CacheDirOpt = Path("cache"), tta: TtaOpt = False, batch_size: BatchOpt = None,
     workers: WorkersOpt = None, device: DeviceOpt = "auto", precision: PrecisionOpt = "auto", chunk_size: ChunkOpt = 512,
     quiet: QuietOpt = False,
 ):
@@ -197,7 +197,7 @@ def fit_head(
     jobs: Annotated[int, typer.Option(help="Parallel sweep configs (-1: all cores).")] = -1,
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="Model folder (default cache/models/<data>__<head>).")] = None,
     backbone: BackboneOpt = None, backbone_config: BackboneConfigOpt = None, no_pretrained: NoPretrainedOpt = False,
-    cache_dir: CacheDirOpt = Path("cache"), tta: TtaOpt = False, batch_size: BatchOpt = 64,
+    cache_dir: CacheDirOpt = Path("cache"), tta: TtaOpt = False, batch_size: BatchOpt = None,
     workers: WorkersOpt = None, device: DeviceOpt = "auto", quiet: QuietOpt = False,
 ):
     """Fit a head on cached embeddings with cross-validation (and sweeps); refit on all data and save it."""
@@ -220,7 +220,7 @@ def predict(
     out_path: Annotated[Optional[Path], typer.Option("--out", help="Output .csv or .h5ad (default <model>/predictions/<data>.csv).")] = None,
     fmt: Annotated[Optional[str], typer.Option("--format", help="csv | h5ad (default from --out's suffix).")] = None,
     template: Annotated[Optional[Path], typer.Option(help="sample_submission.csv fixing ids/columns (default: the one beside DATA).")] = None,
-    cache_dir: CacheDirOpt = Path("cache"), batch_size: BatchOpt = 64, workers: WorkersOpt = None,
+    cache_dir: CacheDirOpt = Path("cache"), batch_size: BatchOpt = None, workers: WorkersOpt = None,
     device: DeviceOpt = "auto", quiet: QuietOpt = False,
 ):
     """Predict expression for new patches with a fitted head (embeds them with the head's own backbones)."""
@@ -349,7 +349,7 @@ def finetune(
     head_init: Annotated[Optional[Path], typer.Option(help="Start the head from a fitted mlp head (fit-head model folder).")] = None,
     loss: Annotated[str, typer.Option(help="mse | huber | logcosh | pearson | mse+pearson | weighted_mse")] = "mse",
     transform: Annotated[str, typer.Option(help="Target transform (minmax, the challenge's choice).")] = "minmax",
-    epochs: int = 10, batch_size: BatchOpt = 32, lr: float = 1e-4, head_lr: float = 1e-3, weight_decay: float = 0.05,
+    epochs: int = 10, batch_size: Annotated[int, typer.Option("--batch-size", help="Images per training step.")] = 32, lr: float = 1e-4, head_lr: float = 1e-3, weight_decay: float = 0.05,
     warmup_epochs: int = 1, schedule: Annotated[str, typer.Option(help="cosine | plateau | constant")] = "cosine",
     freeze_epochs: Annotated[int, typer.Option(help="Epochs training the head only before unfreezing the backbones.")] = 1,
     layer_decay: Annotated[Optional[float], typer.Option(help="Layer-wise learning-rate decay (e.g. 0.75).")] = None,

@@ -259,7 +259,7 @@ def predict(model_path, data, *, out=None, fmt: str | None = None, cache_dir=DEF
         from embedder.finetune import load_finetuned
 
         finetuned = load_finetuned(model_dir)
-        frame = finetuned.predict_dataset(dataset, progress=progress, batch_size=embed_options.get("batch_size", 64),
+        frame = finetuned.predict_dataset(dataset, progress=progress, batch_size=embed_options.get("batch_size") or 64,
                                           device=embed_options.get("device", "auto"),
                                           num_workers=embed_options.get("num_workers"))
         config, meta, cache_files = {"finetuned": str(model_dir)}, {"backbones": [s.to_dict() for s in finetuned.specs]}, []

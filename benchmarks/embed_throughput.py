@@ -7,7 +7,7 @@ channels_last, bf16 autocast where the device supports it, chunked cache write).
 Same backbones (random init: weights do not change speed), same images (the generated demo set).
 
     python benchmarks/embed_throughput.py                 # CPU, default backbones, 128 images
-    python benchmarks/embed_throughput.py --device cuda --n-images 4096 --batch-size 256
+    python benchmarks/embed_throughput.py --device cuda --n-images 4096
 
 Prints a table and writes JSON (default benchmarks/results/embed_throughput.json).
 """
@@ -61,7 +61,7 @@ def main() -> None:
     parser.add_argument("--n-images", type=int, default=128)
     parser.add_argument("--backbone", action="append", help="timm name (default: the two default backbones)")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=None, help="default: hexpr's (16 on CPU, 128 on CUDA)")
     parser.add_argument("--workers", type=int, default=None)
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     parser.add_argument("--naive-images", type=int, default=None, help="images for the naive loop (default: all)")

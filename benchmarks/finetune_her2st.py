@@ -28,16 +28,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import sys
 import time
 import warnings
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from benchmarks._common import HER2ST, MOBILENET_SPEC, MOBILENET_WEIGHTS as WEIGHTS  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -50,14 +49,11 @@ from heads.cv import score_with_panels, training_panels  # noqa: E402
 from heads.fitting import fit_head, load_model  # noqa: E402
 from heads.metrics import pearson_per_gene, top_genes  # noqa: E402
 
-SHARED = REPO.parent / "shared"
-HER2ST = SHARED / "data" / "her2st"
-WEIGHTS = SHARED / "weights" / "mobilenetv2_100_tflite_in1k.safetensors"
 N_GENES = 50
 
 
 def spec_text(size: int) -> str:
-    return (f"mobilenetv2_100:weights={WEIGHTS},pad_type=same,mean=0.5/0.5/0.5,std=0.5/0.5/0.5,size={size}")
+    return f"{MOBILENET_SPEC},size={size}"
 
 
 def import_once(work: Path) -> Path:

@@ -25,6 +25,9 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # before this folder, whose heads.py would shadow the heads package
+from benchmarks._common import peak_memory_mib, reset_peak_memory, resident_mib  # noqa: E402
+
 FULL_SHAPE = (6992, 1664, 3467)
 SMALL_SHAPE = (600, 64, 200)
 
@@ -77,37 +80,6 @@ def synthetic_expression(n_spots: int = 6992, n_features: int = 1664, n_genes: i
 # --------------------------------------------------------------------------------------------
 # memory measurement (Linux): reset the peak, read it back
 # --------------------------------------------------------------------------------------------
-def _status_kib(field: str) -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def reset_peak_memory() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
-def peak_memory_mib() -> float:
-    hwm = _status_kib("VmHWM")
-    if hwm is None:
-        import resource
-        hwm = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return round(hwm / 1024, 1)
-
-
-def resident_mib() -> float | None:
-    rss = _status_kib("VmRSS")
-    return None if rss is None else round(rss / 1024, 1)
-
-
 # --------------------------------------------------------------------------------------------
 # one head, in a child process
 # --------------------------------------------------------------------------------------------
@@ -246,6 +218,8 @@ def parse_args(argv=None):
     p.add_argument("--small", action="store_true", help="quick smoke run on a small synthetic set")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "heads.json"))
     p.add_argument("--heads", default=",".join(HEAD_PARAMS), help="comma-separated heads to run")
+    p.add_argument("--head-params", default="{}",
+                   help='JSON overriding head parameters, e.g. \'{"gbm": {"n_components": 16}}\'')
     p.add_argument("--folds", type=int, default=3, help="K of the K-fold split")
     p.add_argument("--eval-folds", type=int, default=None,
                    help="score only the first N folds (default: all K; the full run uses 1 to save time)")
@@ -267,15 +241,14 @@ def parse_args(argv=None):
 def main(argv=None) -> dict | None:
     args = parse_args(argv)
     if args.child:
-        sys.path.insert(0, str(REPO))
         Path(args.child_out).write_text(json.dumps(run_child(args), default=str))
         return None
-    sys.path.insert(0, str(REPO))
     shape = SMALL_SHAPE if args.small else FULL_SHAPE
     if args.eval_folds is None:
         args.eval_folds = args.folds
     X, Y, _ = synthetic_expression(*shape, seed=args.seed)
     names = [h.strip() for h in args.heads.split(",") if h.strip()]
+    overrides = json.loads(args.head_params)
     results = {"shape": list(shape), "small": args.small, "folds": args.folds, "eval_folds": args.eval_folds,
                "seed": args.seed, "cpu_count": os.cpu_count(), "load_average_start": os.getloadavg(),
                "started": time.strftime("%Y-%m-%d %H:%M:%S"), "heads": {}}
@@ -284,7 +257,8 @@ def main(argv=None) -> dict | None:
         np.save(data_dir / "X.npy", X)
         np.save(data_dir / "Y.npy", Y)
         for name in names:
-            params = {**HEAD_PARAMS.get(name, {}), **(SMALL_OVERRIDES.get(name, {}) if args.small else {})}
+            params = {**HEAD_PARAMS.get(name, {}), **(SMALL_OVERRIDES.get(name, {}) if args.small else {}),
+                      **overrides.get(name, {})}
             print(f"[bench] {name} ...", file=sys.stderr, flush=True)
             results["heads"][name] = run_head(name, params, data_dir, args)
     if not args.skip_sweep:

@@ -18,16 +18,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
 import warnings
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks._common import HER2ST, MOBILENET_SPEC  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
@@ -39,12 +37,9 @@ from embedder.importers import import_dataset  # noqa: E402
 from heads.base import make_head  # noqa: E402
 from heads.metrics import challenge_score, pearson_per_gene, top_genes  # noqa: E402
 
-SHARED = REPO.parent / "shared"
-HER2ST = SHARED / "data" / "her2st"
-MOBILENET = SHARED / "weights" / "mobilenetv2_100_tflite_in1k.safetensors"
 BACKBONE_SETS = {
     "default (random init)": [f"{name}:weights=none" for name in DEFAULT_BACKBONES],
-    "MobileNetV2 (ImageNet)": [f"mobilenetv2_100:weights={MOBILENET},pad_type=same,mean=0.5/0.5/0.5,std=0.5/0.5/0.5"],
+    "MobileNetV2 (ImageNet)": [MOBILENET_SPEC],
 }
 HEADS = {
     "ridge": {},

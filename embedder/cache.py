@@ -181,3 +181,253 @@ def load_aligned(paths: list[Path], ids: list[str]) -> tuple[np.ndarray, list[di
                        "identity": json.loads(attrs["backbone_identity"]), "start": start, "stop": stop})
         start = stop
     return np.concatenate(columns, axis=1).astype(np.float32, copy=False), blocks
+
+
+# --------------------------------------------------------------------------------------------
+# row-chunked access, for heads fitted on more rows than fit in memory
+# --------------------------------------------------------------------------------------------
+# Embedding files written by ``EntryCache.finalize`` and by ``write_feature_file`` share the
+# layout above (``ids`` + a 2-D row-major dataset); only the dtype of the dataset may differ
+# (``write_feature_file`` defaults to float16 to halve the disk). Readers convert to float32.
+DEFAULT_CHUNK_ROWS = 65536
+_H5_CHUNK_BYTES = 1 << 20
+
+
+def _check_chunk_rows(chunk_rows) -> int:
+    chunk_rows = int(chunk_rows)
+    if chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be a positive number of rows, got {chunk_rows}")
+    return chunk_rows
+
+
+def _open_dataset(f, path, dataset_name: str):
+    if dataset_name not in f:
+        raise CacheError(f"{path} has no dataset {dataset_name!r} (it holds: {', '.join(f.keys())})")
+    dset = f[dataset_name]
+    if dset.ndim != 2:
+        raise CacheError(f"{path}: dataset {dataset_name!r} has shape {dset.shape}; a 2-D (rows, columns) array is needed")
+    return dset
+
+
+def _open_h5(path):
+    import h5py
+
+    path = Path(path)
+    if not path.is_file():
+        raise CacheError(f"HDF5 file {path} not found")
+    try:
+        return h5py.File(path, "r")
+    except OSError as exc:
+        raise CacheError(f"{path} is not a readable HDF5 file ({exc})") from exc
+
+
+def dataset_shape(path: str | Path, dataset_name: str = "features") -> tuple[int, int]:
+    """(rows, columns) of a 2-D dataset of an HDF5 file, without reading it."""
+    with _open_h5(path) as f:
+        return tuple(int(s) for s in _open_dataset(f, path, dataset_name).shape)
+
+
+def _row_range(n_rows: int, start: int, stop: int | None) -> tuple[int, int]:
+    stop = n_rows if stop is None else int(stop)
+    start = int(start)
+    if not 0 <= start <= stop <= n_rows:
+        raise ValueError(f"row range [{start}, {stop}) is outside the {n_rows} rows of the file")
+    return start, stop
+
+
+def read_rows(path: str | Path, dataset_name: str, start: int, stop: int, dtype=np.float32) -> np.ndarray:
+    """Rows ``[start, stop)`` of a 2-D dataset as a ``dtype`` array (one contiguous read)."""
+    with _open_h5(path) as f:
+        dset = _open_dataset(f, path, dataset_name)
+        start, stop = _row_range(dset.shape[0], start, stop)
+        return np.asarray(dset[start:stop], dtype=dtype)
+
+
+def read_ids(path: str | Path, start: int = 0, stop: int | None = None) -> list[str]:
+    """Spot ids ``[start, stop)`` of an embedding (or target) file's ``ids`` dataset."""
+    with _open_h5(path) as f:
+        if "ids" not in f:
+            raise CacheError(f"{path} has no 'ids' dataset")
+        start, stop = _row_range(f["ids"].shape[0], start, stop)
+        return [s.decode() if isinstance(s, bytes) else str(s) for s in f["ids"][start:stop]]
+
+
+def iter_array_chunks(h5_path: str | Path, dataset_name: str, chunk_rows: int = DEFAULT_CHUNK_ROWS, *,
+                      start: int = 0, stop: int | None = None, dtype=np.float32):
+    """Yield ``(start, stop, block)`` for consecutive row blocks of any 2-D HDF5 dataset.
+
+    ``block`` is a fresh ``dtype`` array of at most ``chunk_rows`` rows; the file stays open for
+    the whole iteration and nothing but the current block is held, so memory is bounded by
+    ``chunk_rows`` whatever the number of rows. ``start``/``stop`` restrict the rows read.
+    """
+    chunk_rows = _check_chunk_rows(chunk_rows)
+    with _open_h5(h5_path) as f:
+        dset = _open_dataset(f, h5_path, dataset_name)
+        first, last = _row_range(dset.shape[0], start, stop)
+        for a in range(first, last, chunk_rows):
+            b = min(a + chunk_rows, last)
+            # yielded without a local name, so the generator keeps no reference to the block
+            yield a, b, np.asarray(dset[a:b], dtype=dtype)
+
+
+def read_feature_rows(paths, start: int, stop: int, *, check_ids: bool = True) -> np.ndarray:
+    """Rows ``[start, stop)`` of the ``features`` of one or more cache files, concatenated
+    column-wise (float32). Rows are matched by position; with ``check_ids`` the files must hold
+    the same ids in that row range (a CacheError says to align by id otherwise)."""
+    paths = [Path(p) for p in ([paths] if isinstance(paths, (str, Path)) else paths)]
+    if not paths:
+        raise ValueError("no embedding files given")
+    blocks, reference = [], None
+    for path in paths:
+        with _open_h5(path) as f:
+            dset = _open_dataset(f, path, "features")
+            a, b = _row_range(dset.shape[0], start, stop)
+            if check_ids and len(paths) > 1:
+                if "ids" not in f:
+                    raise CacheError(f"{path} has no 'ids' dataset")
+                ids = f["ids"][a:b]
+                if reference is None:
+                    reference = (path, ids)
+                elif len(ids) != len(reference[1]) or not np.array_equal(ids, reference[1]):
+                    raise CacheError(
+                        f"{path} and {reference[0]} hold different spot ids in rows [{a}, {b}); "
+                        f"pass ids=... to align the files by id instead of by position")
+            blocks.append(np.asarray(dset[a:b], dtype=np.float32))
+    return blocks[0] if len(blocks) == 1 else np.concatenate(blocks, axis=1)
+
+
+def _aligned_positions(path: Path, wanted) -> np.ndarray:
+    import pandas as pd
+
+    position = pd.Index(read_ids(path)).get_indexer(wanted)
+    if (position < 0).any():
+        missing = [wanted[i] for i in np.flatnonzero(position < 0)[:5]]
+        raise CacheError(f"{path}: {int((position < 0).sum())} requested ids are not in the cache, e.g. {missing}")
+    return position
+
+
+def _gather_rows(dset, positions: np.ndarray, window: int) -> np.ndarray:
+    """``dset[positions]`` (any order, repeats allowed) read in sorted blocks of at most
+    ``window`` file rows: a dense block is one contiguous read, a sparse one a sorted point read."""
+    out = np.empty((len(positions), dset.shape[1]), dtype=np.float32)
+    order = np.argsort(positions, kind="stable")
+    sorted_pos = positions[order]
+    i = 0
+    while i < len(sorted_pos):
+        lo = int(sorted_pos[i])
+        j = int(np.searchsorted(sorted_pos, lo + window, side="left"))
+        hi = int(sorted_pos[j - 1]) + 1
+        unique = np.unique(sorted_pos[i:j])
+        if len(unique) * 8 >= hi - lo:          # dense enough: one contiguous read
+            block = np.asarray(dset[lo:hi], dtype=np.float32)
+            out[order[i:j]] = block[sorted_pos[i:j] - lo]
+        else:                                    # sparse: read only the needed rows
+            block = np.asarray(dset[unique], dtype=np.float32)
+            out[order[i:j]] = block[np.searchsorted(unique, sorted_pos[i:j])]
+        del block
+        i = j
+    return out
+
+
+def iter_feature_chunks(paths, ids=None, chunk_rows: int = DEFAULT_CHUNK_ROWS, *,
+                        start: int = 0, stop: int | None = None):
+    """Yield ``(start, stop, X_chunk)``: float32 features of one or more cache files
+    (concatenated column-wise, as ``load_aligned``) in row blocks of at most ``chunk_rows``.
+
+    ``ids=None``: the files' rows in file order (``start``/``stop`` restrict them); the files must
+    list the same ids in the same order (checked block by block). With ``ids``: rows follow
+    ``ids`` (``start``/``stop`` index into ``ids``); the id -> row mapping is computed once (ids
+    fit in memory) and each block is gathered from the files in sorted reads of at most
+    ``chunk_rows`` file rows, so memory stays bounded by the block size, never by the file size.
+    """
+    chunk_rows = _check_chunk_rows(chunk_rows)
+    paths = [Path(p) for p in ([paths] if isinstance(paths, (str, Path)) else paths)]
+    if not paths:
+        raise ValueError("no embedding files given")
+    if ids is None:
+        shapes = [dataset_shape(p, "features") for p in paths]
+        if len({s[0] for s in shapes}) > 1:
+            raise CacheError("the embedding files hold different numbers of rows "
+                             f"({', '.join(f'{p.name}: {s[0]}' for p, s in zip(paths, shapes))}); "
+                             "pass ids=... to align them by id")
+        first, last = _row_range(shapes[0][0], start, stop)
+        for a in range(first, last, chunk_rows):
+            b = min(a + chunk_rows, last)
+            yield a, b, read_feature_rows(paths, a, b)
+        return
+    wanted = [str(i) for i in ids]
+    first, last = _row_range(len(wanted), start, stop)
+    positions = [_aligned_positions(p, wanted) for p in paths]
+    files = [_open_h5(p) for p in paths]
+    try:
+        dsets = [_open_dataset(f, p, "features") for f, p in zip(files, paths)]
+        for a in range(first, last, chunk_rows):
+            b = min(a + chunk_rows, last)
+            blocks = [_gather_rows(d, pos[a:b], chunk_rows) for d, pos in zip(dsets, positions)]
+            yield a, b, (blocks[0] if len(blocks) == 1 else np.concatenate(blocks, axis=1))
+            del blocks
+    finally:
+        for f in files:
+            f.close()
+
+
+def _as_row_blocks(data):
+    """A 2-D array, or an iterable of 2-D row blocks -> iterator of 2-D blocks."""
+    if isinstance(data, np.ndarray) or hasattr(data, "__array__") and not hasattr(data, "__next__"):
+        arr = np.asarray(data)
+        if arr.ndim == 2:
+            step = max(1, _H5_CHUNK_BYTES * 16 // max(1, arr.shape[1] * arr.itemsize))
+            return (arr[i:i + step] for i in range(0, arr.shape[0], step))
+    return iter(data)
+
+
+def write_feature_file(path: str | Path, ids, data, *, dtype=np.float16, dataset_name: str = "features",
+                       attrs: dict | None = None) -> Path:
+    """Write ``ids`` and a 2-D ``dataset_name`` array to an HDF5 file, block by block.
+
+    ``data`` is a 2-D array or an iterable of 2-D row blocks (e.g. a generator producing one block
+    at a time), so a file of any number of rows is written with one block in memory. Stored as
+    ``dtype`` (float16 by default: half the disk of float32; readers return float32) in
+    row-chunked HDF5 layout. Written to a temporary name and renamed, like every cache file.
+    The row count must equal ``len(ids)``.
+    """
+    import h5py
+
+    path = Path(path)
+    ids = np.asarray([str(i) for i in ids], dtype=object)
+    n = len(ids)
+    if n == 0:
+        raise ValueError("cannot write an empty file (no ids)")
+    blocks = _as_row_blocks(data)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with h5py.File(tmp, "w") as f:
+            f.create_dataset("ids", data=ids, dtype=h5py.string_dtype("utf-8"),
+                             chunks=(min(n, 65536),))
+            dset, row = None, 0
+            for block in blocks:
+                block = np.asarray(block)
+                if block.ndim != 2:
+                    raise ValueError(f"row blocks must be 2-D, got shape {block.shape}")
+                if dset is None:
+                    width = block.shape[1]
+                    rows_per_chunk = max(1, min(n, _H5_CHUNK_BYTES // max(1, width * np.dtype(dtype).itemsize)))
+                    dset = f.create_dataset(dataset_name, shape=(n, width), dtype=dtype,
+                                            chunks=(rows_per_chunk, width))
+                if block.shape[1] != dset.shape[1]:
+                    raise ValueError(f"row block has {block.shape[1]} columns, earlier blocks {dset.shape[1]}")
+                if row + block.shape[0] > n:
+                    raise ValueError(f"the row blocks hold more rows than the {n} ids")
+                dset[row:row + block.shape[0]] = block.astype(dtype, copy=False)
+                row += block.shape[0]
+                del block
+            if row != n:
+                raise ValueError(f"the row blocks hold {row} rows but {n} ids were given")
+            for name, value in (attrs or {}).items():
+                f.attrs[name] = value if isinstance(value, (str, int, float, bool, np.number)) else json.dumps(value)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path

@@ -21,7 +21,8 @@ from embedder.cache import DEFAULT_CACHE_DIR, CacheEntry, cache_key
 from embedder.datasets import DatasetError, PatchDataset
 
 DEFAULT_CHUNK_SIZE = 512
-DEFAULT_BATCH_SIZE = 64
+CPU_BATCH_SIZE = 16   # measured best on CPU (benchmarks/embed_throughput.py: 16 > 32 > 64)
+GPU_BATCH_SIZE = 128
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -76,6 +77,10 @@ def distributed_ranks() -> _Ranks:
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
     return _Ranks(dist.get_rank(), dist.get_world_size(), dist)
+
+
+def default_batch_size(device: torch.device) -> int:
+    return GPU_BATCH_SIZE if device.type == "cuda" else CPU_BATCH_SIZE
 
 
 def default_num_workers(device: torch.device | None = None) -> int:
@@ -163,7 +168,7 @@ def embed_dataset(
     specs: list[BackboneSpec],
     cache_dir=DEFAULT_CACHE_DIR,
     *,
-    batch_size: int = DEFAULT_BATCH_SIZE,
+    batch_size: int | None = None,
     num_workers: int | None = None,
     device: str = "auto",
     tta: bool = False,
@@ -187,6 +192,7 @@ def embed_dataset(
     ranks = distributed_ranks()
     torch_device = resolve_device(device)
     autocast_dtype = resolve_precision(precision, torch_device)
+    batch_size = batch_size or default_batch_size(torch_device)
     fingerprint = dataset.fingerprint()
     entries = [CacheEntry(Path(cache_dir), dataset.name, spec, cache_key(fingerprint, spec, tta)) for spec in specs]
     todo = [e for e in entries if not e.exists()]

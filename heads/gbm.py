@@ -1,7 +1,7 @@
 """Gradient boosting on the leading principal components of the targets.
 
 Boosting one model per gene (3,467 genes) takes hours; expression is strongly correlated across
-genes, so the head compresses the targets with PCA (``n_components``, default 32), boosts one
+genes, so the head compresses the targets with PCA (``n_components``, default 16), boosts one
 LightGBM regressor per component with early stopping on an internal validation split, and maps
 the predicted components back to genes with the PCA inverse. The binned LightGBM dataset is built
 once and reused for every component (only the label changes).
@@ -70,7 +70,7 @@ class GBMHead(Head):
         "lambda_l2": {"log": [1e-3, 10.0]},
     }
 
-    def __init__(self, n_components: int = 32, n_estimators: int = 300, learning_rate: float = 0.1,
+    def __init__(self, n_components: int = 16, n_estimators: int = 300, learning_rate: float = 0.1,
                  num_leaves: int = 15, min_child_samples: int = 20, feature_fraction: float = 0.2,
                  bagging_fraction: float = 0.8, lambda_l2: float = 1.0, max_bin: int = 63,
                  early_stopping_rounds: int = 20, val_fraction: float = 0.1, seed: int = 0,

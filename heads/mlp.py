@@ -154,12 +154,16 @@ LOSSES = {
 }
 
 
-def panel_gene_weights(reference: np.ndarray, n_top: int, boost: float) -> np.ndarray:
-    """Per-gene loss weights (mean 1): genes in the training HEG or HVG panel count ``1 + boost``."""
-    panels = training_panels(reference, n_top)
-    w = np.ones(reference.shape[1])
+def gene_weights_from_panels(n_genes: int, panels: dict, boost: float) -> np.ndarray:
+    """Per-gene loss weights (mean 1): genes in the HEG or HVG panel count ``1 + boost``."""
+    w = np.ones(n_genes)
     w[np.union1d(panels["heg"], panels["hvg"])] += boost
     return w / w.mean()
+
+
+def panel_gene_weights(reference: np.ndarray, n_top: int, boost: float) -> np.ndarray:
+    """Per-gene loss weights from the panels of the training targets ``reference``."""
+    return gene_weights_from_panels(reference.shape[1], training_panels(reference, n_top), boost)
 
 
 # --------------------------------------------------------------------------------------------

@@ -115,3 +115,33 @@ def test_test_data_cannot_train(tmp_path):
     test = write_challenge_dataset(tmp_path / "t", n=5, with_targets=False)
     r = run("fit-head", test, "-b", TINY_BACKBONE, "--cache-dir", tmp_path / "cache", "--quiet")
     assert r.exit_code == 2 and "needs training data" in r.output
+
+
+def test_sweep_backbones_ranks_each_backbone_and_their_concatenation(tmp_path):
+    train = write_challenge_dataset(tmp_path / "train", n=24, n_genes=3)
+    model_dir = tmp_path / "model"
+    r = run("fit-head", train, "-b", "test_resnet:weights=none,size=32", "-b", "resnet18:weights=none,size=32",
+            "--sweep-backbones", "--folds", 2, "--jobs", 1, "--out", model_dir, "--cache-dir", tmp_path / "cache", "--quiet")
+    assert r.exit_code == 0, r.output
+    board = pd.read_csv(model_dir / "leaderboard.csv")
+    assert set(board["features"]) == {"test_resnet", "resnet18", "test_resnet+resnet18"}
+    assert board["score"].is_monotonic_decreasing
+    best = json.loads((model_dir / "cv_report.json").read_text())["features"]
+    assert best == board["features"].iloc[0]
+    r = run("predict", model_dir, train, "--out", tmp_path / "p.csv", "--cache-dir", tmp_path / "cache", "--quiet")
+    assert r.exit_code == 0, r.output  # the saved model asks only for the backbones of the winning set
+
+
+def test_finetune_command_exports_a_model_predict_uses(tmp_path):
+    train = write_challenge_dataset(tmp_path / "train", n=16, n_genes=3, size=32)
+    out_dir = tmp_path / "ft"
+    r = run("finetune", train, "-b", "test_resnet:weights=none,size=32", "--out", out_dir, "--epochs", 2,
+            "--batch-size", 8, "--folds", 4, "--workers", 0, "--quiet")
+    assert r.exit_code == 0, r.output
+    assert "epoch   1" in r.output and "best epoch" in r.output
+    r = run("predict", out_dir, train, "--out", tmp_path / "p.csv", "--quiet")
+    assert r.exit_code == 0, r.output
+    pred = pd.read_csv(tmp_path / "p.csv")
+    assert list(pred.columns) == ["ID", "G0", "G1", "G2"] and len(pred) == 16
+    r = run("finetune", train, "-b", "test_resnet:weights=none,size=32", "--out", out_dir, "--epochs", 2, "--quiet")
+    assert r.exit_code == 2  # an existing run is never overwritten silently (use --resume)

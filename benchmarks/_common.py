@@ -1,0 +1,48 @@
+"""Shared by the benchmark scripts: repo/shared paths and process memory readings (Linux)."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+SHARED = REPO.parent / "shared"
+HER2ST = SHARED / "data" / "her2st"
+MOBILENET_WEIGHTS = SHARED / "weights" / "mobilenetv2_100_tflite_in1k.safetensors"
+MOBILENET_SPEC = f"mobilenetv2_100:weights={MOBILENET_WEIGHTS},pad_type=same,mean=0.5/0.5/0.5,std=0.5/0.5/0.5"
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak_memory() -> bool:
+    """Reset the process's peak RSS (VmHWM); False where the kernel does not allow it."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_memory_mib() -> float:
+    hwm = _status_kib("VmHWM")
+    if hwm is None:
+        import resource
+
+        hwm = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(hwm / 1024, 1)
+
+
+def resident_mib() -> float | None:
+    rss = _status_kib("VmRSS")
+    return None if rss is None else round(rss / 1024, 1)
