@@ -35,10 +35,12 @@ class CacheError(RuntimeError):
     """A cache file is missing, damaged or made with a different configuration."""
 
 
-def cache_key(dataset_fingerprint: str, spec: BackboneSpec, tta: bool) -> str:
-    """Key from what produced the features: image content, the backbone spec with its weights' content, TTA."""
+def cache_key(dataset_fingerprint: str, spec: BackboneSpec, tta: bool, precision: str = "fp32") -> str:
+    """Key from what produced the features: image content, the backbone spec with its weights' content,
+    TTA and the numeric precision of the forward pass."""
     payload = json.dumps(
-        {"format": CACHE_FORMAT_VERSION, "dataset": dataset_fingerprint, "backbone": spec.identity(), "tta": bool(tta)},
+        {"format": CACHE_FORMAT_VERSION, "dataset": dataset_fingerprint, "backbone": spec.identity(), "tta": bool(tta),
+         "precision": precision},
         sort_keys=True,
     )
     return hashlib.blake2b(payload.encode(), digest_size=16).hexdigest()

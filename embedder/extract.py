@@ -194,7 +194,9 @@ def embed_dataset(
     autocast_dtype = resolve_precision(precision, torch_device)
     batch_size = batch_size or default_batch_size(torch_device)
     fingerprint = dataset.fingerprint()
-    entries = [CacheEntry(Path(cache_dir), dataset.name, spec, cache_key(fingerprint, spec, tta)) for spec in specs]
+    precision_used = "bf16-autocast" if autocast_dtype is not None else "fp32"
+    entries = [CacheEntry(Path(cache_dir), dataset.name, spec, cache_key(fingerprint, spec, tta, precision_used))
+               for spec in specs]
     todo = [e for e in entries if not e.exists()]
     ranks.barrier()  # every rank has decided what to do before rank 0 can finish anything
     if not todo:
@@ -256,7 +258,6 @@ def embed_dataset(
             done_images += len(indices)
             bar.update(task, advance=len(indices), rate=done_images / max(time.perf_counter() - started, 1e-9))
 
-    precision_used = "bf16-autocast" if autocast_dtype is not None else "fp32"
     ranks.barrier()  # all ranks' chunks are on disk
     for job in jobs:
         if ranks.rank != 0 or job.entry.done_chunks(n_chunks) != set(range(n_chunks)):

@@ -48,6 +48,8 @@ def test_same_inputs_reuse_cache_and_changes_give_new_key(tiny_csv, tmp_path):
     other_spec = parse_backbone("resnet18:weights=none,size=48")
     assert _embed(tiny_csv, cache, other_spec).blocks[0]["path"] != first
     assert _embed(tiny_csv, cache, tta=True).blocks[0]["path"] != first
+    precisions = {_embed(tiny_csv, cache, precision=p).blocks[0]["path"] for p in ("fp32", "bf16")}
+    assert len(precisions) == 2
     Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(tiny_csv.parent / "img" / "spot3.png")
     assert _embed(tiny_csv, cache).blocks[0]["path"] != first
 
