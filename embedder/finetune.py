@@ -345,10 +345,10 @@ def finetune(data, specs: list[BackboneSpec], out_dir, *, head_init=None, loss: 
         raise FinetuneError("the validation fold holds a single spot; correlations need at least 2 - use fewer folds")
     if init is not None:
         missing = sorted(set(init.genes) - set(dataset.targets.columns))
-        if missing or len(init.genes) != dataset.targets.shape[1]:
-            raise FinetuneError(f"head_init {head_init} predicts {len(init.genes)} genes but {dataset.source} has "
-                                f"{dataset.targets.shape[1]} ({len(missing)} of the head's genes are missing, e.g. "
-                                f"{missing[:3]}); fine-tune on the data the head was fitted on")
+        if missing:
+            raise FinetuneError(f"head_init {head_init} predicts {len(init.genes)} genes, {len(missing)} of which are not "
+                                f"in {dataset.source} (e.g. {missing[:3]}); fine-tune on the data the head was fitted on")
+        # the head's gene panel (e.g. fit-head --genes hvg:50) is what gets fine-tuned
         genes, hidden, dropout = list(init.genes), init.hidden, init.dropout
     else:
         genes, hidden = [str(g) for g in dataset.targets.columns], as_widths(hidden)

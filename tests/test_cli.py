@@ -145,3 +145,19 @@ def test_finetune_command_exports_a_model_predict_uses(tmp_path):
     assert list(pred.columns) == ["ID", "G0", "G1", "G2"] and len(pred) == 16
     r = run("finetune", train, "-b", "test_resnet:weights=none,size=32", "--out", out_dir, "--epochs", 2, "--quiet")
     assert r.exit_code == 2  # an existing run is never overwritten silently (use --resume)
+
+
+def test_finetune_from_a_gene_panel_head_trains_that_panel(tmp_path):
+    train = write_challenge_dataset(tmp_path / "train", n=40, n_genes=5, size=32)
+    spec = "test_resnet:weights=none,size=32"
+    head_dir, out_dir = tmp_path / "mlp", tmp_path / "ft"
+    r = run("fit-head", train, "--head", "mlp", "-b", spec, "--genes", "hvg:2", "-p", "epochs=3", "-p", "hidden=[8]", "-p", "val_fraction=0.25",
+            "--folds", 2, "--quiet", "--out", head_dir, "--cache-dir", tmp_path / "cache")
+    assert r.exit_code == 0, r.output
+    r = run("finetune", train, "-b", spec, "--head-init", head_dir, "--out", out_dir, "--epochs", 1,
+            "--batch-size", 8, "--folds", 4, "--workers", 0, "--quiet")
+    assert r.exit_code == 0, r.output
+    r = run("predict", out_dir, train, "--out", tmp_path / "p.csv", "--quiet")
+    assert r.exit_code == 0, r.output
+    head_genes = json.loads((head_dir / "model.json").read_text())["genes"]
+    assert list(pd.read_csv(tmp_path / "p.csv").columns) == ["ID", *head_genes] and len(head_genes) == 2
