@@ -50,13 +50,14 @@ def _friendly_errors(func):
         from embedder.datasets import DatasetError
         from embedder.finetune_model import FinetuneError
         from embedder.importers import ImporterError
+        from heads.base import HeadError
         from heads.evaluation import EvaluationError
 
         warnings.showwarning = _show_warning
         warnings.simplefilter("once")
         try:
             return func(*args, **kwargs)
-        except (DatasetError, BackboneError, CacheError, EvaluationError, ImporterError, FinetuneError, FileExistsError,
+        except (DatasetError, BackboneError, CacheError, EvaluationError, ImporterError, FinetuneError, HeadError, FileExistsError,
                 FileNotFoundError) as exc:
             console.print(f"[bold red]Error:[/bold red] {exc}", highlight=False)
             raise typer.Exit(2) from None

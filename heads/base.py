@@ -36,16 +36,20 @@ HEADS: dict[str, type["Head"]] = {}
 # --------------------------------------------------------------------------------------------
 # input checks
 # --------------------------------------------------------------------------------------------
+class HeadError(ValueError):
+    """Bad head input or configuration (unknown head or parameter, bad folds, shapes, sweep file)."""
+
+
 def as_matrix(a, name: str, dtype=np.float64) -> np.ndarray:
     """``a`` as a finite 2-D float array, or a ValueError naming ``name``."""
     arr = np.asarray(a, dtype=dtype)
     if arr.ndim != 2:
-        raise ValueError(f"{name} must be a 2-D array (spots x columns), got shape {arr.shape}")
+        raise HeadError(f"{name} must be a 2-D array (spots x columns), got shape {arr.shape}")
     if arr.shape[0] == 0 or arr.shape[1] == 0:
-        raise ValueError(f"{name} is empty (shape {arr.shape})")
+        raise HeadError(f"{name} is empty (shape {arr.shape})")
     if not np.isfinite(arr).all():
         row, col = np.argwhere(~np.isfinite(arr))[0]
-        raise ValueError(f"{name} holds NaN/inf (first at row {row}, column {col})")
+        raise HeadError(f"{name} holds NaN/inf (first at row {row}, column {col})")
     return arr
 
 
@@ -54,17 +58,17 @@ def check_pair(X, Y) -> tuple[np.ndarray, np.ndarray]:
     X = as_matrix(X, "X (features)")
     Y = as_matrix(Y, "Y (targets)")
     if X.shape[0] != Y.shape[0]:
-        raise ValueError(f"X has {X.shape[0]} rows but Y has {Y.shape[0]}; they must describe the same spots")
+        raise HeadError(f"X has {X.shape[0]} rows but Y has {Y.shape[0]}; they must describe the same spots")
     return X, Y
 
 
 def rng_split(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Shuffled (train, validation) row indices with ``fraction`` of ``n`` rows held out (>= 1)."""
     if not 0.0 < fraction < 1.0:
-        raise ValueError(f"validation fraction must be in (0, 1), got {fraction}")
+        raise HeadError(f"validation fraction must be in (0, 1), got {fraction}")
     n_val = max(1, int(round(n * fraction)))
     if n - n_val < 2:
-        raise ValueError(f"too few spots ({n}) to hold out a validation split of {fraction:.0%}")
+        raise HeadError(f"too few spots ({n}) to hold out a validation split of {fraction:.0%}")
     order = np.random.default_rng(seed).permutation(n)
     return np.sort(order[n_val:]), np.sort(order[:n_val])
 
@@ -135,7 +139,7 @@ class Head(BaseEstimator):
             raise RuntimeError(f"{type(self).__name__} is not fitted yet; call fit(X, Y) first")
         X = as_matrix(X, "X (features)")
         if X.shape[1] != self.n_features_in_:
-            raise ValueError(
+            raise HeadError(
                 f"{type(self).__name__} was fitted on {self.n_features_in_} features but X has "
                 f"{X.shape[1]}; use features from the same backbone(s) as at training time")
         return np.asarray(self._predict(X), dtype=np.float64)
@@ -166,7 +170,7 @@ def register_head(name: str):
     """Class decorator: make the head buildable as ``make_head(name)`` (list it in HEAD_MODULES)."""
     def decorate(cls):
         if name in HEADS and HEADS[name] is not cls:
-            raise ValueError(f"head name {name!r} is already registered by {HEADS[name].__name__}")
+            raise HeadError(f"head name {name!r} is already registered by {HEADS[name].__name__}")
         cls.name = name
         HEADS[name] = cls
         return cls
@@ -184,7 +188,7 @@ def _head_class(name: str) -> type[Head]:
     if name not in HEADS and name in HEAD_MODULES:
         importlib.import_module(HEAD_MODULES[name])
     if name not in HEADS:
-        raise ValueError(f"unknown head {name!r}; choose one of: {', '.join(sorted(registered_heads()))}")
+        raise HeadError(f"unknown head {name!r}; choose one of: {', '.join(sorted(registered_heads()))}")
     return HEADS[name]
 
 
@@ -198,7 +202,7 @@ def make_head(name: str, **params) -> Head:
     cls = _head_class(name)
     unknown = sorted(set(params) - set(head_param_names(name)))
     if unknown:
-        raise ValueError(f"head {name!r} has no parameter(s) {', '.join(unknown)}; "
+        raise HeadError(f"head {name!r} has no parameter(s) {', '.join(unknown)}; "
                          f"valid: {', '.join(head_param_names(name))}")
     return cls(**params)
 
@@ -275,7 +279,7 @@ class FeatureReduced(Head):
     def fit(self, X, Y, **fit_params):
         X, Y = self._start_fit(X, Y)
         if self.head is None:
-            raise ValueError("FeatureReduced needs a head to wrap")
+            raise HeadError("FeatureReduced needs a head to wrap")
         self.step_ = FeaturePCA(self.n_components, self.standardize, self.whiten, self.seed).fit(X)
         if "X_val" in fit_params and fit_params["X_val"] is not None:
             fit_params["X_val"] = self.step_.transform(fit_params["X_val"])

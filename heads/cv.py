@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from sklearn.model_selection import GroupKFold, KFold
 
-from heads.base import check_pair, fit_with_supported, progress_task
+from heads.base import HeadError, check_pair, fit_with_supported, progress_task
 from heads.mean import MeanHead
 from heads.metrics import N_TOP_DEFAULT, challenge_score, top_genes
 
@@ -26,20 +26,20 @@ def make_folds(n: int, k: int, groups=None, seed: int = 0) -> list[tuple[np.ndar
     """``k`` (train_idx, test_idx) pairs over ``n`` spots; groups are never split across folds."""
     n, k = int(n), int(k)
     if k < 2:
-        raise ValueError(f"cross-validation needs at least 2 folds, got {k}")
+        raise HeadError(f"cross-validation needs at least 2 folds, got {k}")
     if k > n:
-        raise ValueError(f"cannot make {k} folds from {n} spots")
+        raise HeadError(f"cannot make {k} folds from {n} spots")
     index = np.arange(n)
     if groups is None:
         splits = KFold(n_splits=k, shuffle=True, random_state=seed).split(index)
     else:
         groups = np.asarray(groups)
         if groups.shape != (n,):
-            raise ValueError(f"groups must hold one label per spot ({n}), got shape {groups.shape}")
+            raise HeadError(f"groups must hold one label per spot ({n}), got shape {groups.shape}")
         labels = np.unique(groups)
         if len(labels) < k:
             shown = ", ".join(map(str, labels[:10]))
-            raise ValueError(
+            raise HeadError(
                 f"cannot make {k} grouped folds: there are only {len(labels)} groups ({shown}) and a "
                 f"group is never split across folds; use at most {len(labels)} folds "
                 f"(e.g. folds={len(labels)}) or give finer groups")

@@ -21,7 +21,7 @@ import joblib
 import numpy as np
 import pandas as pd
 
-from heads.base import (as_matrix, atomic_dump, atomic_write, default_search_space,
+from heads.base import (HeadError, as_matrix, atomic_dump, atomic_write, default_search_space,
                         fit_with_supported, head_param_names)
 from heads.cv import cross_validate, make_folds
 from heads.metrics import N_TOP_DEFAULT
@@ -57,7 +57,7 @@ class FittedModel:
         X = np.asarray(X)
         if X.ndim != 2 or X.shape[1] != self.n_features:
             got = X.shape[1] if X.ndim == 2 else f"an array of shape {X.shape}"
-            raise ValueError(
+            raise HeadError(
                 f"this model expects {self.n_features} features per spot but got {got}; embed the "
                 f"images with the same backbone(s) it was trained on ({describe_features(self.feature_meta)})")
         return self.model.predict(as_matrix(X, "X (features)"))
@@ -138,15 +138,15 @@ def _check_inputs(feature_sets: dict, Y, gene_names, ids) -> tuple[np.ndarray, l
     Y = as_matrix(Y, "Y (targets)")
     genes = [str(g) for g in gene_names]
     if len(genes) != Y.shape[1]:
-        raise ValueError(f"{len(genes)} gene names for {Y.shape[1]} target columns")
+        raise HeadError(f"{len(genes)} gene names for {Y.shape[1]} target columns")
     if len(set(genes)) != len(genes):
-        raise ValueError("gene names must be unique")
+        raise HeadError("gene names must be unique")
     ids = [str(i) for i in (range(Y.shape[0]) if ids is None else ids)]
     if len(ids) != Y.shape[0]:
-        raise ValueError(f"{len(ids)} spot ids for {Y.shape[0]} target rows")
+        raise HeadError(f"{len(ids)} spot ids for {Y.shape[0]} target rows")
     for name, X in feature_sets.items():
         if np.shape(X)[0] != Y.shape[0]:
-            raise ValueError(f"feature set {name!r} has {np.shape(X)[0]} rows but there are {Y.shape[0]} spots")
+            raise HeadError(f"feature set {name!r} has {np.shape(X)[0]} rows but there are {Y.shape[0]} spots")
     return Y, genes, ids
 
 
@@ -154,11 +154,11 @@ def _single_config(head: str, params, transform, feature_sets: dict, features: s
     names = list(feature_sets)
     if features is None:
         if len(names) > 1:
-            raise ValueError(f"several feature sets given ({', '.join(names)}): pick one with "
+            raise HeadError(f"several feature sets given ({', '.join(names)}): pick one with "
                              "features=... or sweep over them")
         features = names[0]
     if features not in feature_sets:
-        raise ValueError(f"unknown feature set {features!r}; have {', '.join(names)}")
+        raise HeadError(f"unknown feature set {features!r}; have {', '.join(names)}")
     params = dict(params or {})
     if "seed" in head_param_names(head):
         params.setdefault("seed", seed)

@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 from joblib import Parallel, delayed, effective_n_jobs
 
-from heads.base import default_search_space, head_param_names, make_head, progress_task
+from heads.base import HeadError, default_search_space, head_param_names, make_head, progress_task
 from heads.cv import METRICS, cross_validate
 from heads.metrics import N_TOP_DEFAULT
 from heads.targets import TargetTransformed
@@ -51,7 +51,7 @@ def load_search_file(path) -> dict:
     else:
         space = json.loads(text)
     if not isinstance(space, dict) or not space:
-        raise ValueError(f"{path}: a sweep file must hold a non-empty mapping of parameter -> values")
+        raise HeadError(f"{path}: a sweep file must hold a non-empty mapping of parameter -> values")
     return space
 
 
@@ -62,11 +62,11 @@ def _is_distribution(value) -> bool:
 def _choices(name: str, value) -> list:
     """The grid values of one parameter; scalars are a single fixed choice."""
     if _is_distribution(value):
-        raise ValueError(f"parameter {name!r} is a distribution {dict(value)}; a grid needs lists "
+        raise HeadError(f"parameter {name!r} is a distribution {dict(value)}; a grid needs lists "
                          "of values -- ask for random search (n_trials) instead")
     if isinstance(value, (list, tuple)):
         if not value:
-            raise ValueError(f"parameter {name!r} has an empty list of values")
+            raise HeadError(f"parameter {name!r} has an empty list of values")
         return list(value)
     return [value]
 
@@ -113,12 +113,12 @@ def make_configs(head: str, space: Mapping, *, n_trials: int | None, feature_nam
     space.setdefault("transform", [transform])
     unknown_features = set(_choices("features", space["features"])) - set(feature_names)
     if unknown_features:
-        raise ValueError(f"sweep names feature set(s) {sorted(unknown_features)} but only "
+        raise HeadError(f"sweep names feature set(s) {sorted(unknown_features)} but only "
                          f"{sorted(feature_names)} were given")
     valid = set(head_param_names(head))
     unknown = sorted((set(space) | set(fixed_params or {})) - valid - set(RESERVED))
     if unknown:
-        raise ValueError(f"head {head!r} has no parameter(s) {', '.join(unknown)}; valid: {', '.join(sorted(valid))}")
+        raise HeadError(f"head {head!r} has no parameter(s) {', '.join(unknown)}; valid: {', '.join(sorted(valid))}")
     draws = expand_grid(space) if n_trials is None else sample_configs(space, n_trials, seed)
     configs = []
     for draw in draws:
@@ -204,7 +204,7 @@ def as_feature_sets(features) -> dict[str, np.ndarray]:
     """A name -> matrix mapping from a mapping or a single matrix (named "features")."""
     if isinstance(features, Mapping):
         if not features:
-            raise ValueError("no feature sets given")
+            raise HeadError("no feature sets given")
         return {str(k): v for k, v in features.items()}
     return {DEFAULT_FEATURES_NAME: features}
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 from sklearn.base import BaseEstimator, clone
 
-from heads.base import Head, as_matrix, fit_with_supported
+from heads.base import Head, HeadError, as_matrix, fit_with_supported
 
 
 def _safe_scale(scale: np.ndarray, fallback: np.ndarray | None = None) -> np.ndarray:
@@ -44,7 +44,7 @@ class TargetTransform(BaseEstimator):
     def _check(self, Y) -> np.ndarray:
         Y = np.asarray(Y, dtype=np.float64)
         if Y.ndim != 2 or Y.shape[1] != self.n_genes_:
-            raise ValueError(f"{self.name} transform was fitted on {self.n_genes_} genes, got shape {Y.shape}")
+            raise HeadError(f"{self.name} transform was fitted on {self.n_genes_} genes, got shape {Y.shape}")
         return Y
 
 
@@ -60,7 +60,7 @@ class Log1p(TargetTransform):
     def transform(self, Y):
         Y = self._check(Y)
         if (Y <= -1).any():
-            raise ValueError("log1p transform needs targets > -1; these targets hold values <= -1 "
+            raise HeadError("log1p transform needs targets > -1; these targets hold values <= -1 "
                              "(already log-scaled or centred?) -- use transform 'none' or 'standardize'")
         return np.log1p(Y)
 
@@ -172,7 +172,7 @@ def make_transform(spec="none") -> TargetTransform:
     names = [part.strip() for part in str(spec).split("+") if part.strip()]
     unknown = [n for n in names if n not in TRANSFORMS]
     if not names or unknown:
-        raise ValueError(f"unknown target transform {spec!r}; choose from {', '.join(TRANSFORMS)} "
+        raise HeadError(f"unknown target transform {spec!r}; choose from {', '.join(TRANSFORMS)} "
                          "or chain them with '+', e.g. 'log1p+standardize'")
     steps = [TRANSFORMS[n]() for n in names]
     return steps[0] if len(steps) == 1 else Chain(steps)
@@ -194,7 +194,7 @@ class TargetTransformed(Head):
     def fit(self, X, Y, **fit_params):
         X, Y = self._start_fit(X, Y)
         if self.head is None:
-            raise ValueError("TargetTransformed needs a head to wrap")
+            raise HeadError("TargetTransformed needs a head to wrap")
         self.transform_ = make_transform(self.transform).fit(Y)
         if fit_params.get("Y_val") is not None:
             fit_params["Y_val"] = self.transform_.transform(fit_params["Y_val"])

@@ -161,3 +161,15 @@ def test_finetune_from_a_gene_panel_head_trains_that_panel(tmp_path):
     assert r.exit_code == 0, r.output
     head_genes = json.loads((head_dir / "model.json").read_text())["genes"]
     assert list(pd.read_csv(tmp_path / "p.csv").columns) == ["ID", *head_genes] and len(head_genes) == 2
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--head", "nope"], "unknown head 'nope'"),
+    (["-p", "bogus=1"], "has no parameter(s) bogus"),
+    (["--transform", "sqrt"], "unknown target transform 'sqrt'"),
+])
+def test_bad_head_options_fail_before_embedding(tmp_path, args, message):
+    train = write_challenge_dataset(tmp_path / "train", n=10)
+    r = run("fit-head", train, "-b", TINY_BACKBONE, *args, "--cache-dir", tmp_path / "cache", "--quiet")
+    assert r.exit_code == 2 and message in r.output.replace("\n", " ")
+    assert not (tmp_path / "cache").exists()
