@@ -29,9 +29,8 @@ import numpy as np
 import torch
 
 from heads.base import Head, as_matrix, register_head, rng_split
-from heads.cv import score_with_panels
 from heads.metrics import N_TOP_DEFAULT
-from heads.mlp import (LOSSES, MLPHead, TorchStateMixin, as_widths, build_mlp, gene_weights_from_panels,
+from heads.mlp import (LOSSES, EarlyStopping, MLPHead, TorchStateMixin, as_widths, build_mlp, gene_weights_from_panels,
                        minibatches, predict_in_chunks, resolve_device, torch_session)
 from heads.streaming import (DEFAULT_CHUNK_ROWS, ArrayChunks, ChunkSource, accumulate,
                              is_reiterable, iterate_chunks)
@@ -191,7 +190,7 @@ class ChunkedMLPHead(TorchStateMixin, Head):
         y_scale = self.target_scale_.astype(np.float32)
         loss_fn = LOSSES[self.loss]
         optimizer = torch.optim.AdamW(self.net_.parameters(), lr=self.lr, weight_decay=self.weight_decay)
-        best_score, best_state, stale = -np.inf, None, 0
+        stopping = EarlyStopping(self.patience)
         self.history_ = []
         self.max_rows_in_memory_ = 0
         for epoch in range(int(self.epochs)):
@@ -220,23 +219,11 @@ class ChunkedMLPHead(TorchStateMixin, Head):
             if validation is not None:
                 Z_val, truth = validation
                 pred = self._unscale(predict_in_chunks(self.net_, Z_val, device))
-                terms = score_with_panels(pred, truth, panels)
-                record["val_score"] = (terms["mean_corr_cells"] + terms["max_corr_genes"]
-                                       + terms["heg_corr"] + terms["hvg_corr"]) / 4.0
-                if record["val_score"] > best_score + 1e-6:
-                    best_score, stale = record["val_score"], 0
-                    best_state = {k: v.detach().clone() for k, v in self.net_.state_dict().items()}
-                else:
-                    stale += 1
+                record["val_score"] = stopping.update(self.net_, pred, truth, panels)
             self.history_.append(record)
-            if validation is not None and stale >= self.patience:
+            if validation is not None and stopping.should_stop:
                 break
-        if best_state is not None:
-            self.net_.load_state_dict(best_state)
-        self.net_.eval()
-        self.best_epoch_ = (max(self.history_, key=lambda r: r.get("val_score", -np.inf))["epoch"]
-                            if validation is not None else len(self.history_))
-        self.best_val_score_ = None if validation is None else float(best_score)
+        stopping.finish(self, validation is not None)
 
     def _unscale(self, out: np.ndarray) -> np.ndarray:
         if not self.standardize_targets:

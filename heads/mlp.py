@@ -166,6 +166,41 @@ def panel_gene_weights(reference: np.ndarray, n_top: int, boost: float) -> np.nd
     return gene_weights_from_panels(reference.shape[1], training_panels(reference, n_top), boost)
 
 
+class EarlyStopping:
+    """Validation bookkeeping shared by the MLP heads: score each epoch, keep the best weights.
+
+    The score is the unclipped mean of the four challenge terms (the challenge score clips at 0,
+    which would hide progress below zero), on panels chosen from the training targets.
+    """
+
+    def __init__(self, patience: int):
+        self.patience = int(patience)
+        self.best_score, self.best_state, self.stale = -np.inf, None, 0
+
+    def update(self, net: nn.Module, pred: np.ndarray, truth: np.ndarray, panels: dict) -> float:
+        terms = score_with_panels(pred, truth, panels)
+        score = (terms["mean_corr_cells"] + terms["max_corr_genes"] + terms["heg_corr"] + terms["hvg_corr"]) / 4.0
+        if score > self.best_score + 1e-6:
+            self.best_score, self.stale = score, 0
+            self.best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+        else:
+            self.stale += 1
+        return score
+
+    @property
+    def should_stop(self) -> bool:
+        return self.stale >= self.patience
+
+    def finish(self, head, validated: bool) -> None:
+        """Restore the best weights and set ``best_epoch_`` / ``best_val_score_`` on ``head``."""
+        if self.best_state is not None:
+            head.net_.load_state_dict(self.best_state)
+        head.net_.eval()
+        head.best_epoch_ = (max(head.history_, key=lambda r: r.get("val_score", -np.inf))["epoch"]
+                            if validated else len(head.history_))
+        head.best_val_score_ = float(self.best_score) if validated else None
+
+
 # --------------------------------------------------------------------------------------------
 # the head
 # --------------------------------------------------------------------------------------------
@@ -259,7 +294,7 @@ class MLPHead(TorchStateMixin, Head):
         w = torch.as_tensor(weights, dtype=torch.float32, device=device)
         loss_fn = LOSSES[self.loss]
         optimizer = torch.optim.AdamW(self.net_.parameters(), lr=self.lr, weight_decay=self.weight_decay)
-        best_score, best_state, stale = -np.inf, None, 0
+        stopping = EarlyStopping(self.patience)
         self.history_ = []
         for epoch in range(int(self.epochs)):
             self.net_.train()
@@ -275,24 +310,11 @@ class MLPHead(TorchStateMixin, Head):
             if validation is not None:
                 Z_val, truth, to_reference = validation
                 pred = to_reference(predict_in_chunks(self.net_, Z_val, device))
-                terms = score_with_panels(pred, truth, panels)
-                # early-stop on the unclipped mean of the four terms (the score clips at 0)
-                record["val_score"] = (terms["mean_corr_cells"] + terms["max_corr_genes"]
-                                       + terms["heg_corr"] + terms["hvg_corr"]) / 4.0
-                if record["val_score"] > best_score + 1e-6:
-                    best_score, stale = record["val_score"], 0
-                    best_state = {k: v.detach().clone() for k, v in self.net_.state_dict().items()}
-                else:
-                    stale += 1
+                record["val_score"] = stopping.update(self.net_, pred, truth, panels)
             self.history_.append(record)
-            if validation is not None and stale >= self.patience:
+            if validation is not None and stopping.should_stop:
                 break
-        if best_state is not None:
-            self.net_.load_state_dict(best_state)
-        self.net_.eval()
-        self.best_epoch_ = (max(self.history_, key=lambda r: r.get("val_score", -np.inf))["epoch"]
-                            if validation is not None else len(self.history_))
-        self.best_val_score_ = None if validation is None else float(best_score)
+        stopping.finish(self, validation is not None)
 
     def _predict(self, X):
         device = next(self.net_.parameters()).device
