@@ -16,7 +16,7 @@ import pandas as pd
 
 from embedder.backbones import BackboneSpec
 from embedder.cache import DEFAULT_CACHE_DIR
-from embedder.datasets import ID_COLUMN, DatasetError, open_dataset
+from embedder.datasets import ID_COLUMN, DatasetError, numeric_columns, open_dataset
 from embedder.features import FeatureSet, ensure_features
 from heads.evaluation import evaluate_tables
 from heads.metrics import N_TOP_DEFAULT
@@ -72,16 +72,16 @@ def read_expression_table(path: str | Path) -> pd.DataFrame:
         matrix = adata.X.toarray() if hasattr(adata.X, "toarray") else np.asarray(adata.X)
         return pd.DataFrame(matrix, index=adata.obs_names.astype(str), columns=adata.var_names.astype(str))
     if path.suffix.lower() == ".csv":
-        header = pd.read_csv(path, nrows=0).columns
+        import csv
+
+        with open(path, newline="") as f:
+            header = [c.strip() for c in next(csv.reader(f), [])]
         if ID_COLUMN not in header:
             raise DatasetError(f"{path}: needs an {ID_COLUMN!r} column (found {list(header)[:5]})")
         if "path" not in header:
-            frame = pd.read_csv(path, dtype={ID_COLUMN: str}).set_index(ID_COLUMN)
-            bad = frame.apply(pd.to_numeric, errors="coerce").isna() & frame.notna()
-            if bad.to_numpy().any():
-                r, c = np.argwhere(bad.to_numpy())[0]
-                raise DatasetError(f"{path}, line {r + 2}, column {frame.columns[c]!r}: {frame.iat[r, c]!r} is not a number")
-            return frame.astype(np.float64)
+            frame = pd.read_csv(path, dtype={ID_COLUMN: str}, low_memory=False)
+            genes = [c for c in frame.columns if c != ID_COLUMN]
+            return numeric_columns(frame, genes, path, "expression").set_axis(pd.Index(frame[ID_COLUMN], name=ID_COLUMN))
     dataset = open_dataset(path)
     if dataset.targets is None:
         raise DatasetError(f"{path} holds no expression values to compare with")

@@ -155,18 +155,28 @@ def _check_ids(ids: pd.Series, path: Path) -> list[str]:
     return ids.tolist()
 
 
-def _numeric_block(frame: pd.DataFrame, columns: list[str], path: Path, what: str) -> pd.DataFrame:
-    """Columns as float64; the first non-numeric / NaN / inf cell is reported with line and column."""
+def numeric_columns(frame: pd.DataFrame, columns: list[str], path: Path, what: str) -> pd.DataFrame:
+    """Columns as float64; the first non-numeric / NaN / inf cell is reported with line and column.
+
+    Only columns pandas did not already parse as numbers are coerced (thousands of gene columns
+    are otherwise converted one by one).
+    """
     block = frame[columns]
-    numeric = block.apply(pd.to_numeric, errors="coerce").astype(np.float64)
-    bad_text = numeric.isna() & block.notna()
-    if bad_text.to_numpy().any():
-        row, col = np.argwhere(bad_text.to_numpy())[0]
-        raise DatasetError(
-            f"{path}, line {row + 2}, column {columns[col]!r}: {what} value {block.iat[row, col]!r} is not a number "
-            f"({int(bad_text.to_numpy().sum())} such cells). Every {what} column must be numeric; "
-            "non-gene columns other than ID, path, group, x, y are not allowed."
-        )
+    is_text = ~block.dtypes.map(pd.api.types.is_numeric_dtype).to_numpy(dtype=bool)
+    if is_text.any():  # only text columns can hold cells that are not numbers
+        text = block.loc[:, is_text]
+        coerced = text.apply(pd.to_numeric, errors="coerce")
+        bad_text = (coerced.isna() & text.notna()).to_numpy()
+        if bad_text.any():
+            row, col = np.argwhere(bad_text)[0]
+            raise DatasetError(
+                f"{path}, line {row + 2}, column {text.columns[col]!r}: {what} value {text.iat[row, col]!r} is not a "
+                f"number ({int(bad_text.sum())} such cells). Every {what} column must be numeric; "
+                "non-gene columns other than ID, path, group, x, y are not allowed."
+            )
+        block = block.copy()
+        block.loc[:, is_text] = coerced
+    numeric = block.astype(np.float64)
     values = numeric.to_numpy()
     bad = ~np.isfinite(values)
     if bad.any():
@@ -228,7 +238,7 @@ def read_challenge_csv(path: Path, template: Path | None = None) -> CsvPatchData
     gene_columns = [c for c in frame.columns if c not in RESERVED_COLUMNS]
     targets = None
     if gene_columns:
-        targets = _numeric_block(frame, gene_columns, path, "expression")
+        targets = numeric_columns(frame, gene_columns, path, "expression")
         targets.index = pd.Index(ids, name=ID_COLUMN)
     groups = None
     if GROUP_COLUMN in frame.columns:
@@ -238,7 +248,7 @@ def read_challenge_csv(path: Path, template: Path | None = None) -> CsvPatchData
         groups = pd.Series(frame[GROUP_COLUMN].astype(str).to_numpy(), index=pd.Index(ids, name=ID_COLUMN), name=GROUP_COLUMN)
     coords = None
     if all(c in frame.columns for c in COORD_COLUMNS):
-        coords = _numeric_block(frame, list(COORD_COLUMNS), path, "coordinate").to_numpy()
+        coords = numeric_columns(frame, list(COORD_COLUMNS), path, "coordinate").to_numpy()
 
     template_path = template if template is not None else (path.parent / TEMPLATE_NAME)
     template_genes = None

@@ -32,6 +32,11 @@ def _looks_like_ids(values: Sequence[str]) -> bool:
     return bool(vals) and sum(bool(_SPOT_ID.match(v)) for v in vals) >= 0.8 * len(vals)
 
 
+def _first_file(folder: Path, names: list[str]) -> Path | None:
+    """The first of ``names`` that exists as a file in ``folder``."""
+    return next((folder / n for n in names if (folder / n).is_file()), None)
+
+
 def find_sections(root: Path | str) -> list[str]:
     """Section names with a count table under <root>/ST-cnts."""
     root = Path(root)
@@ -53,21 +58,12 @@ def find_sections(root: Path | str) -> list[str]:
 def section_files(root: Path | str, section: str, image: Path | str | None = None) -> dict[str, Path]:
     """Locate the count table, spot file and image of one section (clear error when missing)."""
     root = Path(root)
-    counts = None
-    for suf in (".tsv.gz", ".tsv", ".csv.gz", ".csv"):
-        p = root / "ST-cnts" / f"{section}{suf}"
-        if p.is_file():
-            counts = p
-            break
+    counts = _first_file(root / "ST-cnts", [f"{section}{suf}" for suf in (".tsv.gz", ".tsv", ".csv.gz", ".csv")])
     if counts is None:
         raise ImporterError(f"count table for section {section!r} not found: expected "
                             f"{root / 'ST-cnts' / (section + '.tsv.gz')}")
-    spots = None
-    for name in (f"{section}_selection.tsv", f"{section}_selection.tsv.gz", f"{section}.tsv", f"{section}.tsv.gz"):
-        p = root / "ST-spotfiles" / name
-        if p.is_file():
-            spots = p
-            break
+    spots = _first_file(root / "ST-spotfiles", [f"{section}_selection.tsv", f"{section}_selection.tsv.gz",
+                                                 f"{section}.tsv", f"{section}.tsv.gz"])
     if spots is None:
         raise ImporterError(f"spot file for section {section!r} not found: expected "
                             f"{root / 'ST-spotfiles' / (section + '_selection.tsv')} (columns x y pixel_x pixel_y)")
