@@ -59,7 +59,9 @@ def _friendly_errors(func):
             return func(*args, **kwargs)
         except (DatasetError, BackboneError, CacheError, EvaluationError, ImporterError, FinetuneError, HeadError, FileExistsError,
                 FileNotFoundError) as exc:
-            console.print(f"[bold red]Error:[/bold red] {exc}", highlight=False)
+            from rich.markup import escape
+
+            console.print(f"[bold red]Error:[/bold red] {escape(str(exc))}", highlight=False)
             raise typer.Exit(2) from None
     return wrapper
 

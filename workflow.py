@@ -187,12 +187,12 @@ def fit_head(data, specs: list[BackboneSpec], *, head: str = "ridge", params: di
     ``genes``: the gene panel (``hvg:N``, ``heg:N`` or a file), chosen from this training data only and
     saved with the model. ``neighbours``: append the mean embedding of the k nearest spots.
     """
-    from heads.base import make_head
+    from heads.fitting import check_config
     from heads.fitting import fit_head as fit_head_on_features
-    from heads.targets import make_transform
 
-    make_head(head, **(params or {}))  # a bad head name, parameter or transform fails before any embedding
-    make_transform(transform)
+    # a bad head name, parameter, transform or sweep value fails before any embedding
+    space = check_config(head, params, transform, sweep, trials)
+    sweep = sweep if space is None else space
     dataset = _training_dataset(data)
     panel = select_gene_panel(dataset.targets, genes)
     features = ensure_features(dataset, specs, cache_dir, tta=tta, progress=progress, **embed_options)

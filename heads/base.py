@@ -30,6 +30,8 @@ import joblib
 import numpy as np
 from sklearn.base import BaseEstimator, clone
 
+from heads.params import N_COMPONENTS, SEED, Bool, param_problems
+
 HEADS: dict[str, type["Head"]] = {}
 
 
@@ -116,6 +118,7 @@ class Head(BaseEstimator):
     """Base of every head. Subclasses implement ``fit`` and ``_predict`` (on validated X)."""
 
     search_space: dict = {}
+    param_constraints: dict = {}   # param -> heads.params constraint, checked by make_head
     name: str = ""
 
     def fit(self, X, Y):  # pragma: no cover - abstract
@@ -126,6 +129,9 @@ class Head(BaseEstimator):
 
     # -- fitted-state bookkeeping shared by all heads --
     def _start_fit(self, X, Y) -> tuple[np.ndarray, np.ndarray]:
+        problems = param_problems(self.name or type(self).__name__, self.param_constraints, self.get_params(deep=False))
+        if problems:
+            raise HeadError(problems[0])
         X, Y = check_pair(X, Y)
         self.n_features_in_ = X.shape[1]
         self.n_targets_ = Y.shape[1]
@@ -204,6 +210,9 @@ def make_head(name: str, **params) -> Head:
     if unknown:
         raise HeadError(f"head {name!r} has no parameter(s) {', '.join(unknown)}; "
                          f"valid: {', '.join(head_param_names(name))}")
+    problems = param_problems(name, cls.param_constraints, params)
+    if problems:
+        raise HeadError(problems[0])
     return cls(**params)
 
 
@@ -267,6 +276,8 @@ class FeaturePCA(BaseEstimator):
 
 class FeatureReduced(Head):
     """Any head behind a ``FeaturePCA`` step: ``FeatureReduced(make_head("mlp"), n_components=256)``."""
+
+    param_constraints = {"n_components": N_COMPONENTS, "standardize": Bool(), "whiten": Bool(), "seed": SEED}
 
     def __init__(self, head: Head | None = None, n_components: int | None = 256,
                  standardize: bool = True, whiten: bool = False, seed: int = 0):

@@ -32,6 +32,7 @@ from heads.base import Head, as_matrix, register_head, rng_split
 from heads.metrics import N_TOP_DEFAULT
 from heads.mlp import (LOSSES, EarlyStopping, MLPHead, TorchStateMixin, as_widths, build_mlp, gene_weights_from_panels,
                        minibatches, predict_in_chunks, resolve_device, torch_session)
+from heads.params import Bool, Int
 from heads.streaming import (DEFAULT_CHUNK_ROWS, ArrayChunks, ChunkSource, accumulate,
                              is_reiterable, iterate_chunks)
 
@@ -47,6 +48,9 @@ def panels_from_moments(n: int, mean_y: np.ndarray, var_y: np.ndarray, n_top: in
 @register_head("mlp_streamed")
 class ChunkedMLPHead(TorchStateMixin, Head):
     """``MLPHead`` trained from row chunks (see the module docstring)."""
+
+    param_constraints = {**MLPHead.param_constraints, "standardize_targets": Bool(), "chunk_rows": Int(1),
+                         "mix_chunks": Int(1)}
 
     _torch_modules = ("net_",)
     search_space = MLPHead.search_space

@@ -12,8 +12,9 @@ import numpy as np
 from scipy.optimize import minimize
 from sklearn.base import clone
 
-from heads.base import Head, fit_with_supported, make_head, register_head
+from heads.base import Head, HeadError, fit_with_supported, make_head, register_head
 from heads.cv import make_folds
+from heads.params import SEED, Bool, Constraint, Int
 
 
 def simplex_weights(predictions: list[np.ndarray], Y: np.ndarray) -> np.ndarray:
@@ -49,9 +50,26 @@ def as_member(spec) -> Head:
     return make_head(name, **dict(params or {}))
 
 
+class Members(Constraint):
+    """Ensemble members that ``as_member`` can build (each member's own params are checked too)."""
+
+    text = "a non-empty list of head names, [name, {params}] pairs or {\"head\": name, \"params\": {...}} dicts"
+
+    def __call__(self, value) -> bool:
+        if isinstance(value, (str, dict)) or not hasattr(value, "__len__") or len(value) == 0:
+            return False
+        try:
+            [as_member(m) for m in value]
+        except (HeadError, KeyError, TypeError, ValueError):
+            return False
+        return True
+
+
 @register_head("ensemble")
 class EnsembleHead(Head):
     """Non-negative, sum-to-one blend of member heads fitted on inner out-of-fold predictions."""
+
+    param_constraints = {"members": Members(), "n_folds": Int(2), "balance_genes": Bool(), "seed": SEED}
 
     search_space: dict = {}
 

@@ -22,10 +22,11 @@ import numpy as np
 import pandas as pd
 
 from heads.base import (HeadError, as_matrix, atomic_dump, atomic_write, default_search_space,
-                        fit_with_supported, head_param_names)
+                        fit_with_supported, head_param_names, make_head)
 from heads.cv import cross_validate, make_folds
 from heads.metrics import N_TOP_DEFAULT
-from heads.sweep import as_feature_sets, load_search_file, model_factory, run_sweep
+from heads.sweep import as_feature_sets, check_space, load_search_file, model_factory, run_sweep
+from heads.targets import make_transform
 
 MODEL_FILE = "model.joblib"
 MODEL_INFO_FILE = "model.json"
@@ -125,6 +126,22 @@ def resolve_space(sweep, head: str) -> dict:
     if sweep is None or str(sweep) == "default":
         return default_search_space(head)
     return load_search_file(sweep)
+
+
+def check_config(head: str, params: Mapping | None = None, transform="none", sweep=None,
+                 trials: int | None = None) -> dict | None:
+    """Check a fit_head configuration before any work (HeadError naming what is wrong): the head,
+    its params, the target transform and, when sweeping, every value of the search space.
+    Returns the resolved search space (None without a sweep)."""
+    make_head(head, **dict(params or {}))
+    make_transform(transform)
+    if trials is not None and (isinstance(trials, bool) or int(trials) < 1):
+        raise HeadError(f"--trials must be a number of configs >= 1, got {trials}")
+    if sweep is None and trials is None:
+        return None
+    space = resolve_space(sweep, head)
+    check_space(head, space, params)
+    return space
 
 
 def _select_feature_meta(feature_meta, name: str, names: list[str]) -> dict:

@@ -16,6 +16,7 @@ import numpy as np
 from sklearn.decomposition import PCA
 
 from heads.base import Head, register_head, rng_split
+from heads.params import FRACTION, NON_NEGATIVE, POSITIVE, SEED, Int, Real
 
 
 def lgb_params(head: "GBMHead") -> dict:
@@ -60,6 +61,13 @@ def predict_columns(boosters: list[lgb.Booster], X) -> np.ndarray:
 @register_head("gbm")
 class GBMHead(Head):
     """LightGBM per target principal component, mapped back to genes."""
+
+    param_constraints = {
+        "n_components": Int(1), "n_estimators": Int(1), "learning_rate": POSITIVE, "num_leaves": Int(2),
+        "min_child_samples": Int(1), "feature_fraction": Real(0, 1, low_open=True),
+        "bagging_fraction": Real(0, 1, low_open=True), "lambda_l2": NON_NEGATIVE, "max_bin": Int(2),
+        "early_stopping_rounds": Int(1), "val_fraction": FRACTION, "seed": SEED, "n_jobs": Int(-1),
+    }
 
     search_space = {
         "n_components": [16, 32, 64],

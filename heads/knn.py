@@ -18,6 +18,7 @@ from torch import nn
 from heads.base import FeaturePCA, Head, register_head
 from heads.mlp import (TorchStateMixin, as_widths, build_mlp, minibatches, predict_in_chunks,
                        resolve_device, torch_session)
+from heads.params import N_THREADS, NON_NEGATIVE, POSITIVE, SEED, Device, Int, Options, Real, Widths
 
 WEIGHTINGS = ("softmax", "similarity", "uniform")
 _QUERY_CHUNK = 512
@@ -74,6 +75,8 @@ class _RetrievalHead(Head):
 class KNNHead(_RetrievalHead):
     """Untrained cosine k-nearest-neighbour retrieval in standardized feature space."""
 
+    param_constraints = {"k": Int(1), "weighting": Options(*WEIGHTINGS), "temperature": POSITIVE}
+
     search_space = {
         "k": [5, 10, 20, 50, 100],
         "weighting": list(WEIGHTINGS),
@@ -106,6 +109,13 @@ def info_nce(image_z: torch.Tensor, expr_z: torch.Tensor, temperature: float) ->
 @register_head("bleep")
 class BleepHead(TorchStateMixin, _RetrievalHead):
     """Contrastively trained image/expression projections, then retrieval in the shared space."""
+
+    param_constraints = {
+        "dim": Int(1), "hidden": Widths(), "expression_hidden": Widths(), "dropout": Real(0, 1, high_open=True),
+        "contrastive_temperature": POSITIVE, "epochs": Int(1), "batch_size": Int(2), "lr": POSITIVE,
+        "weight_decay": NON_NEGATIVE, "k": Int(1), "weighting": Options(*WEIGHTINGS), "temperature": POSITIVE,
+        "match": Options("expression", "image"), "seed": SEED, "device": Device(), "n_threads": N_THREADS,
+    }
 
     _torch_modules = ("image_encoder_",)
     search_space = {

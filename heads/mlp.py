@@ -20,6 +20,7 @@ from torch import nn
 from heads.base import FeaturePCA, Head, as_matrix, register_head, rng_split
 from heads.cv import score_with_panels, training_panels
 from heads.metrics import N_TOP_DEFAULT
+from heads.params import N_THREADS, NON_NEGATIVE, POSITIVE, SEED, Device, Int, Options, Real, Widths
 
 _PREDICT_CHUNK = 4096
 
@@ -207,6 +208,14 @@ class EarlyStopping:
 @register_head("mlp")
 class MLPHead(TorchStateMixin, Head):
     """Multi-output MLP with early stopping on the validation challenge score."""
+
+    param_constraints = {
+        "hidden": Widths(), "dropout": Real(0, 1, high_open=True), "weight_decay": NON_NEGATIVE, "lr": POSITIVE,
+        "epochs": Int(1), "batch_size": Int(1), "loss": Options(*LOSSES), "pearson_axis": Options("spot", "gene", "both"),
+        "pearson_weight": NON_NEGATIVE, "huber_delta": POSITIVE, "gene_weight": NON_NEGATIVE, "n_top": Int(1),
+        "val_fraction": Real(0, 1, high_open=True), "patience": Int(1), "seed": SEED, "device": Device(),
+        "n_threads": N_THREADS,
+    }
 
     _torch_modules = ("net_",)
     search_space = {

@@ -20,6 +20,7 @@ import numpy as np
 from sklearn.linear_model import Ridge
 
 from heads.base import FeaturePCA, Head, register_head
+from heads.params import N_COMPONENTS, POSITIVE, SEED, Bool, Int, NoneOr, Options, RealList
 
 DEFAULT_ALPHAS = tuple(np.logspace(-2, 7, 19))
 _GENE_CHUNK = 512
@@ -72,6 +73,9 @@ def loo_errors(Z, Yc, s2, V, Q, alphas, intercept: bool) -> np.ndarray:
 class RidgeHead(Head):
     """Ridge regression with one alpha per gene chosen by GCV ("gcv") or leave-one-out ("loo")."""
 
+    param_constraints = {"alphas": RealList(POSITIVE), "n_components": N_COMPONENTS,
+                         "alpha_selection": Options("gcv", "loo"), "fit_intercept": Bool(), "seed": SEED}
+
     search_space = {"n_components": [None, 128, 256, 512]}
 
     def __init__(self, alphas=DEFAULT_ALPHAS, n_components: int | None = None,
@@ -112,6 +116,10 @@ class RidgeHead(Head):
 @register_head("hest")
 class HestRidgeHead(Head):
     """HEST-Benchmark's fixed linear probe (no tuning): scaler, PCA, intercept-free ridge."""
+
+    param_constraints = {"n_components": N_COMPONENTS, "alpha": NoneOr(POSITIVE),
+                         "solver": Options("auto", "svd", "cholesky", "lsqr", "sparse_cg", "sag", "saga", "lbfgs"),
+                         "max_iter": Int(1), "seed": SEED}
 
     search_space: dict = {}
 

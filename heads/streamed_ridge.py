@@ -29,7 +29,8 @@ from __future__ import annotations
 import numpy as np
 
 from heads.base import Head, register_head
-from heads.ridge import DEFAULT_ALPHAS, gcv_errors
+from heads.params import Int, Options
+from heads.ridge import DEFAULT_ALPHAS, RidgeHead, gcv_errors
 from heads.streaming import (DEFAULT_CHUNK_ROWS, ArrayChunks, RunningMoments, accumulate,
                              is_reiterable, iterate_chunks)
 
@@ -37,6 +38,9 @@ from heads.streaming import (DEFAULT_CHUNK_ROWS, ArrayChunks, RunningMoments, ac
 @register_head("ridge_streamed")
 class StreamedRidgeHead(Head):
     """Ridge with a per-gene alpha (GCV or LOO), fitted from row chunks in bounded memory."""
+
+    param_constraints = {**RidgeHead.param_constraints, "chunk_rows": Int(1),
+                         "precision": Options("float64", "float32")}
 
     search_space = {"n_components": [None, 128, 256, 512]}
 

@@ -130,6 +130,37 @@ def make_configs(head: str, space: Mapping, *, n_trials: int | None, feature_nam
     return configs
 
 
+def check_space(head: str, space: Mapping, fixed_params: Mapping | None = None) -> None:
+    """Refuse (HeadError) a space the head cannot run, before any work: unknown parameters, bad
+    distributions, and any listed choice or distribution end that the head's constraints refuse."""
+    from heads.targets import make_transform
+
+    unknown = sorted(set(space) - set(head_param_names(head)) - set(RESERVED))
+    if unknown:
+        raise HeadError(f"sweep: head {head!r} has no parameter(s) {', '.join(unknown)}; "
+                        f"valid: {', '.join(head_param_names(head))}")
+    for name, value in space.items():
+        if name == "features":
+            continue
+        if isinstance(value, Mapping) and not _is_distribution(value):
+            raise HeadError(f"sweep: {name}={dict(value)} is neither a list of values nor one of "
+                            f"{', '.join(f'{{{d}: [low, high]}}' for d in DISTRIBUTIONS)}")
+        if _is_distribution(value):
+            kind, ends = next(iter(value.items()))
+            ok = isinstance(ends, (list, tuple)) and len(ends) == 2 and all(isinstance(e, (int, float)) for e in ends)
+            if not ok or ends[0] > ends[1] or (kind == "log" and ends[0] <= 0):
+                raise HeadError(f"sweep: {name}={dict(value)} needs [low, high] with low <= high"
+                                f"{' and low > 0' if kind == 'log' else ''}")
+            values = list(ends)
+        else:
+            values = _choices(name, value)
+        for v in values:
+            if name == "transform":
+                make_transform(v)
+            else:
+                make_head(head, **{**dict(fixed_params or {}), name: v})
+
+
 def model_factory(head: str, params: Mapping | None = None, transform="none"):
     """A zero-argument callable building the full model of a config: ``head`` behind ``transform``."""
     params = dict(params or {})

@@ -167,9 +167,26 @@ def test_finetune_from_a_gene_panel_head_trains_that_panel(tmp_path):
     (["--head", "nope"], "unknown head 'nope'"),
     (["-p", "bogus=1"], "has no parameter(s) bogus"),
     (["--transform", "sqrt"], "unknown target transform 'sqrt'"),
+    (["--head", "mlp", "-p", "epochs=abc"], "epochs='abc' is not accepted; epochs must be an integer >= 1"),
+    (["--head", "mlp", "-p", "epochs=0"], "epochs=0 is not accepted; epochs must be an integer >= 1"),
+    (["-p", "alphas=[-1]"], "alphas must be a non-empty list of numbers, each > 0"),
+    (["--head", "mlp", "-p", "lr=-1"], "lr must be a number > 0"),
+    (["--head", "mlp", "-p", "dropout=2"], "dropout must be a number >= 0 and < 1"),
+    (["--head", "mlp", "-p", "loss=mse+pearsn"], "loss must be one of 'mse', 'huber'"),
+    (["-p", "n_components=-5"], "n_components must be null or an integer >= 1"),
+    (["--head", "gbm", "-p", "feature_fraction=0"], "feature_fraction must be a number > 0 and <= 1"),
+    (["--head", "knn", "-p", "weighting=cosine"], "weighting must be one of 'softmax'"),
+    (["--head", "ensemble", "-p", 'members=["ridge", "svm"]'], "members must be a non-empty list of head names"),
+    (["--head", "mlp", "--trials", "0"], "--trials must be a number of configs >= 1"),
+    (["--sweep", "SWEEP:{\"alphas\": [[1.0], [0]]}"], "alphas=[0] is not accepted"),
+    (["--sweep", "SWEEP:{\"n_components\": {\"log\": [0, 10]}}"], "needs [low, high] with low <= high and low > 0"),
 ])
 def test_bad_head_options_fail_before_embedding(tmp_path, args, message):
     train = write_challenge_dataset(tmp_path / "train", n=10)
-    r = run("fit-head", train, "-b", TINY_BACKBONE, *args, "--cache-dir", tmp_path / "cache", "--quiet")
-    assert r.exit_code == 2 and message in r.output.replace("\n", " ")
-    assert not (tmp_path / "cache").exists()
+    if args[0] == "--sweep":  # a sweep file with a value the head refuses
+        (tmp_path / "sweep.json").write_text(args[1].removeprefix("SWEEP:"))
+        args = ["--sweep", tmp_path / "sweep.json"]
+    r = run("fit-head", train, "-b", TINY_BACKBONE, *args, "--out", tmp_path / "model", "--cache-dir", tmp_path / "cache", "--quiet")
+    assert r.exit_code == 2 and message in " ".join(r.output.split())
+    assert r.output.count("Error:") == 1 and "Traceback" not in r.output
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "model").exists()  # failed before embedding

@@ -166,3 +166,13 @@ def test_ensemble_weights_are_a_convex_combination(planted):
     assert model.weights_[1] > model.weights_[0]
     groups = np.repeat(np.arange(3), 60)
     assert make_head("ensemble", n_folds=5).fit(X, Y, groups=groups).weights_.sum() == pytest.approx(1.0)
+
+
+def test_every_head_parameter_declares_what_it_accepts_and_defaults_pass():
+    from heads.base import registered_heads
+    from heads.params import param_problems
+
+    for name, cls in registered_heads().items():
+        defaults = cls().get_params(deep=False)
+        assert set(defaults) == set(cls.param_constraints), name
+        assert param_problems(name, cls.param_constraints, defaults) == [], name

@@ -6,7 +6,7 @@ from test_heads import synthetic_expression
 from heads import Head, TargetTransformed, make_head
 from heads.cv import score_with_panels, training_panels
 from heads.metrics import pearson_per_gene
-from heads.mlp import LOSSES
+from heads.mlp import LOSSES, MLPHead
 
 SMALL = {"hidden": [16], "epochs": 6, "device": "cpu", "batch_size": 32, "n_threads": 1}
 
@@ -81,10 +81,12 @@ def test_no_validation_runs_all_epochs(data):
 
 def test_bad_options_are_clear_errors(data):
     X, Y, _, _ = data
-    with pytest.raises(ValueError, match="unknown loss"):
+    with pytest.raises(ValueError, match="loss must be one of 'mse'"):
         make_head("mlp", loss="l7", **SMALL).fit(X, Y)
     with pytest.raises(ValueError, match="pearson_axis"):
         make_head("mlp", pearson_axis="diag", **SMALL).fit(X, Y)
+    with pytest.raises(ValueError, match="epochs=0 is not accepted"):  # a head built directly is checked by fit
+        MLPHead(epochs=0).fit(X, Y)
 
 
 def test_saved_mlp_holds_torch_state_and_predicts_identically(data, tmp_path):

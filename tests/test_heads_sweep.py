@@ -57,7 +57,7 @@ def test_failing_config_is_reported_not_raised(data):
     folds = make_folds(len(X), 2, seed=0)
     result = run_sweep("knn", X, Y, folds, space={"weighting": ["softmax", "bogus"]}, n_jobs=1, progress=False)
     board = result.leaderboard
-    assert board["error"].iloc[-1].startswith("ValueError") and np.isnan(board["score"].iloc[-1])
+    assert board["error"].iloc[-1].startswith("HeadError") and "weighting" in board["error"].iloc[-1] and np.isnan(board["score"].iloc[-1])
     assert result.best["params"]["weighting"] == "softmax"
 
 
