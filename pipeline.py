@@ -369,8 +369,9 @@ def finetune(
     terms = ("score", "mean_corr_cells", "max_corr_genes", "heg_corr", "hvg_corr")
 
     def on_epoch(row: dict) -> None:
-        out.print(f"epoch {row.get('epoch'):>3}  loss {row.get('train_loss', float('nan')):.4f}  "
-                  + "  ".join(f"{t} {row.get('val_' + t, row.get(t, float('nan'))):.4f}" for t in terms)
+        scores = ("  ".join(f"{t} {row['val_' + t]:.4f}" for t in terms) if "val_score" in row
+                  else "no validation fold")
+        out.print(f"epoch {row.get('epoch'):>3}  loss {row.get('train_loss', float('nan')):.4f}  {scores}"
                   + f"  {row.get('images_per_s', float('nan')):.1f} img/s  ETA {row.get('eta_s', float('nan')):.0f} s", highlight=False)
 
     specs = _specs(backbone, backbone_config, no_pretrained)
@@ -380,8 +381,9 @@ def finetune(
                           layer_decay=layer_decay, accum_steps=accum_steps, folds=folds, val_fold=None if val_fold < 0 else val_fold,
                           patience=patience, augment=augment, seed=seed, device=device, num_workers=workers,
                           resume=resume, progress=not quiet, on_epoch=on_epoch)
-    out.print(f"best epoch {report.get('best_epoch')}: validation score {report.get('best_score', float('nan')):.4f}; "
-              f"model exported to {out_dir} (use: hexpr predict {out_dir} DATA)")
+    chosen = (f"best epoch {report.get('best_epoch')}: validation score {report['best_score']:.4f}" if "best_score" in report
+              else f"no validation fold: exported the last epoch ({report.get('best_epoch')})")
+    out.print(f"{chosen}; model exported to {out_dir} (use: hexpr predict {out_dir} DATA)")
     _random_init_notice([s.name for s in specs if s.is_random_init])
 
 

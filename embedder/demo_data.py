@@ -52,6 +52,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw, ImageFilter
 
+from embedder.datasets import DatasetError
+
 __all__ = ["write_demo_dataset", "N_LATENT", "VISIBLE_LATENT"]
 
 N_LATENT = 6  # latent factors per spot (z0..z5)
@@ -314,25 +316,23 @@ def write_demo_dataset(
     at the end; a non-empty ``out_dir`` is refused unless ``overwrite=True``.
     """
     for name, v, lo in (
-        ("n_train", n_train, 1),
+        ("n_train", n_train, 4),
         ("n_test", n_test, 1),
-        ("n_genes", n_genes, 1),
+        ("n_genes", n_genes, 2),
         ("size", size, 16),
         ("n_groups", n_groups, 1),
     ):
-        if int(v) != v or v < lo:
-            raise ValueError(f"write_demo_dataset: {name} must be an integer >= {lo}, got {v!r}")
+        if isinstance(v, bool) or int(v) != v or v < lo:
+            raise DatasetError(f"demo data: {name} (--{name.replace('_', '-')}) must be an integer >= {lo}, got {v!r}")
     if n_groups > n_train:
-        raise ValueError(
-            f"write_demo_dataset: n_groups ({n_groups}) must not exceed n_train ({n_train})"
-        )
+        raise DatasetError(f"demo data: n_groups ({n_groups}) must not exceed n_train ({n_train})")
     out_dir = Path(out_dir)
     if out_dir.exists():
         if not out_dir.is_dir():
             raise FileExistsError(f"{out_dir} exists and is not a directory")
         if any(out_dir.iterdir()) and not overwrite:
             raise FileExistsError(
-                f"{out_dir} is not empty; pass overwrite=True (or pick another folder)"
+                f"{out_dir} is not empty; pass --overwrite (overwrite=True) to replace it, or pick another folder"
             )
     out_dir.parent.mkdir(parents=True, exist_ok=True)
 

@@ -53,6 +53,7 @@ from embedder.finetune_model import (FINETUNED_FILE, FINETUNED_INFO_FILE, Finetu
 from heads.cv import make_folds, score_with_panels, training_panels
 from heads.metrics import N_TOP_DEFAULT
 from heads.mlp import LOSSES, as_widths, build_mlp, minibatches, panel_gene_weights, resolve_device
+from heads.params import NON_NEGATIVE, POSITIVE, Int, NoneOr, Real
 from heads.targets import make_transform
 
 __all__ = ["finetune", "load_finetuned", "FinetunedModel", "FinetuneError", "FINETUNED_FILE",
@@ -202,20 +203,23 @@ def _split(dataset: PatchDataset, folds, val_fold, seed: int):
     return train, val, info
 
 
-def _check_options(loss, schedule, epochs, batch_size, accum_steps, freeze_epochs, warmup_epochs, layer_decay,
-                   max_train_batches):
+def _check_options(loss, schedule, **values):
+    """Refuse a bad option before any data is read or folder made (one FinetuneError naming it)."""
     if loss not in LOSSES:
         raise FinetuneError(f"unknown loss {loss!r}; choose from {', '.join(LOSSES)}")
     if schedule not in LRSchedule.KINDS:
         raise FinetuneError(f"unknown schedule {schedule!r}; choose from {', '.join(LRSchedule.KINDS)}")
-    for name, value, low in (("epochs", epochs, 0), ("batch_size", batch_size, 1), ("accum_steps", accum_steps, 1),
-                             ("freeze_epochs", freeze_epochs, 0), ("warmup_epochs", warmup_epochs, 0)):
-        if int(value) != value or value < low:
-            raise FinetuneError(f"{name} must be an integer >= {low}, got {value!r}")
-    if layer_decay is not None and not 0 < layer_decay <= 1:
-        raise FinetuneError(f"layer_decay must be in (0, 1], e.g. 0.75, got {layer_decay}")
-    if max_train_batches is not None and max_train_batches < 1:
-        raise FinetuneError(f"max_train_batches must be >= 1 or None, got {max_train_batches}")
+    constraints = {"epochs": Int(0), "batch_size": Int(1), "accum_steps": Int(1), "freeze_epochs": Int(0),
+                   "warmup_epochs": Int(0), "lr": POSITIVE, "head_lr": POSITIVE, "weight_decay": NON_NEGATIVE,
+                   "dropout": Real(0, 1, high_open=True), "layer_decay": NoneOr(Real(0, 1, low_open=True)),
+                   "patience": NoneOr(Int(1)), "folds": Int(2), "val_fold": NoneOr(Int(0)),
+                   "max_train_batches": NoneOr(Int(1))}
+    for name, value in values.items():
+        if not constraints[name](value):
+            raise FinetuneError(f"{name}={value!r} is not accepted; {name} must be {constraints[name].describe()}")
+    if values["val_fold"] is not None and values["val_fold"] >= values["folds"]:
+        raise FinetuneError(f"val_fold must be between 0 and {values['folds'] - 1} (folds={values['folds']}), "
+                            f"got {values['val_fold']}; -1 (None) trains on every spot without validation")
 
 
 def _fingerprint(dataset: PatchDataset, genes: list[str]) -> str:
@@ -323,8 +327,10 @@ def finetune(data, specs: list[BackboneSpec], out_dir, *, head_init=None, loss: 
     Returns a JSON-serialisable report (also written to ``finetune_report.json``).
     """
     started = time.perf_counter()
-    _check_options(loss, schedule, epochs, batch_size, accum_steps, freeze_epochs, warmup_epochs, layer_decay,
-                   max_train_batches)
+    _check_options(loss, schedule, epochs=epochs, batch_size=batch_size, accum_steps=accum_steps,
+                   freeze_epochs=freeze_epochs, warmup_epochs=warmup_epochs, lr=lr, head_lr=head_lr,
+                   weight_decay=weight_decay, dropout=dropout, layer_decay=layer_decay, patience=patience,
+                   folds=folds, val_fold=val_fold, max_train_batches=max_train_batches)
     dataset = data if isinstance(data, PatchDataset) else open_dataset(data)
     if dataset.targets is None:
         raise DatasetError(f"{dataset.source}: no expression targets; fine-tuning needs training data with gene columns")

@@ -147,6 +147,30 @@ def test_finetune_command_exports_a_model_predict_uses(tmp_path):
     assert r.exit_code == 2  # an existing run is never overwritten silently (use --resume)
 
 
+def test_finetune_without_validation_fold_says_so(tmp_path):
+    train = write_challenge_dataset(tmp_path / "train", n=12, n_genes=3, size=32)
+    r = run("finetune", train, "-b", "test_resnet:weights=none,size=32", "--out", tmp_path / "ft", "--epochs", 1,
+            "--val-fold", -1, "--batch-size", 8, "--workers", 0, "--quiet")
+    assert r.exit_code == 0, r.output
+    assert "nan" not in r.output
+    assert "epoch   1" in r.output and "no validation fold" in r.output
+    assert "no validation fold: exported the last epoch (1)" in " ".join(r.output.split())
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--lr", "-1"], "lr=-1.0 is not accepted; lr must be a number > 0"),
+    (["--loss", "mse+pearsn"], "unknown loss 'mse+pearsn'"),
+    (["--epochs", "-2"], "epochs must be an integer >= 0"),
+    (["--val-fold", "5", "--folds", "5"], "val_fold must be between 0 and 4"),
+    (["--patience", "0"], "patience must be null or an integer >= 1"),
+])
+def test_bad_finetune_options_fail_before_anything_is_written(tmp_path, args, message):
+    train = write_challenge_dataset(tmp_path / "train", n=10, size=32)
+    r = run("finetune", train, "-b", "test_resnet:weights=none,size=32", "--out", tmp_path / "ft", *args, "--quiet")
+    assert r.exit_code == 2 and message in " ".join(r.output.split())
+    assert r.output.count("Error:") == 1 and not (tmp_path / "ft").exists()
+
+
 def test_finetune_from_a_gene_panel_head_trains_that_panel(tmp_path):
     train = write_challenge_dataset(tmp_path / "train", n=40, n_genes=5, size=32)
     spec = "test_resnet:weights=none,size=32"
@@ -190,3 +214,26 @@ def test_bad_head_options_fail_before_embedding(tmp_path, args, message):
     assert r.exit_code == 2 and message in " ".join(r.output.split())
     assert r.output.count("Error:") == 1 and "Traceback" not in r.output
     assert not (tmp_path / "cache").exists() and not (tmp_path / "model").exists()  # failed before embedding
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--n-train", "0"], "n_train (--n-train) must be an integer >= 4, got 0"),
+    (["--size", "8"], "size (--size) must be an integer >= 16, got 8"),
+    (["--n-genes", "1"], "n_genes (--n-genes) must be an integer >= 2"),
+])
+def test_demo_data_refuses_bad_sizes_with_one_line(tmp_path, args, message):
+    r = run("demo-data", tmp_path / "demo", *args)
+    assert r.exit_code == 2 and message in " ".join(r.output.split())
+    assert r.output.count("Error:") == 1 and "Traceback" not in r.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_demo_data_into_a_non_empty_folder_names_overwrite(tmp_path):
+    (tmp_path / "demo").mkdir()
+    (tmp_path / "demo" / "keep.txt").write_text("x")
+    small = ["--n-train", 6, "--n-test", 2, "--n-genes", 3, "--size", 16]
+    r = run("demo-data", tmp_path / "demo", *small)
+    assert r.exit_code == 2 and "--overwrite" in r.output and (tmp_path / "demo" / "keep.txt").exists()
+    r = run("demo-data", tmp_path / "demo", *small, "--overwrite")
+    assert r.exit_code == 0, r.output
+    assert not (tmp_path / "demo" / "keep.txt").exists() and (tmp_path / "demo" / "train.csv").is_file()
