@@ -6,9 +6,6 @@ name, then rename) and returns a plain dict report.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -17,24 +14,10 @@ import pandas as pd
 from embedder.backbones import BackboneSpec
 from embedder.cache import DEFAULT_CACHE_DIR
 from embedder.datasets import ID_COLUMN, DatasetError, numeric_columns, open_dataset
+from embedder.files import atomic_path
 from embedder.features import FeatureSet, ensure_features
 from heads.evaluation import evaluate_tables
 from heads.metrics import N_TOP_DEFAULT
-
-
-@contextmanager
-def atomic_path(path: str | Path):
-    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def write_json(path: str | Path, data: dict) -> Path:

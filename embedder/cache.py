@@ -11,20 +11,28 @@ Work in progress lives in ``<root>/embeddings/.partial/<key>/`` as one ``.npy`` 
 rows, each written to a temporary name and renamed, so a run killed at any instant (even
 ``kill -9``) resumes from its last finished chunk. The final HDF5 file is also written under a
 temporary name and renamed: a cache file that exists is complete.
+
+Processes that embed the same key at once take turns: each holds an advisory lock
+(``.partial/<key>.lock``, fcntl) while it computes a key, and the next one then finds the finished
+file. ``partial_folders`` lists unfinished work left by earlier runs; ``clean_partials`` deletes it.
 """
 from __future__ import annotations
 
 import datetime as _dt
+import fcntl
 import hashlib
 import json
 import os
 import shutil
+import time
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from embedder.backbones import BackboneSpec
+from embedder.files import atomic_path, atomic_write
 
 CACHE_FORMAT_VERSION = 1
 DEFAULT_CACHE_DIR = Path("cache")
@@ -55,12 +63,12 @@ def library_versions() -> dict:
 
 
 def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, array)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            np.save(f, array)
+            f.flush()
+            os.fsync(f.fileno())
+    atomic_write(path, write)
 
 
 @dataclass(frozen=True)
@@ -81,6 +89,10 @@ class CacheEntry:
     def partial_dir(self) -> Path:
         return self.root / "embeddings" / _PARTIAL / self.key
 
+    @property
+    def lock_path(self) -> Path:
+        return self.root / "embeddings" / _PARTIAL / f"{self.key}.lock"
+
     def exists(self) -> bool:
         return self.path.is_file()
 
@@ -96,9 +108,7 @@ class CacheEntry:
             shutil.rmtree(self.partial_dir)
             self.partial_dir.mkdir(parents=True)
         layout = {"n_rows": n_rows, "chunk_size": chunk_size, "batch_size": batch_size}
-        tmp = meta_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(layout))
-        os.replace(tmp, meta_path)
+        atomic_write(meta_path, lambda tmp: Path(tmp).write_text(json.dumps(layout)))
         return layout
 
     def _chunk_path(self, index: int) -> Path:
@@ -118,9 +128,7 @@ class CacheEntry:
         features = np.concatenate(chunks, axis=0)
         if features.shape[0] != len(ids):
             raise CacheError(f"{self.partial_dir}: chunks hold {features.shape[0]} rows for {len(ids)} ids")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with h5py.File(tmp, "w") as f:
+        with atomic_path(self.path) as tmp, h5py.File(tmp, "w") as f:
             f.create_dataset("ids", data=np.asarray(ids, dtype=object), dtype=h5py.string_dtype("utf-8"))
             f.create_dataset(
                 "features", data=features, chunks=(min(len(ids), 1024), features.shape[1]),
@@ -136,9 +144,86 @@ class CacheEntry:
             }
             for name, value in all_attrs.items():
                 f.attrs[name] = value if isinstance(value, (str, int, float, bool, np.number)) else json.dumps(value)
-        os.replace(tmp, self.path)
         shutil.rmtree(self.partial_dir, ignore_errors=True)
         return self.path
+
+
+# --------------------------------------------------------------------------------------------
+# several processes, one cache: per-key locks; unfinished work left behind
+# --------------------------------------------------------------------------------------------
+def _try_lock(handle, blocking: bool) -> bool:
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        return True
+    except BlockingIOError:
+        return False
+
+
+@contextmanager
+def locked_entries(entries: list[CacheEntry], on_wait=None):
+    """Hold an exclusive advisory lock per cache key (in key order, so two processes never
+    deadlock). A key another process holds is waited for, after calling ``on_wait(entry)``."""
+    with ExitStack() as stack:
+        for entry in sorted(entries, key=lambda e: e.key):
+            entry.lock_path.parent.mkdir(parents=True, exist_ok=True)
+            handle = stack.enter_context(open(entry.lock_path, "a"))
+            if not _try_lock(handle, blocking=False):
+                if on_wait is not None:
+                    on_wait(entry)
+                _try_lock(handle, blocking=True)
+        yield
+
+
+def _is_locked(lock_path: Path) -> bool:
+    """Whether a running process holds this key's lock (a probe that never blocks)."""
+    if not lock_path.exists():
+        return False
+    with open(lock_path, "a") as handle:
+        if _try_lock(handle, blocking=False):
+            fcntl.flock(handle, fcntl.LOCK_UN)
+            return False
+    return True
+
+
+def _folder_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def partial_folders(root=DEFAULT_CACHE_DIR, exclude_keys=()) -> list[dict]:
+    """Unfinished embeddings in the cache that no running process is working on: one dict per
+    folder with ``path``, ``key``, ``bytes``, ``n_chunks`` and ``age_s`` (since its last write)."""
+    base = Path(root) / "embeddings" / _PARTIAL
+    found = []
+    for folder in sorted(base.iterdir()) if base.is_dir() else []:
+        if not folder.is_dir() or folder.name in exclude_keys or _is_locked(base / f"{folder.name}.lock"):
+            continue
+        mtimes = [f.stat().st_mtime for f in folder.iterdir()] or [folder.stat().st_mtime]
+        found.append({"path": str(folder), "key": folder.name, "bytes": _folder_bytes(folder),
+                      "n_chunks": len(list(folder.glob("chunk_*.npy"))), "age_s": time.time() - max(mtimes)})
+    return found
+
+
+def describe_partials(partials: list[dict]) -> str:
+    """'2 unfinished embeddings (3.1 MB, last written 5.0 h ago)' for messages."""
+    size = sum(p["bytes"] for p in partials) / 1e6
+    age = min(p["age_s"] for p in partials) / 3600
+    return (f"{len(partials)} unfinished embedding folder(s) ({size:.1f} MB, most recent written {age:.1f} h ago) "
+            f"in {Path(partials[0]['path']).parent}")
+
+
+def clean_partials(root=DEFAULT_CACHE_DIR) -> list[dict]:
+    """Delete the unfinished embeddings no running process is working on (and their lock files);
+    returns what was removed (as ``partial_folders``). Finished cache files are never touched."""
+    removed = []
+    for info in partial_folders(root):
+        shutil.rmtree(info["path"], ignore_errors=True)
+        Path(f"{info['path']}.lock").unlink(missing_ok=True)
+        removed.append(info)
+    base = Path(root) / "embeddings" / _PARTIAL
+    for lock in base.glob("*.lock") if base.is_dir() else []:
+        if not (base / lock.stem).exists() and not _is_locked(lock):
+            lock.unlink(missing_ok=True)
+    return removed
 
 
 def read_cache(path: str | Path) -> tuple[list[str], np.ndarray, dict]:
@@ -401,9 +486,7 @@ def write_feature_file(path: str | Path, ids, data, *, dtype=np.float16, dataset
     if n == 0:
         raise ValueError("cannot write an empty file (no ids)")
     blocks = _as_row_blocks(data)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
+    with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as f:
             f.create_dataset("ids", data=ids, dtype=h5py.string_dtype("utf-8"),
                              chunks=(min(n, 65536),))
@@ -428,8 +511,4 @@ def write_feature_file(path: str | Path, ids, data, *, dtype=np.float16, dataset
                 raise ValueError(f"the row blocks hold {row} rows but {n} ids were given")
             for name, value in (attrs or {}).items():
                 f.attrs[name] = value if isinstance(value, (str, int, float, bool, np.number)) else json.dumps(value)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return path

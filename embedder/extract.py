@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 
 from embedder.backbones import BackboneSpec, LoadedBackbone, Preprocess, create_backbone
-from embedder.cache import DEFAULT_CACHE_DIR, CacheEntry, cache_key
+from embedder.cache import DEFAULT_CACHE_DIR, CacheEntry, cache_key, describe_partials, locked_entries, partial_folders
 from embedder.datasets import DatasetError, PatchDataset
 
 DEFAULT_CHUNK_SIZE = 512
@@ -201,7 +202,44 @@ def embed_dataset(
     ranks.barrier()  # every rank has decided what to do before rank 0 can finish anything
     if not todo:
         return entries
+    if ranks.rank == 0:
+        _report_partials(Path(cache_dir), {e.key for e in entries})
+    args = (ranks, torch_device, autocast_dtype, batch_size, num_workers, tta, chunk_size, progress, max_chunks,
+            fingerprint, precision_used)
+    try:
+        if ranks.world > 1:  # the ranks share the in-progress folders on purpose
+            _embed_missing(dataset, todo, *args)
+        else:  # another process embedding the same keys: wait for it, then use what it finished
+            with locked_entries(todo, on_wait=_notify_wait):
+                todo = [e for e in todo if not e.exists()]
+                if todo:
+                    _embed_missing(dataset, todo, *args)
+    except (Exception, KeyboardInterrupt):
+        kept = [str(e.partial_dir) for e in todo if e.partial_dir.is_dir() and not e.exists()]
+        if kept:
+            warnings.warn(f"embedding stopped; the finished chunks are kept in {', '.join(kept)}: rerun the same "
+                          "command to resume from them", stacklevel=2)
+        raise
+    return entries
 
+
+def _notify_wait(entry: CacheEntry) -> None:
+    warnings.warn(f"another process is embedding {entry.spec.label} into {entry.path.parent}; waiting for it to "
+                  "finish, then its features are used", stacklevel=3)
+
+
+def _report_partials(cache_dir: Path, current_keys: set[str]) -> None:
+    """Say when earlier runs left unfinished embeddings (other keys) behind in this cache."""
+    partials = partial_folders(cache_dir, exclude_keys=current_keys)
+    if partials:
+        warnings.warn(f"{describe_partials(partials)}: rerun the command that made them to resume, or delete them "
+                      f"with `hexpr clean-cache --cache-dir {cache_dir}`", stacklevel=3)
+
+
+def _embed_missing(dataset: PatchDataset, todo: list[CacheEntry], ranks: _Ranks, torch_device, autocast_dtype,
+                   batch_size: int, num_workers, tta: bool, chunk_size: int, progress: bool, max_chunks,
+                   fingerprint: str, precision_used: str) -> None:
+    """Compute the missing chunks of ``todo`` (this rank's share) and finalize complete cache files."""
     n = len(dataset)
     jobs: list[_Job] = []
     preprocesses: list[Preprocess] = []
@@ -280,4 +318,3 @@ def embed_dataset(
             "world_size": ranks.world,
         })
     ranks.barrier()  # the cache files exist before any rank returns
-    return entries

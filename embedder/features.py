@@ -57,7 +57,8 @@ def ensure_features(dataset: PatchDataset, specs: list[BackboneSpec], cache_dir=
     entries = embed_dataset(dataset, specs, cache_dir, tta=tta, **embed_options)
     incomplete = [e for e in entries if not e.exists()]
     if incomplete:
-        raise CacheError(f"embedding stopped before finishing {[e.spec.label for e in incomplete]}; run again to resume")
+        raise CacheError(f"embedding stopped before finishing {[e.spec.label for e in incomplete]}; the finished chunks are "
+                         f"kept in {', '.join(str(e.partial_dir) for e in incomplete)}: run again to resume")
     X, blocks = load_aligned([e.path for e in entries], dataset.ids)
     return FeatureSet(dataset.ids, X, blocks, tta)
 

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 import time
 import warnings
 from contextlib import nullcontext
@@ -28,6 +26,7 @@ from embedder.backbones import (RANDOM_INIT, BackboneSpec, LoadedBackbone, Prepr
                                 create_backbone)
 from embedder.datasets import ID_COLUMN, DatasetError, PatchDataset
 from embedder.extract import _collate, _ResizedPatches, default_num_workers
+from embedder.files import atomic_write
 from heads.mlp import build_mlp
 
 FINETUNED_FILE = "finetuned.pt"
@@ -292,33 +291,13 @@ def plain_loader(dataset: PatchDataset, indices, preprocesses, *, batch_size: in
 
 def atomic_torch_save(obj, path: Path) -> Path:
     """``torch.save`` to a temporary file beside ``path``, then rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def atomic_write_json(obj, path: Path) -> Path:
-    from heads.fitting import json_ready
+    from heads.fitting import write_json
 
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(json_ready(obj), handle, indent=2, default=str, allow_nan=False)
-            handle.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_json(obj, path)
 
 
 def cpu_state(module: nn.Module) -> dict:

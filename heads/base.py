@@ -21,8 +21,6 @@ from __future__ import annotations
 import copy
 import importlib
 import inspect
-import os
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -30,6 +28,7 @@ import joblib
 import numpy as np
 from sklearn.base import BaseEstimator, clone
 
+from embedder.files import atomic_write  # noqa: F401 - re-exported: the heads' atomic file writes
 from heads.params import N_COMPONENTS, SEED, Bool, param_problems
 
 HEADS: dict[str, type["Head"]] = {}
@@ -90,25 +89,6 @@ def fit_with_supported(estimator, X, Y, **fit_params):
 # --------------------------------------------------------------------------------------------
 # persistence
 # --------------------------------------------------------------------------------------------
-def atomic_write(path, write) -> Path:
-    """Call ``write(tmp_name)`` on a temporary file beside ``path``, then rename it into place, so
-    readers never see a half-written file. The file gets the usual permissions (umask applied)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def atomic_dump(obj, path) -> Path:
     """joblib-dump ``obj`` to ``path`` atomically."""
     return atomic_write(path, lambda tmp: joblib.dump(obj, tmp))

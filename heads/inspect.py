@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import uuid
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from embedder.files import atomic_write
 from heads.metrics import top_genes
 from heads.plots import (DPI, SPOT_FILL, _figure, draw_spatial_panel, group_colours, load_truth, read_thumbnail,
                          save_png, spatial_view, spot_spacing, to_thumbnail_xy)
@@ -208,15 +207,7 @@ def _summarize(targets: pd.DataFrame, groups: pd.Series | None, z_threshold: flo
 
 
 def _write_json(path: Path, data: dict) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        tmp.write_text(json.dumps(data, indent=2, default=str))
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2, default=str)))
 
 
 def embed_2d(values: np.ndarray, method: str = "pca", seed: int = 0, n_genes: int = N_PCA_GENES) -> tuple[np.ndarray, dict]:

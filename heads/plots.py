@@ -20,9 +20,7 @@ is drawn with thumbnail pixel ``j`` spanning ``[j, j + 1)``, so a spot lies at
 from __future__ import annotations
 
 import math
-import os
 import re
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -30,6 +28,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
+from embedder.files import atomic_write
 from heads.evaluation import EvaluationError, align, evaluate_tables
 from heads.metrics import N_TOP_DEFAULT, pearson_per_gene
 
@@ -58,16 +57,7 @@ def _figure(width_in: float, height_in: float, dpi: int = DPI):
 
 def save_png(fig, out_png: str | Path) -> Path:
     """Render ``fig`` to ``out_png`` atomically (temporary file beside it, then rename)."""
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_png.with_name(f".{out_png.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        fig.savefig(tmp, format="png", dpi=fig.dpi)
-        os.replace(tmp, out_png)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return out_png
+    return atomic_write(out_png, lambda tmp: fig.savefig(tmp, format="png", dpi=fig.dpi))
 
 
 def figure_pixels(width_in: float, height_in: float, dpi: int = DPI) -> tuple[int, int]:

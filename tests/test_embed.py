@@ -197,3 +197,26 @@ def test_default_backbones_and_no_pretrained():
     assert all(s.weights == "none" for s in specs)
     spec = parse_backbone("hf-hub:MahmoodLab/UNI:weights=none,init_values=1e-5,dynamic_img_size=true")
     assert spec.name == "hf-hub:MahmoodLab/UNI" and spec.model_kwargs == {"init_values": 1e-5, "dynamic_img_size": True}
+
+
+def _two_embeds_at_once(tmp_path, pipeline, n=96):
+    """Start two `embed` processes on the same data and cache at the same moment; their results."""
+    csv = write_challenge_dataset(tmp_path / "d", n=n, size=64)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, str(pipeline), "embed", str(csv), "-b", TINY_BACKBONE, "--chunk-size", "8",
+           "--batch-size", "4", "--workers", "0", "--quiet", "--cache-dir", str(tmp_path / "cache")]
+    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    return [(p.wait(timeout=300), p.stdout.read()) for p in procs]
+
+
+def test_two_embeds_of_the_same_data_at_once_both_succeed(tmp_path):
+    results = _two_embeds_at_once(tmp_path, REPO / "pipeline.py")
+    assert [code for code, _ in results] == [0, 0], results
+    (cache_file,) = (tmp_path / "cache" / "embeddings").glob("*.h5")
+    ids, features, _ = read_cache(cache_file)
+    assert len(ids) == 96 and np.isfinite(features).all()
+    # both report the features; nothing unfinished or temporary is left
+    assert all("embeddings of" in out and "Traceback" not in out for _, out in results)
+    assert not list((tmp_path / "cache").rglob("*.tmp")) and not list((tmp_path / "cache").rglob("chunk_*"))
+    fresh = _embed(tmp_path / "d" / "data.csv", tmp_path / "fresh", chunk_size=8, batch_size=4)
+    np.testing.assert_array_equal(features, fresh.X)

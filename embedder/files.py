@@ -1,0 +1,84 @@
+"""Atomic writes of files and folders, shared by every stage.
+
+Readers never see a half-written output: each file is written under a temporary name beside its
+final path (unique per process, so concurrent writers never share one) and renamed into place
+only when complete; a folder is built beside its final path and swapped in at the end. Outputs get
+the permissions an ordinary ``open``/``mkdir`` gives (0666/0777 less the umask), never the 0600/0700
+of ``tempfile``.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+
+def umask_mode(directory: bool = False) -> int:
+    """The mode a new file (or folder) gets under the current umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return (0o777 if directory else 0o666) & ~umask
+
+
+@contextmanager
+def atomic_path(path: str | Path):
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds
+    (with umask permissions). On any error or interruption the temporary file is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.chmod(tmp, umask_mode())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def atomic_write(path: str | Path, write) -> Path:
+    """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it into place."""
+    with atomic_path(path) as tmp:
+        write(tmp)
+    return Path(path)
+
+
+def temp_dir_beside(path: str | Path, tag: str = "tmp") -> Path:
+    """A new, empty folder beside ``path`` (hidden, unique) with umask permissions."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{tag}-", dir=path.parent))
+    os.chmod(tmp, umask_mode(directory=True))
+    return tmp
+
+
+def swap_in_dir(built: Path, final: Path) -> Path:
+    """Replace ``final`` (if any) by the folder ``built``: old aside, new in, old removed."""
+    built, final = Path(built), Path(final)
+    if final.exists():
+        if not final.is_dir():
+            raise FileExistsError(f"{final} exists and is not a folder")
+        trash = temp_dir_beside(final, "old")
+        os.replace(final, trash / "old")
+        os.replace(built, final)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(built, final)
+    return final
+
+
+@contextmanager
+def atomic_dir(path: str | Path):
+    """Yield an empty temporary folder beside ``path``; when the block succeeds it replaces
+    ``path`` as a whole. On any error or Ctrl-C ``path`` is left exactly as it was and the
+    temporary folder is removed."""
+    tmp = temp_dir_beside(path)
+    try:
+        yield tmp
+        swap_in_dir(tmp, Path(path))
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
