@@ -117,6 +117,18 @@ def embed(
     out.print(table)
 
 
+@app.command("clean-cache")
+@_friendly_errors
+def clean_cache(cache_dir: CacheDirOpt = Path("cache")):
+    """Delete unfinished embeddings that interrupted runs left in the cache (finished cache files are kept)."""
+    from embedder.cache import clean_partials
+
+    removed = clean_partials(cache_dir)
+    for info in removed:
+        out.print(f"removed {info['path']} ({info['n_chunks']} chunks, {info['bytes'] / 1e6:.1f} MB)")
+    out.print(f"{len(removed)} unfinished embedding folder(s) removed, {sum(i['bytes'] for i in removed) / 1e6:.1f} MB freed")
+
+
 @app.command()
 @_friendly_errors
 def evaluate(

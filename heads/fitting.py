@@ -1,6 +1,7 @@
 """The library entry point the CLI calls: cross-validate (optionally sweep), save, refit, persist.
 
-``fit_head`` writes to ``out_dir``:
+``fit_head`` builds the model folder ``out_dir`` beside it and swaps it in as a whole at the end
+(an error or Ctrl-C leaves an existing folder as it was); it holds:
   * ``oof_predictions.csv`` -- out-of-fold predictions (index = spot ids, columns = genes);
   * ``cv_report.json``      -- the report ``fit_head`` returns;
   * ``leaderboard.csv``     -- one row per sweep config (only when sweeping);
@@ -21,6 +22,7 @@ import joblib
 import numpy as np
 import pandas as pd
 
+from embedder.files import atomic_dir
 from heads.base import (HeadError, as_matrix, atomic_dump, atomic_write, default_search_space,
                         fit_with_supported, head_param_names, make_head)
 from heads.cv import cross_validate, make_folds
@@ -144,6 +146,26 @@ def check_config(head: str, params: Mapping | None = None, transform="none", swe
     return space
 
 
+def read_model_info(out_dir) -> dict | None:
+    """``model.json`` of the model folder ``out_dir`` ({} when unreadable), or None when there is
+    no folder or it is empty. A non-empty folder that holds no model is refused (FileExistsError):
+    fit_head replaces its folder as a whole, so it must never be pointed at other data."""
+    out_dir = Path(out_dir)
+    if not out_dir.exists():
+        return None
+    if not out_dir.is_dir():
+        raise FileExistsError(f"{out_dir} exists and is not a folder; give --out a new or model folder")
+    if not any(out_dir.iterdir()):
+        return None
+    if not (out_dir / MODEL_FILE).is_file() and not (out_dir / MODEL_INFO_FILE).is_file():
+        raise FileExistsError(f"{out_dir} is not empty and holds no fitted model; a model folder is replaced as a "
+                              "whole, so give --out a new or empty folder (or a model folder)")
+    try:
+        return json.loads((out_dir / MODEL_INFO_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
 def _select_feature_meta(feature_meta, name: str, names: list[str]) -> dict:
     """When features come as several named sets, ``feature_meta`` may be keyed by the same names."""
     if isinstance(feature_meta, Mapping) and len(names) > 1 and set(feature_meta) == set(names):
@@ -202,9 +224,18 @@ def fit_head(X, Y, gene_names, *, head: str = "ridge", params: dict | None = Non
        head's default space. ``params`` are fixed in every config.
     Returns the JSON-serialisable report also written to cv_report.json.
     """
-    started = time.perf_counter()
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    read_model_info(out_dir)  # a folder that is not a model folder is never replaced
+    with atomic_dir(out_dir) as work:
+        return _fit_into(work, X, Y, gene_names, head=head, params=params, transform=transform, folds=folds,
+                         groups=groups, seed=seed, out_dir=out_dir, feature_meta=feature_meta, sweep=sweep,
+                         trials=trials, n_jobs=n_jobs, progress=progress, ids=ids, features=features, n_top=n_top)
+
+
+def _fit_into(work: Path, X, Y, gene_names, *, head, params, transform, folds, groups, seed, out_dir: Path,
+              feature_meta, sweep, trials, n_jobs, progress, ids, features, n_top) -> dict:
+    """``fit_head``'s work: files are written into ``work``; the report names their final place in ``out_dir``."""
+    started = time.perf_counter()
     feature_sets = as_feature_sets(X)
     Y, genes, ids = _check_inputs(feature_sets, Y, gene_names, ids)
     groups = None if groups is None else np.asarray(groups)
@@ -216,7 +247,7 @@ def fit_head(X, Y, gene_names, *, head: str = "ridge", params: dict | None = Non
                            n_trials=trials, transform=transform, fixed_params=params, n_top=n_top,
                            groups=groups, seed=seed, n_jobs=n_jobs, progress=progress)
         config = result.best
-        write_csv(result.leaderboard, out_dir / LEADERBOARD_FILE, index=False)
+        write_csv(result.leaderboard, work / LEADERBOARD_FILE, index=False)
         sweep_info = {"n_configs": len(result.leaderboard), "search": "grid" if trials is None else "random",
                       "best": config, "leaderboard": str(out_dir / LEADERBOARD_FILE),
                       "top": result.leaderboard.head(5).drop(columns=["config"]).to_dict(orient="records")}
@@ -227,7 +258,7 @@ def fit_head(X, Y, gene_names, *, head: str = "ridge", params: dict | None = Non
     factory = model_factory(config["head"], config["params"], config["transform"])
     cv = cross_validate(factory, X_chosen, Y, fold_list, n_top=n_top, groups=groups, progress=progress,
                         description=f"cross-validating {config['head']}")
-    write_csv(pd.DataFrame(cv.oof, index=pd.Index(ids, name="ID"), columns=genes), out_dir / OOF_FILE)
+    write_csv(pd.DataFrame(cv.oof, index=pd.Index(ids, name="ID"), columns=genes), work / OOF_FILE)
 
     refit_start = time.perf_counter()
     model = fit_with_supported(factory(), X_chosen, Y, groups=groups)
@@ -235,7 +266,7 @@ def fit_head(X, Y, gene_names, *, head: str = "ridge", params: dict | None = Non
     meta = _select_feature_meta(feature_meta, config["features"], list(feature_sets))
     fitted = FittedModel(model=model, genes=genes, feature_meta=meta, n_features=X_chosen.shape[1],
                          config=config, cv=cv.report["model"])
-    fitted.save(out_dir / MODEL_FILE)
+    fitted.save(work / MODEL_FILE)
 
     report = {
         "head": config["head"], "params": config["params"], "transform": config["transform"],
@@ -250,6 +281,6 @@ def fit_head(X, Y, gene_names, *, head: str = "ridge", params: dict | None = Non
     }
     report = json_ready(report)
     write_json({"format_version": FORMAT_VERSION, "config": config, "n_features": X_chosen.shape[1],
-                "feature_meta": meta, "genes": genes, "cv": cv.report["model"]}, out_dir / MODEL_INFO_FILE)
-    write_json(report, out_dir / REPORT_FILE)
+                "feature_meta": meta, "genes": genes, "cv": cv.report["model"]}, work / MODEL_INFO_FILE)
+    write_json(report, work / REPORT_FILE)
     return report

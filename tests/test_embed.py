@@ -220,3 +220,30 @@ def test_two_embeds_of_the_same_data_at_once_both_succeed(tmp_path):
     assert not list((tmp_path / "cache").rglob("*.tmp")) and not list((tmp_path / "cache").rglob("chunk_*"))
     fresh = _embed(tmp_path / "d" / "data.csv", tmp_path / "fresh", chunk_size=8, batch_size=4)
     np.testing.assert_array_equal(features, fresh.X)
+
+
+def test_unfinished_embeddings_are_reported_and_clean_cache_removes_them(tmp_path):
+    from typer.testing import CliRunner
+
+    from pipeline import app
+
+    csv = write_challenge_dataset(tmp_path / "d", n=20)
+    cache = tmp_path / "cache"
+    other = parse_backbone("resnet18:weights=none,size=48")
+    (stopped,) = embed_dataset(open_dataset(csv), [other], cache, chunk_size=4, batch_size=4, max_chunks=1,
+                               progress=False, num_workers=0)
+    assert stopped.partial_dir.is_dir() and not stopped.exists()
+    with pytest.warns(UserWarning, match=r"1 unfinished embedding folder\(s\).*hexpr clean-cache"):
+        _embed(csv, cache)  # another backbone: the left-over folder is reported, and kept
+    assert stopped.partial_dir.is_dir()
+    r = CliRunner().invoke(app, ["clean-cache", "--cache-dir", str(cache)])
+    assert r.exit_code == 0 and "1 unfinished embedding folder(s) removed" in r.output
+    assert not (cache / "embeddings" / ".partial").exists() or not any((cache / "embeddings" / ".partial").iterdir())
+    assert len(list((cache / "embeddings").glob("*.h5"))) == 1  # the finished cache file stays
+
+
+def test_a_failed_embed_says_where_its_finished_chunks_are(tiny_csv, tmp_path):
+    (tiny_csv.parent / "img" / "spot9.png").write_bytes(b"not a png")
+    with pytest.warns(UserWarning, match=r"finished chunks are kept in .*\.partial.*rerun the same command to resume"):
+        with pytest.raises(DatasetError, match=r"spot9\.png"):
+            _embed(tiny_csv, tmp_path / "cache", chunk_size=4, batch_size=4)

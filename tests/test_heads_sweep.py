@@ -109,3 +109,43 @@ def test_fit_head_input_errors(data, tmp_path):
     with pytest.raises(ValueError, match="only 4 groups"):
         fit_head(X, Y, [f"g{i}" for i in range(12)], folds=6, groups=groups, out_dir=tmp_path,
                  feature_meta={}, progress=False)
+
+
+def _snapshot(folder):
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("stage", ["oof", "model", "report"])
+def test_interrupted_fit_leaves_the_existing_model_folder_as_it_was(data, tmp_path, monkeypatch, stage):
+    import heads.fitting
+
+    X, Y, _ = data
+    genes = [f"g{i}" for i in range(Y.shape[1])]
+    run = tmp_path / "run"
+    fit_head(X, Y, genes, head="ridge", folds=2, out_dir=run, feature_meta={}, progress=False)
+    before = _snapshot(run)
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+    # Ctrl-C after the out-of-fold predictions, while saving the model, or at the last file (report)
+    target = {"oof": "cross_validate", "model": "atomic_dump", "report": "write_json"}[stage]
+    if stage == "report":
+        real = heads.fitting.write_json
+        monkeypatch.setattr(heads.fitting, "write_json",
+                            lambda obj, path: interrupt() if path.name == "cv_report.json" else real(obj, path))
+    else:
+        monkeypatch.setattr(heads.fitting, target, interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        fit_head(X, Y, genes, head="knn", folds=2, out_dir=run, feature_meta={}, trials=2, n_jobs=1, progress=False)
+    assert _snapshot(run) == before                       # not one new or changed file (no leaderboard)
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]  # and no temporary folder left beside it
+
+
+def test_fit_head_never_replaces_a_folder_that_holds_no_model(data, tmp_path):
+    X, Y, _ = data
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    with pytest.raises(FileExistsError, match="holds no fitted model"):
+        fit_head(X, Y, [f"g{i}" for i in range(Y.shape[1])], head="ridge", folds=2, out_dir=tmp_path / "mine",
+                 feature_meta={}, progress=False)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
