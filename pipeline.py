@@ -186,7 +186,8 @@ def _print_cv(report: dict) -> None:
     if report.get("sweep"):
         out.print(f"sweep: {report['sweep']['n_configs']} configs ({report['sweep']['search']}); best {report['sweep']['best']}; "
                   f"leaderboard {report['sweep']['leaderboard']}")
-    out.print(f"model saved in {report['out_dir']} (out-of-fold predictions: {report['files']['oof_predictions']})")
+    replaced = f"; it replaced a model fitted on {report['replaced_backbones']}" if report.get("replaced_backbones") else ""
+    out.print(f"model saved in {report['out_dir']} (out-of-fold predictions: {report['files']['oof_predictions']}){replaced}")
 
 
 def _random_init_notice(names: list[str]) -> None:
@@ -210,7 +211,8 @@ def fit_head(
     neighbours: Annotated[int, typer.Option(help="Append the mean embedding of the k nearest spots (needs coordinates).")] = 0,
     seed: int = 0,
     jobs: Annotated[int, typer.Option(help="Parallel sweep configs (-1: all cores).")] = -1,
-    out_dir: Annotated[Optional[Path], typer.Option("--out", help="Model folder (default cache/models/<data>__<head>).")] = None,
+    out_dir: Annotated[Optional[Path], typer.Option("--out", help="Model folder, replaced as a whole (default cache/models/<data>__<head>, "
+                                                                      "plus __sweep or __backbone-sweep for sweeps).")] = None,
     backbone: BackboneOpt = None, backbone_config: BackboneConfigOpt = None, no_pretrained: NoPretrainedOpt = False,
     cache_dir: CacheDirOpt = Path("cache"), tta: TtaOpt = False, batch_size: BatchOpt = None,
     workers: WorkersOpt = None, device: DeviceOpt = "auto", quiet: QuietOpt = False,

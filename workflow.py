@@ -6,6 +6,7 @@ name, then rename) and returns a plain dict report.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -152,6 +153,45 @@ def cv_groups(groups: pd.Series | None, folds: int) -> tuple[np.ndarray | None, 
     return groups.to_numpy(), folds
 
 
+def default_model_dir(data_name: str, head: str, sweep: bool, sweep_backbones: bool) -> Path:
+    """``cache/models/<data>__<head>``; a sweep (``__sweep``) or backbone sweep (``__backbone-sweep``)
+    gets its own folder, so it never replaces the plain model of the same head."""
+    suffix = "__backbone-sweep" if sweep_backbones else "__sweep" if sweep else ""
+    return DEFAULT_MODELS_DIR / f"{data_name}__{head}{suffix}"
+
+
+def _describe_specs(specs: list[BackboneSpec]) -> str:
+    """``name:key=value,...`` per spec, as written on the command line (weights files by name)."""
+    def one(s: BackboneSpec) -> str:
+        options = {"weights": Path(s.weights).name if os.sep in s.weights else s.weights, **s.model_kwargs,
+                   **{k: getattr(s, k) for k in ("size", "interpolation", "crop_pct") if getattr(s, k) is not None}}
+        return s.name + ":" + ",".join(f"{k}={v}" for k, v in options.items())
+    return "; ".join(one(s) for s in specs)
+
+
+def warn_if_backbones_change(out_dir: Path, specs: list[BackboneSpec], sweep_backbones: bool = False) -> str | None:
+    """When ``out_dir`` holds a model fitted on other backbone specs, warn (naming old and new)
+    that it is about to be replaced; returns the old backbones' description, else None.
+    A non-empty folder that holds no model is refused (FileExistsError) before any work."""
+    from heads.fitting import read_model_info
+
+    info = read_model_info(out_dir)
+    if not info:
+        return None
+    try:
+        old = [BackboneSpec.from_dict(d) for d in (info.get("feature_meta") or {}).get("backbones") or []]
+    except (TypeError, ValueError):
+        old = []
+    old_set, new_set = {s.to_json() for s in old}, {s.to_json() for s in specs}
+    if old_set == new_set or (sweep_backbones and old_set and old_set <= new_set):
+        return None
+    import warnings
+
+    warnings.warn(f"{out_dir} holds a model fitted on {_describe_specs(old) or 'unknown backbones'}; it will be replaced "
+                  f"by one fitted on {_describe_specs(specs)} (give --out another folder to keep it)", stacklevel=2)
+    return _describe_specs(old) or "unknown backbones"
+
+
 def _with_context(features: FeatureSet, dataset, neighbours: int) -> FeatureSet:
     from embedder.features import add_neighbour_context
 
@@ -178,6 +218,8 @@ def fit_head(data, specs: list[BackboneSpec], *, head: str = "ridge", params: di
     sweep = sweep if space is None else space
     dataset = _training_dataset(data)
     panel = select_gene_panel(dataset.targets, genes)
+    out_dir = Path(out_dir) if out_dir is not None else default_model_dir(dataset.name, head, space is not None, sweep_backbones)
+    replaced = warn_if_backbones_change(out_dir, specs, sweep_backbones)
     features = ensure_features(dataset, specs, cache_dir, tta=tta, progress=progress, **embed_options)
     if sweep_backbones:
         X, meta = feature_choices(features, lambda f: _with_context(f, dataset, neighbours))
@@ -188,7 +230,6 @@ def fit_head(data, specs: list[BackboneSpec], *, head: str = "ridge", params: di
         X, meta = features.X, features.meta()
     for m in (meta.values() if sweep_backbones else [meta]):
         m["neighbours"] = int(neighbours)
-    out_dir = Path(out_dir) if out_dir is not None else DEFAULT_MODELS_DIR / f"{dataset.name}__{head}"
     groups, folds = cv_groups(dataset.groups, folds)
     report = fit_head_on_features(
         X, dataset.targets[panel].to_numpy(), panel, head=head, params=params,
@@ -197,6 +238,7 @@ def fit_head(data, specs: list[BackboneSpec], *, head: str = "ridge", params: di
         progress=progress, ids=features.ids,
     )
     report["out_dir"] = str(out_dir)
+    report["replaced_backbones"] = replaced
     report["random_init_backbones"] = [s.name for s in specs if s.is_random_init]
     return report
 

@@ -237,3 +237,28 @@ def test_demo_data_into_a_non_empty_folder_names_overwrite(tmp_path):
     r = run("demo-data", tmp_path / "demo", *small, "--overwrite")
     assert r.exit_code == 0, r.output
     assert not (tmp_path / "demo" / "keep.txt").exists() and (tmp_path / "demo" / "train.csv").is_file()
+
+
+def test_sweeps_get_their_own_default_folder_and_backbone_changes_are_announced(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    train = write_challenge_dataset(tmp_path / "train", n=16, n_genes=3)
+    models = tmp_path / "cache" / "models"
+    r = run("fit-head", train, "-b", TINY_BACKBONE, "--folds", 2, "--quiet")
+    assert r.exit_code == 0, r.output
+    plain = models / "data__ridge"
+    assert f"model saved in {plain.relative_to(tmp_path)}" in " ".join(r.output.split())
+    before = (plain / "model.joblib").read_bytes()
+    r = run("fit-head", train, "-b", TINY_BACKBONE, "--folds", 2, "--trials", 2, "--jobs", 1, "--quiet")
+    assert r.exit_code == 0, r.output
+    assert "model saved in cache/models/data__ridge__sweep" in " ".join(r.output.split())
+    assert (models / "data__ridge__sweep" / "leaderboard.csv").is_file()
+    assert (plain / "model.joblib").read_bytes() == before and not (plain / "leaderboard.csv").exists()
+    # the same folder with another backbone: said before fitting, and in the final line
+    other = "resnet18:weights=none,size=48"
+    r = run("fit-head", train, "-b", other, "--folds", 2, "--out", plain, "--quiet")
+    assert r.exit_code == 0, r.output
+    text = " ".join(r.output.split())
+    assert f"holds a model fitted on {TINY_BACKBONE}; it will be replaced by one fitted on {other}" in text
+    assert "it replaced a model fitted on" in text
+    r = run("fit-head", train, "-b", other, "--folds", 2, "--out", plain, "--quiet")  # same backbone again: quiet
+    assert r.exit_code == 0 and "replaced" not in r.output
