@@ -53,6 +53,7 @@ import pandas as pd
 from PIL import Image, ImageDraw, ImageFilter
 
 from embedder.datasets import DatasetError
+from embedder.files import atomic_dir
 
 __all__ = ["write_demo_dataset", "N_LATENT", "VISIBLE_LATENT"]
 
@@ -334,21 +335,8 @@ def write_demo_dataset(
             raise FileExistsError(
                 f"{out_dir} is not empty; pass --overwrite (overwrite=True) to replace it, or pick another folder"
             )
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:  # built beside out_dir, swapped in when complete
         _build(tmp, n_train, n_test, n_genes, size, seed, n_groups)
-        if out_dir.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-            os.replace(out_dir, trash / "old")
-            os.replace(tmp, out_dir)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
     return {
         "root": out_dir,
