@@ -204,10 +204,11 @@ def partial_folders(root=DEFAULT_CACHE_DIR, exclude_keys=()) -> list[dict]:
 
 
 def describe_partials(partials: list[dict]) -> str:
-    """'2 unfinished embeddings (3.1 MB, last written 5.0 h ago)' for messages."""
+    """'2 unfinished embedding folder(s) (3.1 MB, the newest written 5.0 h ago) in ...' for messages."""
     size = sum(p["bytes"] for p in partials) / 1e6
-    age = min(p["age_s"] for p in partials) / 3600
-    return (f"{len(partials)} unfinished embedding folder(s) ({size:.1f} MB, most recent written {age:.1f} h ago) "
+    age = min(p["age_s"] for p in partials)
+    age_text = f"{age / 60:.0f} min" if age < 3600 else f"{age / 3600:.1f} h" if age < 2 * 86400 else f"{age / 86400:.0f} days"
+    return (f"{len(partials)} unfinished embedding folder(s) ({size:.1f} MB, the newest written {age_text} ago) "
             f"in {Path(partials[0]['path']).parent}")
 
 
