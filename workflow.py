@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -138,8 +139,6 @@ def select_gene_panel(targets: pd.DataFrame, panel: str | Path | None) -> list[s
 
 def cv_groups(groups: pd.Series | None, folds: int) -> tuple[np.ndarray | None, int]:
     """Grouped folds when there are enough groups; leave-one-group-out with fewer; KFold (warned) with one."""
-    import warnings
-
     if groups is None:
         return None, folds
     n_groups = groups.nunique()
@@ -185,8 +184,6 @@ def warn_if_backbones_change(out_dir: Path, specs: list[BackboneSpec], sweep_bac
     old_set, new_set = {s.to_json() for s in old}, {s.to_json() for s in specs}
     if old_set == new_set or (sweep_backbones and old_set and old_set <= new_set):
         return None
-    import warnings
-
     warnings.warn(f"{out_dir} holds a model fitted on {_describe_specs(old) or 'unknown backbones'}; it will be replaced "
                   f"by one fitted on {_describe_specs(specs)} (give --out another folder to keep it)", stacklevel=2)
     return _describe_specs(old) or "unknown backbones"
