@@ -186,6 +186,11 @@ def _print_cv(report: dict) -> None:
     if report.get("sweep"):
         out.print(f"sweep: {report['sweep']['n_configs']} configs ({report['sweep']['search']}); best {report['sweep']['best']}; "
                   f"leaderboard {report['sweep']['leaderboard']}")
+    if report.get("auto"):
+        auto = report["auto"]
+        out.print(f"auto: {auto['n_candidates']} candidates by CV score: "
+                  + "; ".join(f"{c['recipe']} {c['score']:.4f}" for c in auto["candidates"])
+                  + f"\nauto chose {auto['chosen']} (leaderboard {auto['leaderboard']})")
     replaced = f"; it replaced a model fitted on {report['replaced_backbones']}" if report.get("replaced_backbones") else ""
     out.print(f"model saved in {report['out_dir']} (out-of-fold predictions: {report['files']['oof_predictions']}){replaced}")
 
@@ -200,7 +205,8 @@ def _random_init_notice(names: list[str]) -> None:
 @_friendly_errors
 def fit_head(
     data: Annotated[Path, typer.Argument(help="Training data: challenge CSV with gene columns, or HEST .h5/folder with .h5ad.")],
-    head: Annotated[str, typer.Option("--head", help="mean | ridge | hest | mlp | gbm | knn | bleep | ensemble")] = "ridge",
+    head: Annotated[str, typer.Option("--head", help="mean | ridge | hest | mlp | gbm | knn | bleep | ensemble | "
+                                                                "auto (ridge or bagged mlp, with or without neighbour context, picked by grouped CV)")] = "ridge",
     param: Annotated[Optional[list[str]], typer.Option("--param", "-p", help="Head hyper-parameter key=value (JSON values), repeatable.")] = None,
     transform: Annotated[str, typer.Option(help="Target transform: none | log1p | standardize | robust | minmax (chain with '+').")] = "none",
     folds: Annotated[int, typer.Option(help="Cross-validation folds (GroupKFold when the data has groups).")] = 5,
@@ -209,6 +215,8 @@ def fit_head(
     sweep_backbones: Annotated[bool, typer.Option("--sweep-backbones", help="Rank each backbone and their concatenation by CV.")] = False,
     genes: Annotated[Optional[str], typer.Option(help="Gene panel from the training data: hvg:N, heg:N, or a file of names.")] = None,
     neighbours: Annotated[int, typer.Option(help="Append the mean embedding of the k nearest spots (needs coordinates).")] = 0,
+    bag: Annotated[Optional[int], typer.Option(help="Average the head over N seeds (seed, seed+1, ...); 1: no bagging "
+                                                    "(auto's mlp: 5).")] = None,
     seed: int = 0,
     jobs: Annotated[int, typer.Option(help="Parallel sweep configs (-1: all cores).")] = -1,
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="Model folder, replaced as a whole (default cache/models/<data>__<head>, "
@@ -223,7 +231,7 @@ def fit_head(
     report = workflow.fit_head(data, _specs(backbone, backbone_config, no_pretrained), head=head, params=_params(param),
                                transform=transform, folds=folds, sweep=sweep, trials=trials, sweep_backbones=sweep_backbones,
                                seed=seed, n_jobs=jobs, out_dir=out_dir, cache_dir=cache_dir, tta=tta, genes=genes,
-                               neighbours=neighbours, progress=not quiet,
+                               neighbours=neighbours, bag=bag, progress=not quiet,
                                batch_size=batch_size, num_workers=workers, device=device)
     _print_cv(report)
     _random_init_notice(report["random_init_backbones"])

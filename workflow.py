@@ -197,42 +197,69 @@ def _with_context(features: FeatureSet, dataset, neighbours: int) -> FeatureSet:
     return add_neighbour_context(features, dataset.coords, None if dataset.groups is None else dataset.groups.to_numpy(), neighbours)
 
 
+def _auto_feature_sets(features: FeatureSet, dataset, neighbours: int = 0) -> tuple[dict, dict]:
+    """The feature sets ``head="auto"`` chooses between: the embeddings alone ("plain") and, when the
+    dataset has coordinates, with the mean embedding of the k nearest spots appended ("k6"; k =
+    ``neighbours`` or 6). Returns (name -> X, name -> feature meta with its ``neighbours``)."""
+    from heads.sweep import AUTO_NEIGHBOURS
+
+    k = int(neighbours) or AUTO_NEIGHBOURS
+    named = {"plain": (features, 0)}
+    if dataset.coords is not None:
+        named[f"k{k}"] = (_with_context(features, dataset, k), k)
+    else:
+        warnings.warn("the data has no spot coordinates: head 'auto' tries no neighbour context", stacklevel=3)
+    X = {name: f.X for name, (f, _) in named.items()}
+    meta = {name: {**f.meta(), "neighbours": kk} for name, (f, kk) in named.items()}
+    return X, meta
+
+
 def fit_head(data, specs: list[BackboneSpec], *, head: str = "ridge", params: dict | None = None,
              transform: str = "none", folds: int = 5, sweep=None, trials: int | None = None,
              sweep_backbones: bool = False, seed: int = 0, n_jobs: int = -1, out_dir=None,
              cache_dir=DEFAULT_CACHE_DIR, tta: bool = False, genes: str | Path | None = None, neighbours: int = 0,
-             progress: bool = True, **embed_options) -> dict:
+             bag: int | None = None, progress: bool = True, **embed_options) -> dict:
     """Embed if needed, cross-validate (optionally sweep heads and backbones), refit and save the head.
 
     ``genes``: the gene panel (``hvg:N``, ``heg:N`` or a file), chosen from this training data only and
     saved with the model. ``neighbours``: append the mean embedding of the k nearest spots.
+    ``bag``: average the head over this many seeds. ``head="auto"``: score ridge and an mlp bagged
+    over ``bag`` (default 5) seeds, each without and with neighbour context (k = ``neighbours``, or 6),
+    by grouped CV on this training data; refit the best (see ``_auto_feature_sets``).
     """
     from heads.fitting import check_config
     from heads.fitting import fit_head as fit_head_on_features
 
     # a bad head name, parameter, transform or sweep value fails before any embedding
-    space = check_config(head, params, transform, sweep, trials)
+    space = check_config(head, params, transform, sweep, trials, bag)
     sweep = sweep if space is None else space
+    if head == "auto" and sweep_backbones:
+        from heads.base import HeadError
+
+        raise HeadError("head 'auto' and --sweep-backbones do not combine; pick the backbones, then run auto")
     dataset = _training_dataset(data)
     panel = select_gene_panel(dataset.targets, genes)
     out_dir = Path(out_dir) if out_dir is not None else default_model_dir(dataset.name, head, space is not None, sweep_backbones)
     replaced = warn_if_backbones_change(out_dir, specs, sweep_backbones)
     features = ensure_features(dataset, specs, cache_dir, tta=tta, progress=progress, **embed_options)
-    if sweep_backbones:
+    if head == "auto":
+        X, meta = _auto_feature_sets(features, dataset, neighbours)
+    elif sweep_backbones:
         X, meta = feature_choices(features, lambda f: _with_context(f, dataset, neighbours))
         if sweep is None and trials is None:
             sweep = {}  # a grid over backbones alone
     else:
         features = _with_context(features, dataset, neighbours)
         X, meta = features.X, features.meta()
-    for m in (meta.values() if sweep_backbones else [meta]):
-        m["neighbours"] = int(neighbours)
+    if head != "auto":
+        for m in (meta.values() if sweep_backbones else [meta]):
+            m["neighbours"] = int(neighbours)
     groups, folds = cv_groups(dataset.groups, folds)
     report = fit_head_on_features(
         X, dataset.targets[panel].to_numpy(), panel, head=head, params=params,
         transform=transform, folds=folds, groups=groups,
         seed=seed, out_dir=out_dir, feature_meta=meta, sweep=sweep, trials=trials, n_jobs=n_jobs,
-        progress=progress, ids=features.ids,
+        progress=progress, ids=features.ids, bag=bag,
     )
     report["out_dir"] = str(out_dir)
     report["replaced_backbones"] = replaced

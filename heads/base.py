@@ -148,7 +148,7 @@ class Head(BaseEstimator):
 HEAD_MODULES = {
     "mean": "heads.mean", "ridge": "heads.ridge", "hest": "heads.ridge", "mlp": "heads.mlp",
     "gbm": "heads.gbm", "knn": "heads.knn", "bleep": "heads.knn", "ensemble": "heads.ensemble",
-    "ridge_streamed": "heads.streamed_ridge", "mlp_streamed": "heads.chunked_mlp",
+    "ridge_streamed": "heads.streamed_ridge", "mlp_streamed": "heads.chunked_mlp", "bagged": "heads.bagging",
 }
 
 

@@ -4,7 +4,7 @@
 (an error or Ctrl-C leaves an existing folder as it was); it holds:
   * ``oof_predictions.csv`` -- out-of-fold predictions (index = spot ids, columns = genes);
   * ``cv_report.json``      -- the report ``fit_head`` returns;
-  * ``leaderboard.csv``     -- one row per sweep config (only when sweeping);
+  * ``leaderboard.csv``     -- one row per sweep config, or per candidate of ``head="auto"``;
   * ``model.joblib``        -- a ``FittedModel`` refitted on all spots (written to a temporary
     name, then renamed), with ``model.json`` beside it describing it for humans.
 ``load_model(path)`` reads a ``FittedModel`` back; its ``predict(X)`` refuses features of the
@@ -27,7 +27,8 @@ from heads.base import (HeadError, as_matrix, atomic_dump, atomic_write, default
                         fit_with_supported, head_param_names, make_head)
 from heads.cv import cross_validate, make_folds
 from heads.metrics import N_TOP_DEFAULT
-from heads.sweep import as_feature_sets, check_space, load_search_file, model_factory, run_sweep
+from heads.sweep import (AUTO_BAG, as_feature_sets, auto_candidates, check_space, load_search_file, model_factory, run_sweep,
+                         score_configs, split_params, with_bag)
 from heads.targets import make_transform
 
 MODEL_FILE = "model.joblib"
@@ -36,6 +37,7 @@ OOF_FILE = "oof_predictions.csv"
 REPORT_FILE = "cv_report.json"
 LEADERBOARD_FILE = "leaderboard.csv"
 FORMAT_VERSION = 1
+AUTO = "auto"
 
 
 @dataclass
@@ -131,12 +133,24 @@ def resolve_space(sweep, head: str) -> dict:
 
 
 def check_config(head: str, params: Mapping | None = None, transform="none", sweep=None,
-                 trials: int | None = None) -> dict | None:
+                 trials: int | None = None, bag: int | None = None) -> dict | None:
     """Check a fit_head configuration before any work (HeadError naming what is wrong): the head,
-    its params, the target transform and, when sweeping, every value of the search space.
+    its params, the target transform, the bag size and, when sweeping, every value of the search
+    space. ``head="auto"`` checks each param against the candidate heads that have it.
     Returns the resolved search space (None without a sweep)."""
-    make_head(head, **dict(params or {}))
+    from heads.bagging import check_baggable
+
     make_transform(transform)
+    if head == AUTO:
+        if sweep is not None or trials is not None:
+            raise HeadError("head 'auto' runs its own small search (ridge and a bagged mlp, with and without "
+                            "neighbour context); drop --sweep/--trials, or sweep one head")
+        split_params(params)
+        check_baggable("mlp", None, AUTO_BAG if bag is None else bag)
+        return None
+    make_head(head, **dict(params or {}))
+    if bag is not None:
+        check_baggable(head, params, bag)
     if trials is not None and (isinstance(trials, bool) or int(trials) < 1):
         raise HeadError(f"--trials must be a number of configs >= 1, got {trials}")
     if sweep is None and trials is None:
@@ -211,7 +225,7 @@ def fit_head(X, Y, gene_names, *, head: str = "ridge", params: dict | None = Non
              transform: str = "none", folds=5, groups=None, seed: int = 0, out_dir,
              feature_meta: dict, sweep=None, trials: int | None = None, n_jobs: int = -1,
              progress: bool = True, ids=None, features: str | None = None,
-             n_top: int = N_TOP_DEFAULT) -> dict:
+             n_top: int = N_TOP_DEFAULT, bag: int | None = None, candidates: list[dict] | None = None) -> dict:
     """Cross-validate ``head`` (after an optional sweep), save the artefacts, refit on all spots.
 
     X: (N, D) features, or a mapping name -> (N, D_name) to choose between backbones (a sweep
@@ -222,6 +236,12 @@ def fit_head(X, Y, gene_names, *, head: str = "ridge", params: dict | None = Non
     sweep: None, a YAML/JSON file, a mapping param -> values, or "default" (the head's space);
        with ``trials`` random search, else a full grid. ``trials`` alone: random search over the
        head's default space. ``params`` are fixed in every config.
+    bag: fit the chosen head ``bag`` times with seeds seed, seed+1, ... and average (N > 1; after a
+       sweep, the best config is bagged).
+    head="auto" (or ``candidates``: a list of configs, see ``heads.sweep.auto_candidates``): every
+       candidate is cross-validated on the same folds, the best is refit; leaderboard.csv ranks them.
+       Without ``candidates``, auto tries ridge and an mlp bagged over ``bag`` (default 5) seeds on
+       every named feature set of ``X``.
     Returns the JSON-serialisable report also written to cv_report.json.
     """
     out_dir = Path(out_dir)
@@ -229,11 +249,12 @@ def fit_head(X, Y, gene_names, *, head: str = "ridge", params: dict | None = Non
     with atomic_dir(out_dir) as work:
         return _fit_into(work, X, Y, gene_names, head=head, params=params, transform=transform, folds=folds,
                          groups=groups, seed=seed, out_dir=out_dir, feature_meta=feature_meta, sweep=sweep,
-                         trials=trials, n_jobs=n_jobs, progress=progress, ids=ids, features=features, n_top=n_top)
+                         trials=trials, n_jobs=n_jobs, progress=progress, ids=ids, features=features, n_top=n_top,
+                         bag=bag, candidates=candidates)
 
 
 def _fit_into(work: Path, X, Y, gene_names, *, head, params, transform, folds, groups, seed, out_dir: Path,
-              feature_meta, sweep, trials, n_jobs, progress, ids, features, n_top) -> dict:
+              feature_meta, sweep, trials, n_jobs, progress, ids, features, n_top, bag=None, candidates=None) -> dict:
     """``fit_head``'s work: files are written into ``work``; the report names their final place in ``out_dir``."""
     started = time.perf_counter()
     feature_sets = as_feature_sets(X)
@@ -241,8 +262,19 @@ def _fit_into(work: Path, X, Y, gene_names, *, head, params, transform, folds, g
     groups = None if groups is None else np.asarray(groups)
     fold_list = make_folds(Y.shape[0], folds, groups, seed) if isinstance(folds, (int, np.integer)) else list(folds)
 
-    sweep_info = None
-    if sweep is not None or trials is not None:
+    sweep_info, auto_info = None, None
+    if head == AUTO or candidates is not None:
+        if candidates is None:
+            candidates = auto_candidates(list(feature_sets), params=params, transform=transform, seed=seed, bag=bag)
+        result = score_configs(candidates, feature_sets, Y, fold_list, n_top=n_top, groups=groups, n_jobs=n_jobs,
+                               progress=progress, description=f"auto: scoring {len(candidates)} candidates")
+        config = result.best
+        write_csv(result.leaderboard, work / LEADERBOARD_FILE, index=False)
+        columns = ["rank", "recipe", "score", "pearson_hvg", "pearson_all_genes", "seconds", "error"]
+        auto_info = {"n_candidates": len(candidates), "chosen": config.get("recipe", config["head"]), "config": config,
+                     "leaderboard": str(out_dir / LEADERBOARD_FILE),
+                     "candidates": result.leaderboard[[c for c in columns if c in result.leaderboard]].to_dict(orient="records")}
+    elif sweep is not None or trials is not None:
         result = run_sweep(head, feature_sets, Y, fold_list, space=resolve_space(sweep, head),
                            n_trials=trials, transform=transform, fixed_params=params, n_top=n_top,
                            groups=groups, seed=seed, n_jobs=n_jobs, progress=progress)
@@ -253,6 +285,8 @@ def _fit_into(work: Path, X, Y, gene_names, *, head, params, transform, folds, g
                       "top": result.leaderboard.head(5).drop(columns=["config"]).to_dict(orient="records")}
     else:
         config = _single_config(head, params, transform, feature_sets, features, seed)
+    if auto_info is None and bag is not None and int(bag) > 1:
+        config = with_bag(config, bag)
 
     X_chosen = as_matrix(feature_sets[config["features"]], "X (features)")
     factory = model_factory(config["head"], config["params"], config["transform"])
@@ -274,7 +308,7 @@ def _fit_into(work: Path, X, Y, gene_names, *, head, params, transform, folds, g
         "n_genes": len(genes), "n_folds": len(fold_list), "grouped": groups is not None, "seed": seed,
         "cv": cv.report["model"], "mean_head": cv.report["mean_head"],
         "ratio_to_mean": cv.report["ratio_to_mean"], "folds": cv.report["folds"],
-        "sweep": sweep_info, "refit_seconds": round(refit_seconds, 3),
+        "sweep": sweep_info, "auto": auto_info, "refit_seconds": round(refit_seconds, 3),
         "total_seconds": round(time.perf_counter() - started, 3),
         "files": {"oof_predictions": str(out_dir / OOF_FILE), "report": str(out_dir / REPORT_FILE),
                   "model": str(out_dir / MODEL_FILE), "model_info": str(out_dir / MODEL_INFO_FILE)},

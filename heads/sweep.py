@@ -212,9 +212,9 @@ def leaderboard_frame(rows: list[dict]) -> pd.DataFrame:
     for row in rows:
         config = row["config"]
         record = {k: v for k, v in row.items() if k != "config"}
-        record.update({"trial": config["trial"], "features": config["features"],
-                       "transform": config["transform"]})
-        record.update({k: _cell(v) for k, v in config["params"].items()})
+        record.update({"trial": config["trial"], **({"recipe": config["recipe"]} if "recipe" in config else {}),
+                       "head": config["head"], "features": config["features"], "transform": config["transform"]})
+        record.update({(f"param_{k}" if k in record else k): _cell(v) for k, v in config["params"].items()})
         record["config"] = json.dumps(config, default=str, sort_keys=True)
         records.append(record)
     frame = pd.DataFrame.from_records(records)
@@ -257,17 +257,82 @@ def run_sweep(head: str, features, Y, folds, *, space: Mapping | None = None,
         n_trials = 20 if n_trials is None else n_trials
     configs = make_configs(head, space, n_trials=n_trials, feature_names=list(feature_sets),
                            transform=transform, fixed_params=fixed_params, seed=seed)
+    return score_configs(configs, feature_sets, Y, folds, n_top=n_top, groups=groups, n_jobs=n_jobs,
+                         progress=progress, description=f"sweep {head} ({len(configs)} configs)")
+
+
+def score_configs(configs: list[dict], features, Y, folds, *, n_top: int = N_TOP_DEFAULT, groups=None,
+                  n_jobs: int = -1, progress: bool = True, description: str | None = None) -> SweepResult:
+    """Cross-validate each given config (any heads, any of the named feature sets) on the same
+    ``folds``, in parallel; the leaderboard ranks them by CV score. Configs get ``trial`` numbers
+    in the given order."""
+    feature_sets = as_feature_sets(features)
+    configs = [{**{k: v for k, v in c.items() if k != "trial"}, "trial": i} for i, c in enumerate(configs)]
+    if not configs:
+        raise HeadError("no configs to score")
+    missing = sorted({c["features"] for c in configs} - set(feature_sets))
+    if missing:
+        raise HeadError(f"configs name feature set(s) {missing} but only {sorted(feature_sets)} were given")
     n_workers = min(len(configs), effective_n_jobs(n_jobs))
     Y = np.asarray(Y, dtype=np.float64)
     tasks = (delayed(evaluate_config)(c, feature_sets[c["features"]], Y, folds, n_top, groups, n_workers > 1)
              for c in configs)
     rows = []
-    with progress_task(f"sweep {head} ({len(configs)} configs)", len(configs), progress) as advance:
+    description = description or f"scoring {len(configs)} configs"
+    with progress_task(description, len(configs), progress) as advance:
         for row in Parallel(n_jobs=n_workers, return_as="generator_unordered")(tasks):
             rows.append(row)
             advance()
     board = leaderboard_frame(rows)
     if board["score"].isna().all():
-        raise RuntimeError(f"every sweep config failed; first error: {board['error'].iloc[0]}")
+        raise RuntimeError(f"every config failed; first error: {board['error'].iloc[0]}")
     best = configs[int(board["trial"].iloc[0])]
     return SweepResult(leaderboard=board, best={k: v for k, v in best.items() if k != "trial"}, rows=rows)
+
+
+# --------------------------------------------------------------------------------------------
+# bagging and the "auto" recipe
+# --------------------------------------------------------------------------------------------
+AUTO_HEADS = ("ridge", "mlp")
+AUTO_BAG = 5
+AUTO_NEIGHBOURS = 6
+
+
+def with_bag(config: dict, bag: int | None) -> dict:
+    """``config`` with its head bagged over ``bag`` seeds (unchanged for None or 1)."""
+    from heads.bagging import bagged_config
+
+    head, params = bagged_config(config["head"], config["params"], bag)
+    return {**config, "head": head, "params": params}
+
+
+def split_params(params: Mapping | None, heads=AUTO_HEADS) -> dict[str, dict]:
+    """``params`` shared out to the heads that have them (HeadError for a parameter none has,
+    or a value a head refuses): ``{"ridge": {...}, "mlp": {...}}``."""
+    params = dict(params or {})
+    names = {h: set(head_param_names(h)) for h in heads}
+    unknown = sorted(k for k in params if not any(k in n for n in names.values()))
+    if unknown:
+        raise HeadError(f"head 'auto' tries {', '.join(heads)}, and none has parameter(s) {', '.join(unknown)}; "
+                        + "; ".join(f"{h}: {', '.join(sorted(n))}" for h, n in names.items()))
+    shared = {h: {k: v for k, v in params.items() if k in names[h]} for h in heads}
+    for h, p in shared.items():
+        make_head(h, **p)
+    return shared
+
+
+def auto_candidates(feature_names, *, params: Mapping | None = None, transform="none", seed: int = 0,
+                    bag: int | None = None) -> list[dict]:
+    """The configs ``fit-head --head auto`` scores: ridge and an mlp bagged over ``bag`` seeds
+    (default 5), each on every named feature set (e.g. plain embeddings and embeddings with
+    neighbour context). ``params`` go to the heads that have them."""
+    bag = AUTO_BAG if bag is None else int(bag)
+    shared = split_params(params)
+    configs = []
+    for features in feature_names:
+        configs.append({"recipe": f"ridge [{features}]", "head": "ridge", "features": features,
+                        "transform": transform, "params": dict(shared["ridge"])})
+        mlp = {"head": "mlp", "features": features, "transform": transform,
+               "params": {"seed": seed, **shared["mlp"]}}
+        configs.append({"recipe": f"mlp{f' bag{bag}' if bag > 1 else ''} [{features}]", **with_bag(mlp, bag)})
+    return configs
