@@ -190,7 +190,7 @@ def _print_cv(report: dict) -> None:
         auto = report["auto"]
         out.print(f"auto: {auto['n_candidates']} candidates by CV score: "
                   + "; ".join(f"{c['recipe']} {c['score']:.4f}" for c in auto["candidates"])
-                  + f"\nauto chose {auto['chosen']} (leaderboard {auto['leaderboard']})")
+                  + f"\nauto chose {auto['chosen']} (leaderboard {auto['leaderboard']})", markup=False, highlight=False)
     replaced = f"; it replaced a model fitted on {report['replaced_backbones']}" if report.get("replaced_backbones") else ""
     out.print(f"model saved in {report['out_dir']} (out-of-fold predictions: {report['files']['oof_predictions']}){replaced}")
 

@@ -64,11 +64,15 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=5, help="seeds per bag (and single seeds whose range is shown)")
     parser.add_argument("--bags", type=int, default=3, help="disjoint bags of plain mlp, for the bag range")
     parser.add_argument("--work", type=Path, default=None, help="keep imports/caches here (default: temporary)")
+    parser.add_argument("--smoke", action="store_true", help="check the script quickly: 2 seeds, 2 bags, 60 genes, "
+                        "no TTA embedding (plain features stand in for TTA); numbers mean nothing")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "her2st_accuracy.json")
     args = parser.parse_args()
     if not HER2ST.is_dir():
         sys.exit(f"{HER2ST} not found: this benchmark needs the shared her2st data")
     warnings.simplefilter("ignore")
+    if args.smoke:
+        args.seeds, args.bags, args.panel = 2, 2, 60
     work = args.work or Path(tempfile.mkdtemp(prefix="her2st-accuracy-"))
     started = time.perf_counter()
     data = work / "her2st"
@@ -83,7 +87,7 @@ def main() -> None:
     embed_seconds, feats = {}, {}
     for tta in (False, True):
         t = time.perf_counter()
-        fs = ensure_features(dataset, spec, work / "cache", tta=tta, progress=False)
+        fs = ensure_features(dataset, spec, work / "cache", tta=tta and not args.smoke, progress=False)
         embed_seconds["tta" if tta else "plain"] = round(time.perf_counter() - t, 1)
         k = args.neighbours
         prefix = "TTA" if tta else "plain"

@@ -4,7 +4,8 @@
 ``make_head(head, **params)`` whose ``seed`` parameter is ``seed, seed + 1, ...`` and predicts
 their mean. On her2st a single MLP's held-out Pearson moves by about 0.03 from seed to seed;
 the mean of five moves by a few thousandths (README, Benchmarks). Only heads with a ``seed``
-parameter can be bagged: copies of a deterministic head (ridge) would all be equal.
+parameter that changes the fit can be bagged: copies of a deterministic head (ridge, whose
+seed changes nothing) would all be equal.
 ``fit-head --bag N`` wraps the chosen head (N > 1); ``check_baggable`` refuses what cannot be
 bagged before any work.
 """
@@ -18,6 +19,11 @@ from heads.base import Head, HeadError, fit_with_supported, head_param_names, ma
 from heads.params import SEED, Constraint, Int
 
 NOT_BAGGABLE = ("bagged",)
+SEED_INDEPENDENT = ("ridge", "hest", "ridge_streamed")  # deterministic: a seed parameter that changes nothing
+
+
+def _seeded(head: str) -> bool:
+    return head not in SEED_INDEPENDENT and "seed" in head_param_names(head)
 
 
 def check_baggable(head: str, params: Mapping | None = None, n_seeds: int = 2) -> None:
@@ -27,19 +33,19 @@ def check_baggable(head: str, params: Mapping | None = None, n_seeds: int = 2) -
     if head in NOT_BAGGABLE:
         raise HeadError(f"head {head!r} is already bagged; bag its inner head instead")
     make_head(head, **dict(params or {}))  # unknown head / parameter: its own clear error
-    if n_seeds > 1 and "seed" not in head_param_names(head):
-        raise HeadError(f"head {head!r} has no seed parameter, so its {n_seeds} bagged copies would be identical; "
-                        "bag a head with a seed (mlp, bleep, gbm, ensemble) or use --bag 1")
+    if n_seeds > 1 and not _seeded(head):
+        raise HeadError(f"head {head!r} is deterministic (no seed changes its fit), so its {n_seeds} bagged copies would "
+                        "be identical; bag a head with a seed (mlp, bleep, gbm, ensemble, mlp_streamed) or use --bag 1")
 
 
 class InnerHead(Constraint):
-    text = "the name of a head with a seed parameter (e.g. 'mlp')"
+    text = "the name of a head whose fit depends on its seed (e.g. 'mlp')"
 
     def __call__(self, value) -> bool:
         if not isinstance(value, str) or value in NOT_BAGGABLE:
             return False
         try:
-            return "seed" in head_param_names(value)
+            return _seeded(value)
         except HeadError:
             return False
 

@@ -330,9 +330,9 @@ def auto_candidates(feature_names, *, params: Mapping | None = None, transform="
     shared = split_params(params)
     configs = []
     for features in feature_names:
-        configs.append({"recipe": f"ridge [{features}]", "head": "ridge", "features": features,
+        configs.append({"recipe": f"ridge on {features}", "head": "ridge", "features": features,
                         "transform": transform, "params": dict(shared["ridge"])})
         mlp = {"head": "mlp", "features": features, "transform": transform,
                "params": {"seed": seed, **shared["mlp"]}}
-        configs.append({"recipe": f"mlp{f' bag{bag}' if bag > 1 else ''} [{features}]", **with_bag(mlp, bag)})
+        configs.append({"recipe": f"mlp{f' bag{bag}' if bag > 1 else ''} on {features}", **with_bag(mlp, bag)})
     return configs
