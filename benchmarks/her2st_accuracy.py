@@ -66,13 +66,22 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=None, help="keep imports/caches here (default: temporary)")
     parser.add_argument("--smoke", action="store_true", help="check the script quickly: 2 seeds, 2 bags, 60 genes, "
                         "no TTA embedding (plain features stand in for TTA); numbers mean nothing")
+    parser.add_argument("--table-only", action="store_true",
+                        help="rebuild the table and JSON from the rows a run saved beside --out (OUT.rows.json)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "her2st_accuracy.json")
     args = parser.parse_args()
+    rows_path = args.out.with_suffix(".rows.json")
+    if args.table_only:
+        saved = json.loads(rows_path.read_text())
+        write_table(args, saved["results"], saved["chosen"], saved["timings"], saved["embed_seconds"], saved["seconds"])
+        return
     if not HER2ST.is_dir():
         sys.exit(f"{HER2ST} not found: this benchmark needs the shared her2st data")
     warnings.simplefilter("ignore")
+    mlp_params = {}  # the mlp head's defaults, as --head auto uses them
     if args.smoke:
         args.seeds, args.bags, args.panel = 2, 2, 60
+        mlp_params = {"hidden": [16], "epochs": 2}
     work = args.work or Path(tempfile.mkdtemp(prefix="her2st-accuracy-"))
     started = time.perf_counter()
     data = work / "her2st"
@@ -125,7 +134,7 @@ def main() -> None:
             seed_preds = []
             for seed in range(args.seeds * n_bags):
                 pred = timed(f"mlp {label} (all seeds)",
-                             lambda: make_head("mlp", seed=seed, device="cpu").fit(X[train], y_train).predict(X[test]))
+                             lambda: make_head("mlp", **mlp_params, seed=seed, device="cpu").fit(X[train], y_train).predict(X[test]))
                 seed_preds.append(pred)
                 if seed < args.seeds:
                     record(f"mlp 1 seed {label}", held_out, pred, y_test, hvg, heg, seed=seed)
@@ -140,6 +149,7 @@ def main() -> None:
             with tempfile.TemporaryDirectory() as tmp:
                 t = time.perf_counter()
                 report = fit_head(X_sets, y_train, [str(g) for g in panel], head="auto", folds=len(set(groups[train])), groups=groups[train],
+                                  params=mlp_params or None, bag=2 if args.smoke else None,
                                   out_dir=Path(tmp) / "model", feature_meta={}, progress=False)
                 fitted = load_model(Path(tmp) / "model")
                 long = {v: k for k, v in names.items()}[report["features"]]
@@ -148,10 +158,20 @@ def main() -> None:
             record(name, held_out, pred, y_test, hvg, heg, chosen=report["auto"]["chosen"],
                    cv=[{"recipe": c["recipe"], "score": c["score"]} for c in report["auto"]["candidates"]])
             chosen.setdefault(name, {})[held_out] = report["auto"]["chosen"]
+        rows_path.parent.mkdir(parents=True, exist_ok=True)
+        rows_path.write_text(json.dumps({"results": results, "chosen": chosen, "timings": timings,
+                                         "embed_seconds": embed_seconds, "seconds": round(time.perf_counter() - started, 1)}))
         print(f"{held_out} done ({time.perf_counter() - started:.0f} s); auto chose {chosen['auto'][held_out]}, "
               f"auto --tta chose {chosen['auto --tta'][held_out]}", flush=True)
 
+    write_table(args, results, chosen, timings, embed_seconds, round(time.perf_counter() - started, 1))
+
+
+def write_table(args, results, chosen, timings, embed_seconds, seconds) -> None:
+    """Print the table (first seed/bag per row, 4-section means, ranges over seeds/bags) and write the JSON."""
     frame = pd.DataFrame(results)
+    sections = sorted(set(frame["held_out"]))
+    tta_ctx = f"TTA+k{args.neighbours}"
     first = frame[frame.get("seed", pd.Series(0, index=frame.index)).fillna(0).eq(0)
                   & frame.get("bag", pd.Series(0, index=frame.index)).fillna(0).eq(0)]
     table = first.pivot_table(index="row", columns="held_out", values="r_hvg50", sort=False)
@@ -170,7 +190,6 @@ def main() -> None:
              "training mean"]
     table = table.reindex([r for r in order if r in table.index])
     pd.set_option("display.width", 160)
-    seconds = round(time.perf_counter() - started, 1)
     print(f"\nleave-one-section-out on her2st (MobileNetV2): mean Pearson over the top-{N_TOP} HVG of the training "
           f"sections per held-out section; challenge score over the top-{args.panel} HVG panel; {seconds} s in all")
     print(table.round(3).to_string())
