@@ -177,7 +177,7 @@ class TileDataset(PatchDataset):
 
     def read_image(self, i: int) -> np.ndarray:
         cx, cy = self.coords[i]
-        return read_square(self.slide(), float(cx), float(cy), self.tile_src_px, self.patch_px)[0]
+        return np.array(read_square(self.slide(), float(cx), float(cy), self.tile_src_px, self.patch_px)[0])  # writable
 
     def image_label(self, i: int) -> str:
         cx, cy = self.coords[i]

@@ -191,3 +191,74 @@ def test_tile_scale_from_model_or_default():
     with pytest.warns(UserWarning, match="does not record"):
         s = tile_scale({})
     assert (s["tile_um"], s["tile_px"], s["source"]) == (112.0, 224, "default")
+
+
+# ----------------------------------------------------------------------------- real data: her2st C3
+
+
+def _mean_gene_r(a: np.ndarray, b: np.ndarray) -> float:
+    from heads.metrics import pearson_per_gene
+
+    r = pearson_per_gene(a, b)
+    return float(np.nanmean(r))
+
+
+@needs_shared
+def test_her2st_c3_slide_map_agrees_with_spot_predictions(tmp_path):
+    """Fit on C2 + C4 (MobileNetV2, 64 px patches of 112 µm), predict the whole C3 image, and compare
+    the map at C3's measured spots with spot-level `predict` and with the measured expression."""
+    import time
+
+    from embedder.backbones import parse_backbone
+    from embedder.datasets import open_dataset
+    from embedder.importers import import_dataset
+    from embedder.slides import open_slide
+    from heads.fitting import load_model
+    from workflow import fit_head, predict, predict_slide, predict_tiles, tile_scale
+
+    t0 = time.perf_counter()
+    spec = parse_backbone(f"mobilenetv2_100:weights={MOBILENET_WEIGHTS},pad_type=same,mean=0.5/0.5/0.5,std=0.5/0.5/0.5")
+    opts = dict(cache_dir=tmp_path / "cache", progress=False, precision="fp32")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import_dataset(HER2ST, tmp_path / "train", sample_ids=["C2", "C4"], target_um_per_px=1.75, progress=False)
+        c3 = import_dataset(HER2ST, tmp_path / "c3", sample_ids=["C3"], target_um_per_px=1.75, progress=False)
+        fit_head(tmp_path / "train", [spec], head="ridge", genes="hvg:50", folds=2, out_dir=tmp_path / "model",
+                 n_jobs=1, **opts)
+        predict(tmp_path / "model", tmp_path / "c3", out=tmp_path / "c3_spots.csv", **opts)
+    fitted = load_model(tmp_path / "model")
+    assert fitted.feature_meta["patch"] == {"patch_um": 112.0, "patch_px": 64, "um_per_px": 1.75}
+    image = next((HER2ST / "ST-imgs" / "C3").glob("*.jpg"))
+    mpp = c3["samples"]["C3"]["scale"]["um_per_px"] if "scale" in c3["samples"]["C3"] else 0.69
+    t1 = time.perf_counter()
+    report = predict_slide(tmp_path / "model", [image], tmp_path / "maps", um_per_px=mpp, genes=["ERBB2"]
+                           if "ERBB2" in fitted.genes else None, **opts)
+    slide_s = time.perf_counter() - t1
+    r = report["slides"][str(image)]
+    out = tmp_path / "maps" / image.stem
+    assert {p.name for p in out.iterdir()} >= {"predictions.h5ad", "tiles.geojson"} and r["n_tiles"] > 300
+
+    # the map at the measured spots: the tile under each spot centre
+    spots = open_dataset(tmp_path / "c3")
+    spot_pred = pd.read_csv(tmp_path / "c3_spots.csv", index_col="ID").loc[spots.ids, fitted.genes]
+    truth = spots.targets.loc[spots.ids, fitted.genes]
+    centres = spots.coords + 0.5
+    tiles = ad.read_h5ad(out / "predictions.h5ad")
+    half = tiles.uns["hexpr"]["tile_px_level0"] / 2
+    d = np.abs(tiles.obsm["spatial"][None, :, :] - centres[:, None, :]).max(axis=2)
+    under = d.argmin(axis=1)
+    covered = d[np.arange(len(centres)), under] <= half
+    assert covered.mean() > 0.8, covered.mean()
+    map_at_spots = tiles[under[covered]].to_df()[fitted.genes].to_numpy()
+    r_spot = _mean_gene_r(map_at_spots, spot_pred.to_numpy()[covered])
+    r_truth = _mean_gene_r(map_at_spots, truth.to_numpy()[covered])
+    r_spot_level_truth = _mean_gene_r(spot_pred.to_numpy(), truth.to_numpy())
+    # tiles centred exactly on the spots reproduce spot-level predict (same geometry, same model)
+    with open_slide(image, mpp) as slide:
+        exact, _ = predict_tiles(fitted, slide, centres, spots.ids, tile_scale(fitted.feature_meta), **opts)
+    r_exact = _mean_gene_r(exact.to_numpy(), spot_pred.to_numpy())
+    print(f"\nher2st C3: {r['n_tiles']} tissue tiles of {r['n_grid_tiles']}; {covered.sum()} of {len(centres)} spots under a "
+          f"tile; mean gene r: map vs spot predict {r_spot:.3f}, map vs measured {r_truth:.3f}, spot predict vs "
+          f"measured {r_spot_level_truth:.3f}, tiles at spot centres vs spot predict {r_exact:.3f}; predict-slide "
+          f"{slide_s:.1f} s, test {time.perf_counter() - t0:.1f} s")
+    assert r_spot > 0.3 and r_truth > 0.05 and r_exact > 0.95
