@@ -203,8 +203,19 @@ def _mean_gene_r(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.nanmean(r))
 
 
+@pytest.fixture
+def one_torch_thread():
+    """One intra-op thread: on a shared 2-core machine two threads contend badly (30x slower measured)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @needs_shared
-def test_her2st_c3_slide_map_agrees_with_spot_predictions(tmp_path):
+def test_her2st_c3_slide_map_agrees_with_spot_predictions(tmp_path, one_torch_thread):
     """Fit on C2 + C4 (MobileNetV2, 64 px patches of 112 µm), predict the whole C3 image, and compare
     the map at C3's measured spots with spot-level `predict` and with the measured expression."""
     import time
@@ -217,7 +228,8 @@ def test_her2st_c3_slide_map_agrees_with_spot_predictions(tmp_path):
     from workflow import fit_head, predict, predict_slide, predict_tiles, tile_scale
 
     t0 = time.perf_counter()
-    spec = parse_backbone(f"mobilenetv2_100:weights={MOBILENET_WEIGHTS},pad_type=same,mean=0.5/0.5/0.5,std=0.5/0.5/0.5")
+    spec = parse_backbone(f"mobilenetv2_100:weights={MOBILENET_WEIGHTS},pad_type=same,mean=0.5/0.5/0.5,std=0.5/0.5/0.5,"
+                          "size=64")   # the model sees 64 px too: fast on CPU
     opts = dict(cache_dir=tmp_path / "cache", progress=False, precision="fp32")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -261,4 +273,4 @@ def test_her2st_c3_slide_map_agrees_with_spot_predictions(tmp_path):
           f"tile; mean gene r: map vs spot predict {r_spot:.3f}, map vs measured {r_truth:.3f}, spot predict vs "
           f"measured {r_spot_level_truth:.3f}, tiles at spot centres vs spot predict {r_exact:.3f}; predict-slide "
           f"{slide_s:.1f} s, test {time.perf_counter() - t0:.1f} s")
-    assert r_spot > 0.3 and r_truth > 0.05 and r_exact > 0.95
+    assert r_spot > 0.25 and r_truth > 0.1 and r_exact > 0.95
