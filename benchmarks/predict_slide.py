@@ -52,6 +52,9 @@ def main() -> None:
     parser.add_argument("--section", default="C3")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: all CPUs)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "predict_slide.json")
+    parser.add_argument("--picture", type=Path, default=None,
+                        help="also draw two genes' maps side by side into this PNG (the README's picture)")
+    parser.add_argument("--picture-genes", default="CD24,IGHG1")
     args = parser.parse_args()
     if not HER2ST.is_dir():
         sys.exit(f"{HER2ST} not found: this benchmark needs the shared her2st data")
@@ -105,9 +108,38 @@ def main() -> None:
               "batch_size": args.batch_size, "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "n_grid_tiles": len(grid), "n_tissue_tiles": n,
               "seconds": {k: round(v, 2) for k, v in rows.items()},
               "tiles_per_second": {k: round(n / v, 1) for k, v in rows.items()}, "peak_memory_mib": peak_memory_mib()}
+    if args.picture:
+        draw_picture(work / "maps" / image.stem, args.picture, args.picture_genes.split(","))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     print(f"peak memory {result['peak_memory_mib']} MiB; wrote {args.out}")
+
+
+def draw_picture(maps: Path, out_png: Path, genes: list[str]) -> None:
+    """Maps of ``genes`` over the thumbnail, side by side, as a small palette PNG."""
+    import anndata as ad
+    from PIL import Image
+
+    from heads.plots import plot_tile_map
+
+    a = ad.read_h5ad(maps / "predictions.h5ad")
+    meta, spatial = a.uns["hexpr"], next(iter(a.uns["spatial"].values()))
+    panels = []
+    for gene in genes:
+        path = out_png.with_name(f".{out_png.stem}_{gene}.png")
+        plot_tile_map(a[:, gene].X.ravel(), a.obsm["spatial"], meta["stride_px_level0"], spatial["images"]["hires"],
+                      spatial["scalefactors"]["tissue_hires_scalef"], path, title=f"her2st C3: predicted {gene}",
+                      width_in=4.4, height_in=3.6, dpi=80)
+        panels.append(Image.open(path).convert("RGB"))
+        path.unlink()
+    canvas = Image.new("RGB", (sum(p.width for p in panels), max(p.height for p in panels)), "white")
+    x = 0
+    for p in panels:
+        canvas.paste(p, (x, 0))
+        x += p.width
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    canvas.quantize(colors=128, method=Image.Quantize.MEDIANCUT).save(out_png, optimize=True)
+    print(f"wrote {out_png} ({out_png.stat().st_size / 1024:.0f} KB)")
 
 
 if __name__ == "__main__":
