@@ -77,6 +77,20 @@ def test_tiff_scale_from_resolution_tags_pyramid_and_regions(tmp_path):
         assert s.um_per_px == 0.25 and s.um_per_px_source == "given"
 
 
+def test_openslide_reader_matches_tifffile(tmp_path):
+    """OpenSlide (used for NDPI/MRXS/SCN) on a generic tiled TIFF: same pixels, scale from openslide.mpp-x."""
+    pytest.importorskip("openslide")
+    from embedder.slides import OpenSlideSlide, slide_um_per_px
+
+    img = synthetic_slide()
+    with OpenSlideSlide(write_tiff(tmp_path / "s.tif", img)) as s:
+        assert (s.width, s.height) == (W, H)
+        assert slide_um_per_px(s) == (pytest.approx(0.5), "OpenSlide openslide.mpp-x")
+        np.testing.assert_array_equal(np.asarray(s.region(10, 20, 60, 90)), img[20:90, 10:60])
+        assert (np.asarray(s.region(-5, -5, 5, 5))[:5, :5] == 255).all()
+        assert s.thumbnail(4).shape == (200, 250, 3)
+
+
 def test_jpeg_without_scale_is_a_clear_error(tmp_path, tiny_model):
     Image.fromarray(synthetic_slide()).save(tmp_path / "s.jpg", quality=90)
     with pytest.raises(SlideError, match="--um-per-px"):
