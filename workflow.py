@@ -370,12 +370,13 @@ def _slide_model(model_path):
 def predict_tiles(fitted, slide, centres, ids, scale: dict, *, cache_dir=DEFAULT_CACHE_DIR, progress: bool = True,
                   **embed_options) -> tuple[pd.DataFrame, dict]:
     """Predict at square tiles of ``scale['tile_um']`` centred at ``centres`` (level-0 px) of an open
-    slide (its ``um_per_px`` set); embeds through the cache (resumable). Returns (predictions, cache files)."""
+    slide (its ``um_per_px`` set; closed on return); embeds through the cache (resumable).
+    Returns (predictions, cache files)."""
     from embedder.features import check_features_match, specs_from_meta
     from embedder.tiling import tile_dataset
 
     meta = fitted.feature_meta
-    dataset = tile_dataset(slide.path, slide.um_per_px, centres, ids, scale["tile_um"], scale["tile_px"])
+    dataset = tile_dataset(slide.path, slide.um_per_px, centres, ids, scale["tile_um"], scale["tile_px"], slide=slide)
     try:
         features = ensure_features(dataset, specs_from_meta(meta), cache_dir, tta=bool(meta.get("tta")),
                                    progress=progress, distributed=False, **embed_options)

@@ -200,9 +200,13 @@ class TileDataset(PatchDataset):
 
 
 def tile_dataset(slide_path: Path, um_per_px: float, centres: np.ndarray, ids: list[str], tile_um: float,
-                 patch_px: int, name: str | None = None) -> TileDataset:
-    """Tiles of ``tile_um`` µm centred at ``centres`` (level-0 px) of a slide at ``um_per_px``."""
+                 patch_px: int, name: str | None = None, slide: SlideImage | None = None) -> TileDataset:
+    """Tiles of ``tile_um`` µm centred at ``centres`` (level-0 px) of a slide at ``um_per_px``.
+    ``slide``: the slide already open in this process (reused, not decoded again; closed by ``close()``)."""
     slide_path = Path(slide_path)
-    return TileDataset(name=name or f"slide_{slide_path.stem}", source=slide_path, ids=list(ids),
-                       coords=np.asarray(centres, np.float64).reshape(-1, 2), slide_path=slide_path,
-                       um_per_px=float(um_per_px), tile_src_px=float(tile_um / um_per_px), patch_px=int(patch_px))
+    dataset = TileDataset(name=name or f"slide_{slide_path.stem}", source=slide_path, ids=list(ids),
+                          coords=np.asarray(centres, np.float64).reshape(-1, 2), slide_path=slide_path,
+                          um_per_px=float(um_per_px), tile_src_px=float(tile_um / um_per_px), patch_px=int(patch_px))
+    if slide is not None:
+        dataset._slide, dataset._pid = slide, os.getpid()
+    return dataset

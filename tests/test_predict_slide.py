@@ -190,6 +190,21 @@ def test_predict_slide_outputs_overwrite_and_folder(tmp_path, tiny_model):
     assert ad.read_h5ad(out / "one" / "predictions.h5ad").n_obs == a.n_obs      # failed run changed nothing
 
 
+def test_interrupted_embedding_resumes_and_writes_nothing_before(tmp_path, tiny_model):
+    from embedder.cache import CacheError
+    from workflow import predict_slide
+
+    slide = write_tiff(tmp_path / "s.tif", synthetic_slide())
+    opts = dict(tile_um=50, tile_um_per_px=2, cache_dir=tmp_path / "cache", progress=False, chunk_size=8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(CacheError, match="run again to resume"):
+            predict_slide(tiny_model, [slide], tmp_path / "out", max_chunks=1, **opts)
+        assert not (tmp_path / "out" / "s").exists()
+        report = predict_slide(tiny_model, [slide], tmp_path / "out", **opts)
+    assert report["slides"][str(slide)]["n_tiles"] > 8 and (tmp_path / "out" / "s" / "predictions.h5ad").is_file()
+
+
 def test_rank_share_splits_slides():
     from workflow import rank_share
 
