@@ -423,6 +423,8 @@ def predict_slide(model_path, slides, out_dir, *, um_per_px: float | None = None
         raise DatasetError(f"--stride-um must be positive, got {stride_um}")
     fitted = _slide_model(model_path)
     scale = tile_scale(fitted.feature_meta, tile_um, tile_um_per_px)
+    if genes:  # an unknown --gene fails before any work
+        _heatmap_genes(pd.DataFrame(columns=fitted.genes), genes, 0)
     paths = find_slides([Path(s) for s in slides])
     stems = [slide_out_dir(out_dir, p).name for p in paths]
     clash = sorted({s for s in stems if stems.count(s) > 1})
