@@ -52,10 +52,12 @@ class SlideWarning(UserWarning):
     """Recoverable oddity of a slide (extra axes ignored, EXIF orientation ignored)."""
 
 
-def _warn(messages: list[str] | None, msg: str) -> None:
+def record_warning(messages: list[str] | None, msg: str, category: type[Warning] = SlideWarning,
+                   stacklevel: int = 3) -> None:
+    """Emit ``msg`` as a warning of ``category`` and remember it in ``messages`` (when given)."""
     if messages is not None:
         messages.append(msg)
-    warnings.warn(msg, SlideWarning, stacklevel=3)
+    warnings.warn(msg, category, stacklevel=stacklevel)
 
 
 # ------------------------------------------------------------------------------
@@ -416,7 +418,7 @@ def _open_tiff(path: Path, messages: list[str] | None, max_inmemory_bytes: int |
         level = series.levels[0]             # full resolution
         ax = _TiffAxes(level.axes, level.shape, path)
         if ax.extra:
-            _warn(messages, f"{path}: axes {ax.axes} {ax.shape}; using index 0 of {ax.extra}")
+            record_warning(messages, f"{path}: axes {ax.axes} {ax.shape}; using index 0 of {ax.extra}")
         nbytes = ax.width * ax.height * max(3, ax.channels) * np.dtype(level.dtype).itemsize
         limit = MAX_INMEMORY_IMAGE_BYTES if max_inmemory_bytes is None else max_inmemory_bytes
         zarr_ok = True
@@ -535,7 +537,7 @@ def open_image(path: Path | str, messages: list[str] | None = None,
 _SVS_MPP = re.compile(r"MPP\s*=\s*([0-9.eE+-]+)")
 _OME_MPP = re.compile(r'PhysicalSizeX="([0-9.eE+-]+)"')
 _OME_UNIT = re.compile(r'PhysicalSizeXUnit="([^"]+)"')
-_UNIT_UM = {"µm": 1.0, "um": 1.0, "\u00b5m": 1.0, "nm": 1e-3, "mm": 1e3, "cm": 1e4, "m": 1e6}
+_UNIT_UM = {"µm": 1.0, "um": 1.0, "\u03bcm": 1.0, "nm": 1e-3, "mm": 1e3, "cm": 1e4, "m": 1e6}
 
 
 def _positive(v) -> float | None:

@@ -45,7 +45,7 @@ import scipy.sparse as sp
 from PIL import Image
 
 from embedder import slides as _slides
-from embedder.slides import (IMAGE_SUFFIXES, MAX_INMEMORY_IMAGE_BYTES, PIL_MAX_PIXELS, PIL_SUFFIXES,  # noqa: F401
+from embedder.slides import (IMAGE_SUFFIXES, record_warning, MAX_INMEMORY_IMAGE_BYTES, PIL_MAX_PIXELS, PIL_SUFFIXES,  # noqa: F401
                              SUPER_TILE_PX, THUMBNAIL_BAND_BYTES, THUMBNAIL_LEVEL_MAX_BYTES, THUMBNAIL_MAX_SIDE,
                              TIFF_SUFFIXES, TILE_CACHE_BYTES, WHITE, ArraySlide, PILSlide, SlideError, SlideImage,
                              SlideWarning, TiffRegionSlide, _to_rgb8, block_mean, read_square, thumbnail_factor)
@@ -73,9 +73,7 @@ class ImporterWarning(SlideWarning):
 
 def warn(messages: list[str] | None, msg: str) -> None:
     """Emit an :class:`ImporterWarning` and remember it in ``messages``."""
-    if messages is not None:
-        messages.append(msg)
-    warnings.warn(msg, ImporterWarning, stacklevel=3)
+    record_warning(messages, msg, ImporterWarning, stacklevel=4)
 
 
 def hexpr_version() -> str:
