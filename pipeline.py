@@ -50,6 +50,7 @@ def _friendly_errors(func):
         from embedder.datasets import DatasetError
         from embedder.finetune_model import FinetuneError
         from embedder.importers import ImporterError
+        from embedder.slides import SlideError
         from heads.base import HeadError
         from heads.evaluation import EvaluationError
 
@@ -57,7 +58,8 @@ def _friendly_errors(func):
         warnings.simplefilter("once")
         try:
             return func(*args, **kwargs)
-        except (DatasetError, BackboneError, CacheError, EvaluationError, ImporterError, FinetuneError, HeadError, FileExistsError,
+        except (DatasetError, BackboneError, CacheError, EvaluationError, ImporterError, SlideError, FinetuneError, HeadError,
+                FileExistsError,
                 FileNotFoundError) as exc:
             from rich.markup import escape
 
@@ -254,6 +256,39 @@ def predict(
     result = workflow.predict(model, data, out=out_path, fmt=fmt, cache_dir=cache_dir, template=template,
                               progress=not quiet, batch_size=batch_size, num_workers=workers, device=device)
     out.print(f"wrote {result['n_spots']} spots x {result['n_genes']} genes to {result['out']}")
+
+
+@app.command("predict-slide")
+@_friendly_errors
+def predict_slide(
+    model: Annotated[Path, typer.Argument(help="Model folder (or model.joblib) written by fit-head.")],
+    slides: Annotated[list[Path], typer.Argument(help="Slide files (TIFF/SVS, NDPI/MRXS/SCN via OpenSlide, JPEG/PNG) or folders of them.")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Output folder: one <slide>/ folder per slide.")] = Path("slide-predictions"),
+    um_per_px: Annotated[Optional[float], typer.Option("--um-per-px", help="Slide µm per pixel (needed when the slide does not record it, e.g. JPEG/PNG).")] = None,
+    tile_um: Annotated[Optional[float], typer.Option("--tile-um", help="Tile side in µm (default: the model's training patch, else 112).")] = None,
+    tile_um_per_px: Annotated[Optional[float], typer.Option("--tile-um-per-px", help="Tile pixel size for the model (default: the model's, else 0.5).")] = None,
+    stride_um: Annotated[Optional[float], typer.Option("--stride-um", help="Tile step in µm (default: the tile side; smaller = overlap).")] = None,
+    min_tissue: Annotated[float, typer.Option("--min-tissue", help="Keep tiles with at least this share of tissue.")] = 0.25,
+    gene: Annotated[Optional[list[str]], typer.Option("--gene", help="Gene to draw a heatmap of, repeatable (default: the 3 most variable predicted).")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing <out>/<slide> folders.")] = False,
+    cache_dir: CacheDirOpt = Path("cache"), batch_size: BatchOpt = None, workers: WorkersOpt = None,
+    device: DeviceOpt = "auto", precision: PrecisionOpt = "auto", quiet: QuietOpt = False,
+):
+    """Predict expression over whole H&E slides: tissue tiles -> .h5ad, QuPath GeoJSON, per-gene heatmaps."""
+    import workflow
+
+    result = workflow.predict_slide(model, slides, out_dir, um_per_px=um_per_px, tile_um=tile_um, tile_um_per_px=tile_um_per_px,
+                                    stride_um=stride_um, min_tissue=min_tissue, genes=gene, overwrite=overwrite,
+                                    cache_dir=cache_dir, progress=not quiet, batch_size=batch_size, num_workers=workers,
+                                    device=device, precision=precision)
+    tile = result["tile"]
+    table = Table(title=f"predict-slide: tiles of {tile['tile_um']:g} µm at {tile['tile_um_per_px']:g} µm/px ({tile['source']})")
+    for column in ("slide", "µm/px", "tiles (tissue/grid)", "seconds", "tiles/s", "output"):
+        table.add_column(column)
+    for path, r in result["slides"].items():
+        table.add_row(Path(path).name, f"{r['um_per_px']:.4g} ({r['um_per_px_source']})", f"{r['n_tiles']}/{r['n_grid_tiles']}",
+                      str(r["seconds"]), str(r["tiles_per_second"]), r["out_dir"])
+    out.print(table)
 
 
 @app.command()

@@ -89,6 +89,10 @@ class PatchDataset:
             self._fingerprint = h.hexdigest()
         return self._fingerprint
 
+    def patch_scale(self) -> dict | None:
+        """The patches' physical size when the source records it: {"patch_um", "patch_px", "um_per_px"}."""
+        return None
+
     def describe(self) -> dict:
         return {
             "name": self.name,
@@ -305,6 +309,17 @@ class HestPatchDataset(PatchDataset):
     def image_label(self, i: int) -> str:
         file_index, row = self.rows[i]
         return f"{self.patch_files[file_index]} row {row} (id {self.ids[i]!r})"
+
+    def patch_scale(self) -> dict | None:
+        """From the first patch file's attrs (written by ``hexpr import``: patch_size_um, patch_size_px)."""
+        try:
+            attrs = self._handle(0).attrs
+            patch_um, patch_px = float(attrs["patch_size_um"]), int(attrs["patch_size_px"])
+        except (KeyError, TypeError, ValueError):
+            return None
+        if not (patch_um > 0 and patch_px > 0):
+            return None
+        return {"patch_um": patch_um, "patch_px": patch_px, "um_per_px": patch_um / patch_px}
 
     def _image_digests(self):
         for i, sid in enumerate(self.ids):

@@ -43,9 +43,6 @@ spot k from ``default_rng([seed, 1, k])``), so the output is byte-identical acro
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np

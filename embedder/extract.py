@@ -13,6 +13,7 @@ import time
 import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -177,6 +178,7 @@ def embed_dataset(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     progress: bool = True,
     max_chunks: int | None = None,
+    distributed: bool = True,
 ) -> list[CacheEntry]:
     """Embed ``dataset`` with every spec whose cache is missing; returns the entries in spec order.
 
@@ -185,12 +187,13 @@ def embed_dataset(
     same cache file a single-process run writes. The cache folder must be shared by all ranks.
     ``precision``: "auto" (bf16 autocast on CUDA and on CPUs with native bf16, else fp32), "fp32" or "bf16".
     ``max_chunks`` stops after that many chunks (for tests of interruption and resume).
+    ``distributed=False``: embed alone even under torchrun (each rank embeds its own slides).
     """
     from pathlib import Path
 
     if len(dataset) == 0:
         raise DatasetError(f"{dataset.source}: the dataset is empty")
-    ranks = distributed_ranks()
+    ranks = distributed_ranks() if distributed else _Ranks()
     torch_device = resolve_device(device)
     autocast_dtype = resolve_precision(precision, torch_device)
     batch_size = batch_size or default_batch_size(torch_device)

@@ -10,7 +10,6 @@ file (``finetuned.pt`` + ``finetuned.json``) and ``load_finetuned``.
 """
 from __future__ import annotations
 
-import json
 import math
 import time
 import warnings

@@ -644,3 +644,60 @@ def make_report_plots(pred_path: str | Path, truth_path: str | Path, out_dir: st
             out["spatial_maps"][s.name] = str(path)
     out["notes"] = notes
     return out
+
+
+# ----------------------------------------------------------------------------- whole-slide tile maps
+
+TILE_MAP_W_IN = 6.0
+TILE_MAP_H_IN = 5.0
+
+
+def tile_raster(values: np.ndarray, centres: np.ndarray, cell_px: float) -> tuple[np.ndarray, tuple[float, float]]:
+    """Tile values on a regular grid of ``cell_px`` (NaN where no tile) and the level-0 position of
+    the raster's top-left corner: cell (r, c) spans ``corner + [c, c+1) * cell_px`` horizontally."""
+    centres = np.asarray(centres, dtype=np.float64).reshape(-1, 2)
+    origin = centres.min(axis=0)
+    cols = np.rint((centres[:, 0] - origin[0]) / cell_px).astype(int)
+    rows = np.rint((centres[:, 1] - origin[1]) / cell_px).astype(int)
+    raster = np.full((rows.max() + 1, cols.max() + 1), np.nan)
+    raster[rows, cols] = np.asarray(values, dtype=np.float64)
+    return raster, (float(origin[0] - cell_px / 2), float(origin[1] - cell_px / 2))
+
+
+def plot_tile_map(values, centres, cell_px: float, thumbnail: np.ndarray, thumbnail_scale: float,
+                  out_png: str | Path, title: str | None = None, cmap: str = "viridis", alpha: float = 0.8,
+                  width_in: float = TILE_MAP_W_IN, height_in: float = TILE_MAP_H_IN, dpi: int = DPI) -> Path:
+    """Predicted value of each tile as a heatmap over the slide thumbnail (one gene, one PNG).
+
+    ``centres`` are tile centres in level-0 pixels, ``cell_px`` the tile stride in level-0 pixels,
+    ``thumbnail_scale`` thumbnail px per level-0 px. The view is the tiles' bounding box plus a margin.
+    """
+    from matplotlib.colors import Normalize
+
+    values = np.asarray(values, dtype=np.float64).ravel()
+    centres = np.asarray(centres, dtype=np.float64).reshape(-1, 2)
+    if len(values) != len(centres) or not len(values):
+        raise ValueError(f"{len(values)} values for {len(centres)} tile centres")
+    raster, (left, top) = tile_raster(values, centres, cell_px)
+    s = float(thumbnail_scale)
+    l, t = left * s, top * s
+    r, b = l + raster.shape[1] * cell_px * s, t + raster.shape[0] * cell_px * s
+    margin = 2 * cell_px * s
+    h, w = thumbnail.shape[:2]
+    x0, x1 = max(0.0, l - margin), min(float(w), r + margin)
+    y0, y1 = max(0.0, t - margin), min(float(h), b + margin)
+    fig = _figure(width_in, height_in, dpi)
+    ax = fig.add_subplot(1, 1, 1)
+    ax.imshow(thumbnail, extent=(0, w, h, 0), interpolation="antialiased", zorder=0)
+    lo, hi = _robust_range(values)
+    im = ax.imshow(np.ma.masked_invalid(raster), extent=(l, r, b, t), cmap=cmap, norm=Normalize(lo, hi),
+                   alpha=alpha, interpolation="nearest", zorder=1)
+    ax.set_xlim(x0, x1)
+    ax.set_ylim(y1, y0)
+    ax.set_aspect("equal")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if title:
+        ax.set_title(title, fontsize=11)
+    fig.colorbar(im, ax=ax, shrink=0.85, label="predicted expression")
+    return save_png(fig, out_png)

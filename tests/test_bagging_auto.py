@@ -125,6 +125,9 @@ def test_cli_fit_head_auto_end_to_end(tmp_path):
     report = json.loads((model / "cv_report.json").read_text())
     assert report["auto"]["chosen"] == board["recipe"].iloc[0]
     assert report["auto"]["chosen"] in " ".join(r.output.split())
+    info = json.loads((model / "model.json").read_text())
+    assert info["feature_meta"]["neighbours"] == (6 if "k6" in report["auto"]["chosen"] else 0)
+    assert "patch" in info["feature_meta"]  # what predict-slide reads
     r = runner.invoke(app, ["predict", str(model), str(train), "--out", str(tmp_path / "p.csv"), "--cache-dir", str(cache), "--quiet"])
     assert r.exit_code == 0, r.output
     assert pd.read_csv(tmp_path / "p.csv").shape == (36, 5)

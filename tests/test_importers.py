@@ -17,6 +17,7 @@ import tifffile
 from PIL import Image
 
 import embedder.importers.common as common
+import embedder.slides as slides
 from embedder.importers import (ImporterError, ImporterWarning, derive_um_per_px, import_dataset, import_hest,
                                 import_visium, open_image)
 
@@ -199,8 +200,8 @@ def test_visium_marker_centred_and_expression(visium, visium_import):
 
 def test_pyramidal_tiff_region_reader_same_patches(tmp_path, visium_import, monkeypatch):
     v = make_visium(tmp_path / "sampleA", pyramidal=True)
-    monkeypatch.setattr(common, "MAX_INMEMORY_IMAGE_BYTES", 0)      # force region reads
-    monkeypatch.setattr(common, "SUPER_TILE_PX", 256)
+    monkeypatch.setattr(slides, "MAX_INMEMORY_IMAGE_BYTES", 0)      # force region reads
+    monkeypatch.setattr(slides, "SUPER_TILE_PX", 256)
     with pytest.warns(ImporterWarning):
         s = import_dataset(v["root"], tmp_path / "out", target_um_per_px=1.0, progress=False)
     assert s["samples"]["sampleA"]["image_read"] == "region"
@@ -213,8 +214,8 @@ def test_pyramidal_tiff_region_reader_same_patches(tmp_path, visium_import, monk
 def test_region_reader_matches_array(tmp_path, monkeypatch):
     v = make_visium(tmp_path / "s", pyramidal=True)
     ref = _image()
-    monkeypatch.setattr(common, "MAX_INMEMORY_IMAGE_BYTES", 0)
-    monkeypatch.setattr(common, "SUPER_TILE_PX", 256)
+    monkeypatch.setattr(slides, "MAX_INMEMORY_IMAGE_BYTES", 0)
+    monkeypatch.setattr(slides, "SUPER_TILE_PX", 256)
     with open_image(v["image"]) as im:
         assert im.mode == "region" and (im.width, im.height) == (W, H)
         r = np.asarray(im.region(300, 200, 700, 555))
@@ -465,9 +466,9 @@ def test_thumbnail_written_with_scale(tmp_path, monkeypatch, fmt, pyramidal, reg
     v = make_visium(tmp_path / "S", image_fmt=fmt, pyramidal=pyramidal)
     monkeypatch.setattr(common, "THUMBNAIL_MAX_SIDE", max_side)
     if region:
-        monkeypatch.setattr(common, "MAX_INMEMORY_IMAGE_BYTES", 0)
-        monkeypatch.setattr(common, "SUPER_TILE_PX", 256)
-        monkeypatch.setattr(common, "THUMBNAIL_BAND_BYTES", 1)      # one block row per band
+        monkeypatch.setattr(slides, "MAX_INMEMORY_IMAGE_BYTES", 0)
+        monkeypatch.setattr(slides, "SUPER_TILE_PX", 256)
+        monkeypatch.setattr(slides, "THUMBNAIL_BAND_BYTES", 1)      # one block row per band
     with pytest.warns(ImporterWarning):
         s = import_dataset(v["root"], tmp_path / "o", target_um_per_px=1.0, progress=False)
     f = -(-W // max_side)

@@ -1,9 +1,8 @@
 """Shared machinery of the dataset importers.
 
-* image access: :func:`open_image` gives a :class:`SlideImage` whose ``region()`` returns any
-  integer box of the full-resolution image (white-padded outside it).  JPEG/PNG and small TIFFs
-  are decoded once and kept in memory; large TIFFs (pyramidal or not) are read by region through
-  tifffile's zarr store with a bounded cache of decoded tiles, never whole.
+* image access: :func:`open_image` gives a :class:`~embedder.slides.SlideImage` whose ``region()``
+  returns any integer box of the full-resolution image (white-padded outside it); the readers
+  (tifffile, OpenSlide, Pillow) live in :mod:`embedder.slides`, shared with ``predict-slide``.
 * patch cutting: :func:`cut_patch` cuts a square of ``patch_um`` µm centred on a spot and
   resamples it to ``round(patch_um / target_um_per_px)`` pixels (Lanczos).
 * expression: :func:`normalize_counts` (log1p of counts per 10k, or none).
@@ -30,14 +29,12 @@ from __future__ import annotations
 import csv
 import datetime as _dt
 import io
-import math
 import os
 import re
 import shutil
 import time
 import uuid
 import warnings
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -47,43 +44,36 @@ import pandas as pd
 import scipy.sparse as sp
 from PIL import Image
 
+from embedder import slides as _slides
+from embedder.slides import (IMAGE_SUFFIXES, record_warning, MAX_INMEMORY_IMAGE_BYTES, PIL_MAX_PIXELS, PIL_SUFFIXES,  # noqa: F401
+                             SUPER_TILE_PX, THUMBNAIL_BAND_BYTES, THUMBNAIL_LEVEL_MAX_BYTES, THUMBNAIL_MAX_SIDE,
+                             TIFF_SUFFIXES, TILE_CACHE_BYTES, WHITE, ArraySlide, PILSlide, SlideError, SlideImage,
+                             SlideWarning, TiffRegionSlide, _to_rgb8, block_mean, read_square, thumbnail_factor)
+
 # --------------------------------------------------------------------------------------------
 # constants (module level so tests / callers can tune them)
 # --------------------------------------------------------------------------------------------
-WHITE = 255
 NEAR_WHITE_LEVEL = 220                  # a pixel is "near-white" when all channels >= this
 BACKGROUND_MAX_WHITE_FRACTION = 0.9     # patches whiter than this are background
-MAX_INMEMORY_IMAGE_BYTES = 1 << 30      # TIFFs larger than this (decoded) are read by region
-TILE_CACHE_BYTES = 256 << 20            # decoded-tile cache of the region reader
-SUPER_TILE_PX = 1024                    # side of the cached read unit of the region reader
 DENSE_X_MAX_ELEMENTS = 50_000_000       # .h5ad X is dense float32 up to this many values
 OUTSIDE_ERROR_FRACTION = 0.5            # more spots than this outside the image -> error
-PIL_MAX_PIXELS = 2_000_000_000          # decompression-bomb limit used for JPEG/PNG slides
-THUMBNAIL_MAX_SIDE = 2048               # longest side of thumbnails/<sample>.png, at most
 THUMBNAIL_DIR = "thumbnails"            # folder of the thumbnails, under the import's out_dir
-THUMBNAIL_BAND_BYTES = 16 << 20         # full-res rows read at a time when reducing by region
-THUMBNAIL_LEVEL_MAX_BYTES = 512 << 20   # a pyramid level larger than this is not read whole
 
 NORMALIZATIONS = ("log1p_cp10k", "none")
 OUTPUTS = ("hest", "challenge")
-TIFF_SUFFIXES = (".tif", ".tiff", ".btf", ".svs", ".ndpi", ".scn", ".qptiff")
-PIL_SUFFIXES = (".jpg", ".jpeg", ".png")
-IMAGE_SUFFIXES = TIFF_SUFFIXES + PIL_SUFFIXES
 
 
-class ImporterError(ValueError):
+class ImporterError(SlideError):
     """Bad or inconsistent importer input; the message names the file and the fix."""
 
 
-class ImporterWarning(UserWarning):
+class ImporterWarning(SlideWarning):
     """Recoverable inconsistency in importer input (counts are in the message)."""
 
 
 def warn(messages: list[str] | None, msg: str) -> None:
     """Emit an :class:`ImporterWarning` and remember it in ``messages``."""
-    if messages is not None:
-        messages.append(msg)
-    warnings.warn(msg, ImporterWarning, stacklevel=3)
+    record_warning(messages, msg, ImporterWarning, stacklevel=4)
 
 
 def hexpr_version() -> str:
@@ -201,409 +191,21 @@ def counts_to_csr(values: Any) -> tuple[sp.csr_matrix, bool]:
 
 
 # --------------------------------------------------------------------------------------------
-# images
+# images (the readers live in embedder/slides.py, shared with predict-slide)
 # --------------------------------------------------------------------------------------------
-class SlideImage:
-    """Full-resolution slide giving white-padded integer regions as RGB PIL images."""
-
-    path: Path
-    width: int
-    height: int
-    mode: str = "memory"
-
-    def region(self, x0: int, y0: int, x1: int, y1: int) -> Image.Image:
-        raise NotImplementedError
-
-    def order(self, coords: np.ndarray) -> np.ndarray:
-        """Visiting order of spots that makes region reads cache-friendly."""
-        return np.arange(len(coords))
-
-    def thumbnail(self, factor: int) -> np.ndarray:
-        """The slide reduced ``factor`` times: (ceil(H/f), ceil(W/f), 3) uint8, block means.
-
-        Generic version: full-width bands of ``region()`` (memory bounded by THUMBNAIL_BAND_BYTES).
-        """
-        f = max(1, int(factor))
-        w, h = int(self.width), int(self.height)
-        out = np.empty((-(-h // f), -(-w // f), 3), np.uint8)
-        rows = max(1, THUMBNAIL_BAND_BYTES // max(1, w * 3 * f)) * f     # multiple of f
-        for y0 in range(0, h, rows):
-            y1 = min(h, y0 + rows)
-            out[y0 // f: -(-y1 // f)] = block_mean(np.asarray(self.region(0, y0, w, y1)), f)
-        return out
-
-    def close(self) -> None:
-        pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-
-def _white_canvas(w: int, h: int) -> np.ndarray:
-    return np.full((h, w, 3), WHITE, np.uint8)
-
-
-def block_mean(a: np.ndarray, f: int) -> np.ndarray:
-    """(h, w, 3) uint8 -> (ceil(h/f), ceil(w/f), 3) uint8 means of f x f blocks (edges replicated)."""
-    if f == 1:
-        return np.ascontiguousarray(a, dtype=np.uint8)
-    h, w = a.shape[:2]
-    ph, pw = -h % f, -w % f
-    if ph or pw:
-        a = np.pad(a, ((0, ph), (0, pw), (0, 0)), mode="edge")
-    s = a.reshape(a.shape[0] // f, f, a.shape[1] // f, f, a.shape[2]).sum(axis=(1, 3), dtype=np.uint32)
-    return ((s + (f * f) // 2) // (f * f)).astype(np.uint8)
-
-
-def thumbnail_factor(width: int, height: int, max_side: int | None = None) -> int:
-    """Smallest integer reduction that brings the longest side to <= max_side."""
-    max_side = THUMBNAIL_MAX_SIDE if max_side is None else int(max_side)
-    return max(1, math.ceil(max(int(width), int(height)) / max(1, max_side)))
-
-
-class PILSlide(SlideImage):
-    """JPEG/PNG slide: header read at open, pixels decoded once on first use."""
-
-    def __init__(self, path: Path):
-        self.path = Path(path)
-        old = Image.MAX_IMAGE_PIXELS
-        Image.MAX_IMAGE_PIXELS = PIL_MAX_PIXELS
-        try:
-            with Image.open(self.path) as im:
-                self.width, self.height = im.size
-                orient = im.getexif().get(274, 1) if hasattr(im, "getexif") else 1
-        except Exception as e:  # noqa: BLE001
-            raise ImporterError(f"cannot read image {self.path}: {e}") from e
-        finally:
-            Image.MAX_IMAGE_PIXELS = old
-        self.exif_orientation = orient
-        self._im: Image.Image | None = None
-
-    def _load(self) -> Image.Image:
-        if self._im is None:
-            old = Image.MAX_IMAGE_PIXELS
-            Image.MAX_IMAGE_PIXELS = PIL_MAX_PIXELS
-            try:
-                im = Image.open(self.path)
-                im.load()
-            except Exception as e:  # noqa: BLE001
-                raise ImporterError(f"cannot decode image {self.path}: {e}") from e
-            finally:
-                Image.MAX_IMAGE_PIXELS = old
-            if im.mode != "RGB":
-                if im.mode in ("RGBA", "LA", "P", "PA"):
-                    rgba = im.convert("RGBA")
-                    bg = Image.new("RGBA", rgba.size, (WHITE, WHITE, WHITE, 255))
-                    im = Image.alpha_composite(bg, rgba).convert("RGB")
-                elif im.mode.startswith("I"):
-                    arr = np.asarray(im).astype(np.float64)
-                    arr = (arr / max(arr.max(), 1) * 255).astype(np.uint8)
-                    im = Image.fromarray(arr).convert("RGB")
-                else:
-                    im = im.convert("RGB")
-            self._im = im
-        return self._im
-
-    def thumbnail(self, factor: int) -> np.ndarray:
-        f = max(1, int(factor))
-        return np.asarray(self._load().reduce(f) if f > 1 else self._load(), dtype=np.uint8)
-
-    def region(self, x0, y0, x1, y1):
-        im = self._load()
-        W, H = im.size
-        if x0 >= 0 and y0 >= 0 and x1 <= W and y1 <= H:
-            return im.crop((x0, y0, x1, y1))
-        canvas = Image.new("RGB", (x1 - x0, y1 - y0), (WHITE, WHITE, WHITE))
-        cx0, cy0, cx1, cy1 = max(x0, 0), max(y0, 0), min(x1, W), min(y1, H)
-        if cx1 > cx0 and cy1 > cy0:
-            canvas.paste(im.crop((cx0, cy0, cx1, cy1)), (cx0 - x0, cy0 - y0))
-        return canvas
-
-    def close(self):
-        if self._im is not None:
-            self._im.close()
-            self._im = None
-
-
-class ArraySlide(SlideImage):
-    """Slide held as an (H, W, 3) uint8 array."""
-
-    def __init__(self, arr: np.ndarray, path: Path | str = "<array>"):
-        self.path = Path(path)
-        self.arr = arr
-        self.height, self.width = arr.shape[:2]
-
-    def region(self, x0, y0, x1, y1):
-        out = _white_canvas(x1 - x0, y1 - y0)
-        cx0, cy0, cx1, cy1 = max(x0, 0), max(y0, 0), min(x1, self.width), min(y1, self.height)
-        if cx1 > cx0 and cy1 > cy0:
-            out[cy0 - y0:cy1 - y0, cx0 - x0:cx1 - x0] = self.arr[cy0:cy1, cx0:cx1]
-        return Image.fromarray(out)
-
-    def close(self):
-        self.arr = None
-
-
-def _to_rgb8(a: np.ndarray, path: Path, messages: list[str] | None = None) -> np.ndarray:
-    """(h, w, c) array of any common dtype / channel count -> (h, w, 3) uint8."""
-    c = a.shape[-1]
-    if c in (1, 2):
-        a = np.repeat(a[..., :1], 3, axis=-1)
-    elif c == 4:
-        a = a[..., :3]
-    elif c != 3:
-        raise ImporterError(f"{path}: image has {c} channels; an RGB (3-channel) H&E image is needed")
-    if a.dtype == np.uint8:
-        return np.ascontiguousarray(a)
-    if a.dtype == np.uint16:
-        return (a >> 8).astype(np.uint8)
-    if a.dtype == np.bool_:
-        return (a.astype(np.uint8) * 255)
-    if np.issubdtype(a.dtype, np.floating):
-        scale = 255.0 if float(np.nanmax(a)) <= 1.0 else 1.0
-        return np.clip(np.nan_to_num(a) * scale, 0, 255).astype(np.uint8)
-    raise ImporterError(f"{path}: unsupported pixel type {a.dtype}; convert the image to 8-bit RGB")
-
-
-class _TiffAxes:
-    """Maps a tifffile level (axes string) to (y, x, channel) region reads."""
-
-    def __init__(self, axes: str, shape: Sequence[int], path: Path):
-        axes = axes.upper()
-        if "Y" not in axes or "X" not in axes:
-            raise ImporterError(f"{path}: image axes {axes!r} lack Y/X; not a 2-D slide image")
-        self.axes = axes
-        self.shape = tuple(shape)
-        ch = "S" if "S" in axes else ("C" if "C" in axes else None)
-        self.ch = ch
-        self.height = self.shape[axes.index("Y")]
-        self.width = self.shape[axes.index("X")]
-        self.channels = self.shape[axes.index(ch)] if ch else 1
-        self.extra = [(a, n) for a, n in zip(axes, self.shape) if a not in ("Y", "X", ch) and n > 1]
-
-    def index(self, y0, y1, x0, x1):
-        idx = []
-        kept = []
-        for a in self.axes:
-            if a == "Y":
-                idx.append(slice(y0, y1))
-                kept.append("Y")
-            elif a == "X":
-                idx.append(slice(x0, x1))
-                kept.append("X")
-            elif a == self.ch:
-                idx.append(slice(None))
-                kept.append("S")
-            else:
-                idx.append(0)
-        return tuple(idx), kept
-
-    def to_yxc(self, out: np.ndarray, kept: list[str]) -> np.ndarray:
-        order = [kept.index(a) for a in ("Y", "X", "S") if a in kept]
-        out = out.transpose(order)
-        if "S" not in kept:
-            out = out[..., None]
-        return out
-
-
-class TiffRegionSlide(SlideImage):
-    """Large TIFF read by region via tifffile's zarr store; decoded super-tiles are LRU-cached."""
-
-    mode = "region"
-
-    def __init__(self, path: Path, tif, series, ax: _TiffAxes, messages: list[str] | None):
-        import zarr
-
-        self.path = Path(path)
-        self._tif = tif
-        self._ax = ax
-        self._messages = messages
-        self.width, self.height = ax.width, ax.height
-        self._series = series
-        self._store = series.aszarr(level=0)
-        z = zarr.open(self._store, mode="r")
-        if isinstance(z, zarr.Group):      # multiscale group -> full-resolution level
-            z = z["0"]
-        if tuple(z.shape) != tuple(ax.shape):
-            raise ImporterError(f"{path}: zarr view {tuple(z.shape)} does not match the TIFF level {ax.shape}")
-        self._z = z
-        chunks = z.chunks
-        cy = chunks[ax.axes.index("Y")]
-        cx = chunks[ax.axes.index("X")]
-        row_bytes = max(1, self.width * 3)
-        if cx >= self.width:   # strips: full-width bands
-            self.tw = self.width
-            self.th = max(cy, ((32 << 20) // row_bytes) // cy * cy)
-        else:
-            self.tw = max(cx, int(round(SUPER_TILE_PX / cx)) * cx)
-            self.th = max(cy, int(round(SUPER_TILE_PX / cy)) * cy)
-        tile_bytes = self.tw * self.th * 3
-        n_cols = -(-self.width // self.tw)
-        # two rows of super-tiles (a patch may straddle a band boundary), within 2x the budget
-        self._cap = max(4, TILE_CACHE_BYTES // tile_bytes, min(2 * n_cols + 2, 2 * TILE_CACHE_BYTES // tile_bytes))
-        self._cache: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
-        self.tiles_decoded = 0
-
-    def _tile(self, ty: int, tx: int) -> np.ndarray:
-        key = (ty, tx)
-        t = self._cache.get(key)
-        if t is not None:
-            self._cache.move_to_end(key)
-            return t
-        y0, x0 = ty * self.th, tx * self.tw
-        y1, x1 = min(self.height, y0 + self.th), min(self.width, x0 + self.tw)
-        idx, kept = self._ax.index(y0, y1, x0, x1)
-        try:
-            raw = np.asarray(self._z[idx])
-        except Exception as e:  # noqa: BLE001
-            raise _decode_error(self.path, e) from e
-        t = _to_rgb8(self._ax.to_yxc(raw, kept), self.path)
-        self._cache[key] = t
-        self.tiles_decoded += 1
-        while len(self._cache) > self._cap:
-            self._cache.popitem(last=False)
-        return t
-
-    def region(self, x0, y0, x1, y1):
-        out = _white_canvas(x1 - x0, y1 - y0)
-        cx0, cy0, cx1, cy1 = max(x0, 0), max(y0, 0), min(x1, self.width), min(y1, self.height)
-        if cx1 > cx0 and cy1 > cy0:
-            for ty in range(cy0 // self.th, (cy1 - 1) // self.th + 1):
-                for tx in range(cx0 // self.tw, (cx1 - 1) // self.tw + 1):
-                    t = self._tile(ty, tx)
-                    ty0, tx0 = ty * self.th, tx * self.tw
-                    sy0, sy1 = max(cy0, ty0), min(cy1, ty0 + t.shape[0])
-                    sx0, sx1 = max(cx0, tx0), min(cx1, tx0 + t.shape[1])
-                    out[sy0 - y0:sy1 - y0, sx0 - x0:sx1 - x0] = t[sy0 - ty0:sy1 - ty0, sx0 - tx0:sx1 - tx0]
-        return Image.fromarray(out)
-
-    def order(self, coords):
-        band = np.floor(np.asarray(coords)[:, 1] / self.th)
-        return np.lexsort((np.asarray(coords)[:, 0], band))
-
-    def thumbnail(self, factor: int) -> np.ndarray:
-        """From the coarsest pyramid level at least as fine as the thumbnail, else by bands."""
-        f = max(1, int(factor))
-        best = None
-        for lvl in list(getattr(self._series, "levels", []))[1:]:
-            try:
-                ax = _TiffAxes(lvl.axes, lvl.shape, self.path)
-            except ImporterError:
-                continue
-            d = min(self.width / ax.width, self.height / ax.height)
-            if 1.5 <= d <= f * 1.0001 and (best is None or d > best[0]):
-                best = (d, lvl, ax)
-        if best is None or best[2].width * best[2].height * 3 > THUMBNAIL_LEVEL_MAX_BYTES:
-            return super().thumbnail(f)
-        _, lvl, ax = best
-        try:
-            raw = np.asarray(lvl.asarray())
-        except Exception as e:  # noqa: BLE001
-            raise _decode_error(self.path, e) from e
-        idx, kept = ax.index(0, ax.height, 0, ax.width)
-        arr = _to_rgb8(ax.to_yxc(raw[idx], kept), self.path)
-        tw, th = -(-self.width // f), -(-self.height // f)
-        # thumbnail pixel j covers full-res [j f, (j+1) f) = level [j f sx, (j+1) f sx)
-        bw, bh = tw * f * ax.width / self.width, th * f * ax.height / self.height
-        pw, ph = max(0, math.ceil(bw) - ax.width), max(0, math.ceil(bh) - ax.height)
-        if pw or ph:
-            arr = np.pad(arr, ((0, ph), (0, pw), (0, 0)), mode="edge")
-        im = Image.fromarray(arr).resize((tw, th), Image.Resampling.BOX, box=(0, 0, bw, bh))
-        return np.asarray(im, dtype=np.uint8)
-
-    def close(self):
-        self._cache.clear()
-        try:
-            self._store.close()
-        except Exception:  # noqa: BLE001
-            pass
-        try:
-            self._tif.close()
-        except Exception:  # noqa: BLE001
-            pass
-
-
-def _decode_error(path: Path, e: Exception) -> ImporterError:
-    msg = str(e)
-    if "imagecodecs" in msg:
-        return ImporterError(f"{path}: the TIFF compression needs the 'imagecodecs' package "
-                             f"(pip install imagecodecs): {msg}")
-    return ImporterError(f"cannot decode {path}: {msg}")
-
-
-def _open_tiff(path: Path, messages: list[str] | None, max_inmemory_bytes: int | None) -> SlideImage:
-    import tifffile
-
-    try:
-        tif = tifffile.TiffFile(path)
-    except Exception as e:  # noqa: BLE001
-        raise ImporterError(f"cannot read TIFF {path}: {e}") from e
-    try:
-        if not tif.series:
-            raise ImporterError(f"{path}: TIFF holds no image series")
-
-        def area(s):
-            try:
-                a = _TiffAxes(s.levels[0].axes, s.levels[0].shape, path)
-                return a.width * a.height
-            except ImporterError:
-                return -1
-
-        series = max(tif.series, key=area)   # baseline, not thumbnail/label/macro
-        level = series.levels[0]             # full resolution
-        ax = _TiffAxes(level.axes, level.shape, path)
-        if ax.extra:
-            warn(messages, f"{path}: axes {ax.axes} {ax.shape}; using index 0 of {ax.extra}")
-        nbytes = ax.width * ax.height * max(3, ax.channels) * np.dtype(level.dtype).itemsize
-        limit = MAX_INMEMORY_IMAGE_BYTES if max_inmemory_bytes is None else max_inmemory_bytes
-        zarr_ok = True
-        try:
-            import zarr  # noqa: F401
-        except Exception:  # noqa: BLE001
-            zarr_ok = False
-        if nbytes > limit and zarr_ok:
-            return TiffRegionSlide(path, tif, series, ax, messages)
-        if nbytes > limit:
-            raise ImporterError(f"{path}: {ax.width}x{ax.height} image is too large to load whole "
-                                f"and region reading needs zarr: pip install zarr")
-        try:
-            raw = series.asarray(level=0)
-        except Exception as e:  # noqa: BLE001
-            raise _decode_error(path, e) from e
-        idx, kept = ax.index(0, ax.height, 0, ax.width)
-        arr = _to_rgb8(ax.to_yxc(np.asarray(raw[idx]), kept), path)
-        tif.close()
-        return ArraySlide(arr, path)
-    except BaseException:
-        try:
-            tif.close()
-        except Exception:  # noqa: BLE001
-            pass
-        raise
-
-
 def open_image(path: Path | str, messages: list[str] | None = None,
                max_inmemory_bytes: int | None = None) -> SlideImage:
-    """Open a full-resolution slide (TIFF / pyramidal TIFF / JPEG / PNG)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ImporterError(f"image file not found: {path}")
-    suf = path.suffix.lower()
-    if suf in TIFF_SUFFIXES:
-        return _open_tiff(path, messages, max_inmemory_bytes)
-    if suf in PIL_SUFFIXES:
-        s = PILSlide(path)
-        if getattr(s, "exif_orientation", 1) not in (1, None):
-            warn(messages, f"{path}: EXIF orientation {s.exif_orientation} is ignored; spot "
-                           f"coordinates are taken in the stored pixel layout")
-        return s
+    """Open a full-resolution slide (TIFF / pyramidal TIFF / OpenSlide formats / JPEG / PNG)."""
     try:
-        return _open_tiff(path, messages, max_inmemory_bytes)
+        s = _slides.open_image(path, messages, max_inmemory_bytes)
     except ImporterError:
-        return PILSlide(path)
+        raise
+    except SlideError as e:
+        raise ImporterError(str(e)) from e
+    if getattr(s, "exif_orientation", 1) not in (1, None):
+        warn(messages, f"{path}: EXIF orientation {s.exif_orientation} is ignored; spot "
+                       f"coordinates are taken in the stored pixel layout")
+    return s
 
 
 # --------------------------------------------------------------------------------------------
@@ -622,17 +224,7 @@ def cut_patch(image: SlideImage, x: float, y: float, side_src: float, size: int)
 
     Returns ((size, size, 3) uint8, padded) where padded says the square reached outside the image.
     """
-    cx, cy = x + 0.5, y + 0.5
-    h = side_src / 2.0
-    x0, y0, x1, y1 = cx - h, cy - h, cx + h, cy + h
-    m = int(math.ceil(3 * max(1.0, side_src / size))) + 2      # Lanczos support
-    ix0, iy0 = math.floor(x0) - m, math.floor(y0) - m
-    ix1, iy1 = math.ceil(x1) + m, math.ceil(y1) + m
-    region = image.region(ix0, iy0, ix1, iy1)
-    patch = region.resize((size, size), Image.Resampling.LANCZOS,
-                          box=(x0 - ix0, y0 - iy0, x1 - ix0, y1 - iy0))
-    padded = x0 < 0 or y0 < 0 or x1 > image.width or y1 > image.height
-    return np.asarray(patch, dtype=np.uint8), padded
+    return read_square(image, x + 0.5, y + 0.5, side_src, size)
 
 
 def white_fraction(patch: np.ndarray, level: int = NEAR_WHITE_LEVEL) -> float:
@@ -952,10 +544,12 @@ def run_import(
             csv_fh.close()
             staging.moves.append((tmp_csv, out_dir / "dataset.csv"))
         staging.commit()
-    except BaseException:
+    except BaseException as exc:
         if csv_fh is not None:
             csv_fh.close()
         staging.abort()
+        if isinstance(exc, SlideError) and not isinstance(exc, ImporterError):
+            raise ImporterError(str(exc)) from exc
         raise
     summary = {
         "kind": kind,
@@ -1175,7 +769,7 @@ def _write_thumbnail(image: SlideImage, sid: str, staging: _Staging, out_dir: Pa
     """Write out_dir/thumbnails/<sid>.png (under a temporary name until commit); returns its record."""
     from PIL.PngImagePlugin import PngInfo
 
-    f = thumbnail_factor(image.width, image.height)
+    f = thumbnail_factor(image.width, image.height, THUMBNAIL_MAX_SIDE)
     arr = image.thumbnail(f)
     rel = f"{THUMBNAIL_DIR}/{sid}.png"
     final = out_dir / THUMBNAIL_DIR / f"{sid}.png"
