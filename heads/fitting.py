@@ -181,8 +181,10 @@ def read_model_info(out_dir) -> dict | None:
 
 
 def _select_feature_meta(feature_meta, name: str, names: list[str]) -> dict:
-    """When features come as several named sets, ``feature_meta`` may be keyed by the same names."""
-    if isinstance(feature_meta, Mapping) and len(names) > 1 and set(feature_meta) == set(names):
+    """When features come as named sets, ``feature_meta`` may be keyed by the same names (one
+    mapping per set; auto on data without coordinates has a single named set)."""
+    if (isinstance(feature_meta, Mapping) and set(feature_meta) == set(names)
+            and (len(names) > 1 or isinstance(feature_meta[name], Mapping))):
         return dict(feature_meta[name])
     return dict(feature_meta or {})
 

@@ -133,6 +133,22 @@ def test_cli_fit_head_auto_end_to_end(tmp_path):
     assert pd.read_csv(tmp_path / "p.csv").shape == (36, 5)
 
 
+def test_cli_auto_without_coordinates_tries_plain_features_only_and_predicts(tmp_path):
+    train = write_challenge_dataset(tmp_path / "train", n=24, n_genes=4)
+    model, cache = tmp_path / "model", tmp_path / "cache"
+    args = ["fit-head", str(train), "--head", "auto", "-b", TINY_BACKBONE, "-p", "epochs=3", "-p", "hidden=[8]", "--bag", "2",
+            "--folds", "3", "--jobs", "1", "--out", str(model), "--cache-dir", str(cache), "--quiet"]
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert "no spot coordinates" in " ".join(r.output.split())
+    assert set(pd.read_csv(model / "leaderboard.csv")["features"]) == {"plain"}
+    assert json.loads((model / "model.json").read_text())["feature_meta"]["neighbours"] == 0
+    r = runner.invoke(app, args)  # refit into the same folder: the same backbones, so no replacement warning
+    assert r.exit_code == 0 and "will be replaced" not in r.output, r.output
+    r = runner.invoke(app, ["predict", str(model), str(train), "--out", str(tmp_path / "p.csv"), "--cache-dir", str(cache), "--quiet"])
+    assert r.exit_code == 0, r.output
+
+
 @pytest.mark.parametrize("args, message", [
     (["--head", "mlp", "--bag", "0"], "--bag must be a number of seeds >= 1"),
     (["--head", "ridge", "--bag", "3"], "head 'ridge' is deterministic"),
