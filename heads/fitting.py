@@ -13,6 +13,7 @@ wrong width. The library prints nothing except progress bars (stderr).
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -27,8 +28,8 @@ from heads.base import (HeadError, as_matrix, atomic_dump, atomic_write, default
                         fit_with_supported, head_param_names, make_head)
 from heads.cv import cross_validate, make_folds
 from heads.metrics import N_TOP_DEFAULT
-from heads.sweep import (AUTO_BAG, as_feature_sets, auto_candidates, check_space, load_search_file, model_factory, run_sweep,
-                         score_configs, split_params, with_bag)
+from heads.sweep import (AUTO_BAG, as_feature_sets, auto_candidates, check_space, load_kept_cv, load_search_file,
+                         model_factory, run_sweep, score_configs, split_params, with_bag)
 from heads.targets import make_transform
 
 MODEL_FILE = "model.joblib"
@@ -264,13 +265,17 @@ def _fit_into(work: Path, X, Y, gene_names, *, head, params, transform, folds, g
     groups = None if groups is None else np.asarray(groups)
     fold_list = make_folds(Y.shape[0], folds, groups, seed) if isinstance(folds, (int, np.integer)) else list(folds)
 
-    sweep_info, auto_info = None, None
+    sweep_info, auto_info, cv = None, None, None
     if head == AUTO or candidates is not None:
         if candidates is None:
             candidates = auto_candidates(list(feature_sets), params=params, transform=transform, seed=seed, bag=bag)
+        kept = work / ".candidates"
+        kept.mkdir()
         result = score_configs(candidates, feature_sets, Y, fold_list, n_top=n_top, groups=groups, n_jobs=n_jobs,
-                               progress=progress, description=f"auto: scoring {len(candidates)} candidates")
+                               progress=progress, description=f"auto: scoring {len(candidates)} candidates", keep_dir=kept)
         config = result.best
+        cv = load_kept_cv(kept, int(result.leaderboard["trial"].iloc[0]))  # the winner's CV, not run again
+        shutil.rmtree(kept)
         write_csv(result.leaderboard, work / LEADERBOARD_FILE, index=False)
         columns = ["rank", "recipe", "score", "pearson_hvg", "pearson_all_genes", "seconds", "error"]
         auto_info = {"n_candidates": len(candidates), "chosen": config.get("recipe", config["head"]), "config": config,
@@ -292,8 +297,9 @@ def _fit_into(work: Path, X, Y, gene_names, *, head, params, transform, folds, g
 
     X_chosen = as_matrix(feature_sets[config["features"]], "X (features)")
     factory = model_factory(config["head"], config["params"], config["transform"])
-    cv = cross_validate(factory, X_chosen, Y, fold_list, n_top=n_top, groups=groups, progress=progress,
-                        description=f"cross-validating {config['head']}")
+    if cv is None:
+        cv = cross_validate(factory, X_chosen, Y, fold_list, n_top=n_top, groups=groups, progress=progress,
+                            description=f"cross-validating {config['head']}")
     write_csv(pd.DataFrame(cv.oof, index=pd.Index(ids, name="ID"), columns=genes), work / OOF_FILE)
 
     refit_start = time.perf_counter()

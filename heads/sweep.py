@@ -183,14 +183,19 @@ def _single_thread():
         sys.modules["torch"].set_num_threads(1)
 
 
-def evaluate_config(config: dict, X, Y, folds, n_top: int, groups, single_thread: bool) -> dict:
-    """CV summary of one config (never raises: a failing config is reported with its error)."""
+def evaluate_config(config: dict, X, Y, folds, n_top: int, groups, single_thread: bool, keep_dir=None) -> dict:
+    """CV summary of one config (never raises: a failing config is reported with its error).
+    ``keep_dir``: also save its out-of-fold predictions and CV report there (``load_kept_cv``)."""
     if single_thread:
         _single_thread()
     start = time.perf_counter()
     try:
         factory = model_factory(config["head"], config["params"], config["transform"])
-        report = cross_validate(factory, X, Y, folds, n_top=n_top, groups=groups).report
+        cv = cross_validate(factory, X, Y, folds, n_top=n_top, groups=groups)
+        report = cv.report
+        if keep_dir is not None:
+            np.save(Path(keep_dir) / f"oof_{config['trial']}.npy", cv.oof)
+            (Path(keep_dir) / f"cv_{config['trial']}.json").write_text(json.dumps(report, default=float))
         row = {**report["model"], "ratio_to_mean": report["ratio_to_mean"],
                "mean_head_score": report["mean_head"]["score"], "error": None}
     except Exception as exc:  # noqa: BLE001 - recorded in the leaderboard
@@ -261,11 +266,21 @@ def run_sweep(head: str, features, Y, folds, *, space: Mapping | None = None,
                          progress=progress, description=f"sweep {head} ({len(configs)} configs)")
 
 
+def load_kept_cv(keep_dir, trial: int):
+    """The ``CVResult`` that ``score_configs(..., keep_dir=)`` saved for config ``trial``."""
+    from heads.cv import CVResult
+
+    keep_dir = Path(keep_dir)
+    return CVResult(oof=np.load(keep_dir / f"oof_{trial}.npy"), report=json.loads((keep_dir / f"cv_{trial}.json").read_text()))
+
+
 def score_configs(configs: list[dict], features, Y, folds, *, n_top: int = N_TOP_DEFAULT, groups=None,
-                  n_jobs: int = -1, progress: bool = True, description: str | None = None) -> SweepResult:
+                  n_jobs: int = -1, progress: bool = True, description: str | None = None,
+                  keep_dir=None) -> SweepResult:
     """Cross-validate each given config (any heads, any of the named feature sets) on the same
     ``folds``, in parallel; the leaderboard ranks them by CV score. Configs get ``trial`` numbers
-    in the given order."""
+    in the given order. ``keep_dir`` (an existing folder): keep each config's out-of-fold
+    predictions and CV report there, so the winner need not be cross-validated again."""
     feature_sets = as_feature_sets(features)
     configs = [{**{k: v for k, v in c.items() if k != "trial"}, "trial": i} for i, c in enumerate(configs)]
     if not configs:
@@ -275,7 +290,7 @@ def score_configs(configs: list[dict], features, Y, folds, *, n_top: int = N_TOP
         raise HeadError(f"configs name feature set(s) {missing} but only {sorted(feature_sets)} were given")
     n_workers = min(len(configs), effective_n_jobs(n_jobs))
     Y = np.asarray(Y, dtype=np.float64)
-    tasks = (delayed(evaluate_config)(c, feature_sets[c["features"]], Y, folds, n_top, groups, n_workers > 1)
+    tasks = (delayed(evaluate_config)(c, feature_sets[c["features"]], Y, folds, n_top, groups, n_workers > 1, keep_dir)
              for c in configs)
     rows = []
     description = description or f"scoring {len(configs)} configs"

@@ -99,6 +99,11 @@ def test_auto_scores_every_candidate_on_grouped_folds_and_refits_the_best(data, 
     assert sorted(board["recipe"]) == sorted(["ridge on plain", "ridge on k6", "mlp bag2 on plain", "mlp bag2 on k6"])
     assert board["score"].is_monotonic_decreasing and board["error"].isna().all()
     assert report["auto"]["chosen"] == board["recipe"].iloc[0]
+    # the winner's CV (score, out-of-fold predictions) comes from the candidate scoring, not a rerun
+    assert report["cv"]["score"] == pytest.approx(board["score"].iloc[0])
+    assert not pd.read_csv(tmp_path / "m" / "oof_predictions.csv", index_col=0).isna().any().any()
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == sorted(
+        ["cv_report.json", "leaderboard.csv", "model.joblib", "model.json", "oof_predictions.csv"])
     fitted = load_model(tmp_path / "m")
     assert fitted.config["recipe"] == board["recipe"].iloc[0]
     assert fitted.feature_meta == {"neighbours": 6 if "k6" in fitted.config["recipe"] else 0}
