@@ -19,7 +19,8 @@ Rows:
     (grouped CV = leave one training section out), the chosen recipe refit and applied to the
     held-out section; the chosen recipe per section is listed.
 
-    python benchmarks/her2st_accuracy.py                 # needs ../shared; ~15-30 min on 2 cores
+    python benchmarks/her2st_accuracy.py                 # needs ../shared; fits ~5 min on 2 idle cores, plus
+                                                         # embedding on the first run (TTA: ~20 min)
     python benchmarks/her2st_accuracy.py --work /tmp/h2  # keep imports/caches for reruns
 
 Prints a table and writes JSON (default benchmarks/results/her2st_accuracy.json).
