@@ -46,3 +46,24 @@ def peak_memory_mib() -> float:
 def resident_mib() -> float | None:
     rss = _status_kib("VmRSS")
     return None if rss is None else round(rss / 1024, 1)
+
+
+def her2st_workdir(work: Path | None, prefix: str) -> Path:
+    """The benchmark's work folder (kept when given, else a new temporary one); exits when the shared
+    her2st data is absent."""
+    import tempfile
+
+    if not HER2ST.is_dir():
+        sys.exit(f"{HER2ST} not found: this benchmark needs the shared her2st data")
+    return Path(work) if work else Path(tempfile.mkdtemp(prefix=prefix))
+
+
+def open_her2st(work: Path):
+    """All four her2st sections imported once under ``work/her2st`` (default import settings), opened."""
+    from embedder.datasets import open_dataset
+    from embedder.importers import import_dataset
+
+    data = work / "her2st"
+    if not (data / "patches").is_dir():
+        import_dataset(HER2ST, data, progress=False)
+    return open_dataset(data)

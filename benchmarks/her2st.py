@@ -19,21 +19,18 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks._common import HER2ST, MOBILENET_SPEC  # noqa: E402
+from benchmarks._common import MOBILENET_SPEC, her2st_workdir, open_her2st  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from embedder.backbones import DEFAULT_BACKBONES, parse_backbone  # noqa: E402
-from embedder.datasets import open_dataset  # noqa: E402
 from embedder.features import add_neighbour_context, ensure_features  # noqa: E402
-from embedder.importers import import_dataset  # noqa: E402
 from heads.base import make_head  # noqa: E402
 from heads.metrics import challenge_score, pearson_per_gene, top_genes  # noqa: E402
 
@@ -75,15 +72,10 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=None, help="keep imports/caches here (default: temporary)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "her2st.json")
     args = parser.parse_args()
-    if not HER2ST.is_dir():
-        sys.exit(f"{HER2ST} not found: this benchmark needs the shared her2st data")
     warnings.simplefilter("ignore")
-    work = args.work or Path(tempfile.mkdtemp(prefix="her2st-bench-"))
+    work = her2st_workdir(args.work, "her2st-bench-")
     started = time.perf_counter()
-    data = work / "her2st"
-    if not (data / "patches").is_dir():
-        import_dataset(HER2ST, data, progress=False)
-    dataset = open_dataset(data)
+    dataset = open_her2st(work)
     Y, groups = dataset.targets.to_numpy(), dataset.groups.to_numpy()
     print(f"her2st: {len(dataset)} spots, {Y.shape[1]} shared genes, sections {sorted(set(groups))}; "
           f"import+open {time.perf_counter() - started:.1f} s")

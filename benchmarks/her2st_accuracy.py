@@ -36,15 +36,13 @@ import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks._common import HER2ST, MOBILENET_SPEC  # noqa: E402
+from benchmarks._common import MOBILENET_SPEC, her2st_workdir, open_her2st  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from embedder.backbones import parse_backbone  # noqa: E402
-from embedder.datasets import open_dataset  # noqa: E402
 from embedder.features import add_neighbour_context, ensure_features  # noqa: E402
-from embedder.importers import import_dataset  # noqa: E402
 from heads.base import make_head  # noqa: E402
 from heads.fitting import fit_head, load_model  # noqa: E402
 from heads.metrics import challenge_score, pearson_per_gene, top_genes  # noqa: E402
@@ -76,19 +74,14 @@ def main() -> None:
         saved = json.loads(rows_path.read_text())
         write_table(args, saved["results"], saved["chosen"], saved["timings"], saved["embed_seconds"], saved["seconds"])
         return
-    if not HER2ST.is_dir():
-        sys.exit(f"{HER2ST} not found: this benchmark needs the shared her2st data")
     warnings.simplefilter("ignore")
     mlp_params = {}  # the mlp head's defaults, as --head auto uses them
     if args.smoke:
         args.seeds, args.bags, args.panel = 2, 2, 60
         mlp_params = {"hidden": [16], "epochs": 2}
-    work = args.work or Path(tempfile.mkdtemp(prefix="her2st-accuracy-"))
+    work = her2st_workdir(args.work, "her2st-accuracy-")
     started = time.perf_counter()
-    data = work / "her2st"
-    if not (data / "patches").is_dir():
-        import_dataset(HER2ST, data, progress=False)
-    dataset = open_dataset(data)
+    dataset = open_her2st(work)
     Y, groups = dataset.targets.to_numpy(), dataset.groups.to_numpy()
     sections = sorted(set(groups))
     print(f"her2st: {len(dataset)} spots, {Y.shape[1]} shared genes, sections {sections}", flush=True)
