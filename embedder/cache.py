@@ -111,6 +111,15 @@ class CacheEntry:
         atomic_write(meta_path, lambda tmp: Path(tmp).write_text(json.dumps(layout)))
         return layout
 
+    def has_chunks(self) -> bool:
+        """Whether the in-progress folder holds at least one finished chunk (something to resume)."""
+        return self.partial_dir.is_dir() and any(self.partial_dir.glob("chunk_*.npy"))
+
+    def drop_if_empty(self) -> None:
+        """Remove an in-progress folder that holds no finished chunk (nothing to resume from)."""
+        if self.partial_dir.is_dir() and not self.has_chunks():
+            shutil.rmtree(self.partial_dir, ignore_errors=True)
+
     def _chunk_path(self, index: int) -> Path:
         return self.partial_dir / f"chunk_{index:06d}.npy"
 

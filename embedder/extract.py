@@ -216,9 +216,14 @@ def embed_dataset(
             with locked_entries(todo, on_wait=_notify_wait):
                 todo = [e for e in todo if not e.exists()]
                 if todo:
-                    _embed_missing(dataset, todo, *args)
+                    try:
+                        _embed_missing(dataset, todo, *args)
+                    except (Exception, KeyboardInterrupt):
+                        for entry in todo:  # still holding the lock: no other process writes there
+                            entry.drop_if_empty()
+                        raise
     except (Exception, KeyboardInterrupt):
-        kept = [str(e.partial_dir) for e in todo if e.partial_dir.is_dir() and not e.exists()]
+        kept = [str(e.partial_dir) for e in todo if e.has_chunks() and not e.exists()]
         if kept:
             warnings.warn(f"embedding stopped; the finished chunks are kept in {', '.join(kept)}: rerun the same "
                           "command to resume from them", stacklevel=2)

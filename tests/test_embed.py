@@ -247,3 +247,19 @@ def test_a_failed_embed_says_where_its_finished_chunks_are(tiny_csv, tmp_path):
     with pytest.warns(UserWarning, match=r"finished chunks are kept in .*\.partial.*rerun the same command to resume"):
         with pytest.raises(DatasetError, match=r"spot9\.png"):
             _embed(tiny_csv, tmp_path / "cache", chunk_size=4, batch_size=4)
+
+
+def test_an_embed_that_fails_before_any_chunk_leaves_no_partial_folder(tiny_csv, tmp_path):
+    import warnings
+
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"not a weights file")  # found, but fails when the model is built
+    missing = parse_backbone(f"resnet18:weights={broken},size=48")
+    cache = tmp_path / "cache"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(BackboneError):
+            _embed(tiny_csv, cache, spec=missing)
+    assert not any("finished chunks are kept" in str(w.message) for w in caught)
+    partial = cache / "embeddings" / ".partial"
+    assert not [p for p in partial.glob("*") if p.is_dir()]  # nothing to resume: no folder to report later
