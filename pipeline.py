@@ -289,6 +289,13 @@ def predict_slide(
         table.add_row(Path(path).name, f"{r['um_per_px']:.4g} ({r['um_per_px_source']})", f"{r['n_tiles']}/{r['n_grid_tiles']}",
                       str(r["seconds"]), str(r["tiles_per_second"]), r["out_dir"])
     out.print(table)
+    if result["failed"]:
+        from rich.markup import escape
+
+        n_all = len(result["failed"]) + len(result["slides"])
+        console.print(f"[bold red]Error:[/bold red] {len(result['failed'])} of {n_all} slides failed (why: the warnings "
+                      f"above), the others were written: {escape(', '.join(result['failed']))}", highlight=False)
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -439,10 +439,12 @@ def predict_slide(model_path, slides, out_dir, *, um_per_px: float | None = None
     """Whole slides in, expression maps out: tissue tiles embedded and predicted with a fitted head.
 
     ``slides``: slide files and/or folders of them; under torchrun rank r takes every world-th slide.
+    A slide that cannot be read or tiled is skipped with a warning and listed in ``report['failed']``
+    (the others are still written); when it is the only slide, or every slide fails, its error is raised.
     Writes ``out_dir/<slide>/`` atomically: predictions.h5ad (obsm['spatial'] = tile centres in
     level-0 px), tiles.geojson (QuPath), heatmap_<gene>.png. An existing slide folder needs ``overwrite``.
     """
-    from embedder.slides import find_slides
+    from embedder.slides import SlideError, find_slides
 
     if not 0 <= min_tissue <= 1:
         raise DatasetError(f"--min-tissue must be between 0 and 1, got {min_tissue}")
@@ -463,12 +465,20 @@ def predict_slide(model_path, slides, out_dir, *, um_per_px: float | None = None
         if existing:
             raise FileExistsError(f"{existing[0]} already exists ({len(existing)} slide folder(s) in all); "
                                   "pass --overwrite to replace, or choose another --out")
-    report = {"out_dir": str(out_dir), "tile": scale, "slides": {}}
+    report = {"out_dir": str(out_dir), "tile": scale, "slides": {}, "failed": {}}
     for path in mine:
-        report["slides"][str(path)] = _predict_one_slide(fitted, model_path, path, slide_out_dir(out_dir, path), scale,
-                                                         um_per_px=um_per_px, stride_um=stride_um, min_tissue=min_tissue,
-                                                         genes=genes, n_heatmap_genes=n_heatmap_genes, cache_dir=cache_dir,
-                                                         progress=progress, **embed_options)
+        try:
+            report["slides"][str(path)] = _predict_one_slide(
+                fitted, model_path, path, slide_out_dir(out_dir, path), scale, um_per_px=um_per_px, stride_um=stride_um,
+                min_tissue=min_tissue, genes=genes, n_heatmap_genes=n_heatmap_genes, cache_dir=cache_dir,
+                progress=progress, **embed_options)
+        except (SlideError, DatasetError) as exc:  # this slide's own problem: the others still get their maps
+            if len(mine) == 1:
+                raise
+            warnings.warn(f"skipped {path}: {exc}", stacklevel=2)
+            report["failed"][str(path)] = str(exc)
+    if report["failed"] and not report["slides"]:
+        raise SlideError(f"none of the {len(mine)} slides could be predicted; first: {next(iter(report['failed'].values()))}")
     return report
 
 

@@ -303,3 +303,22 @@ def test_her2st_c3_slide_map_agrees_with_spot_predictions(tmp_path, one_torch_th
           f"measured {r_spot_level_truth:.3f}, tiles at spot centres vs spot predict {r_exact:.3f}; predict-slide "
           f"{slide_s:.1f} s, test {time.perf_counter() - t0:.1f} s")
     assert r_spot > 0.25 and r_truth > 0.1 and r_exact > 0.95
+
+
+def test_a_bad_slide_among_several_is_skipped_and_the_rest_written(tmp_path, tiny_model):
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    write_tiff(slides / "good.tif", synthetic_slide(0))
+    Image.fromarray(synthetic_slide(1)).save(slides / "noscale.png")   # no µm/px recorded, none given
+    (slides / "broken.tif").write_bytes(b"not a tiff at all")
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    r = predict_cli(tiny_model, slides, out=out, cache=cache)
+    assert r.exit_code == 1, r.output
+    assert "2 of 3 slides failed" in r.output and "broken.tif" in r.output and "noscale.png" in r.output
+    assert "--um-per-px" in r.output            # the PNG's own reason is shown
+    assert sorted(p.name for p in out.iterdir()) == ["good"]
+    assert ad.read_h5ad(out / "good" / "predictions.h5ad").n_obs > 0
+    # every slide failing is one error (exit 2), and nothing is written
+    r = predict_cli(tiny_model, slides / "noscale.png", slides / "broken.tif", out=tmp_path / "none", cache=cache)
+    assert r.exit_code == 2 and "none of the 2 slides" in r.output
+    assert not (tmp_path / "none").exists() or not any((tmp_path / "none").iterdir())
