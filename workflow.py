@@ -304,32 +304,58 @@ def write_anndata(path, predictions: pd.DataFrame, coords, groups, provenance: d
     return Path(path)
 
 
+def load_predictor(model_path):
+    """The model at ``model_path``: a head fitted by fit-head (``FittedModel``) or, where the folder
+    holds ``finetuned.pt``, an end-to-end fine-tuned network (``FinetunedModel``)."""
+    model_dir = Path(model_path) if Path(model_path).is_dir() else Path(model_path).parent
+    if (model_dir / "finetuned.pt").is_file():
+        from embedder.finetune import load_finetuned
+
+        return load_finetuned(model_dir)
+    from heads.fitting import load_model
+
+    return load_model(model_path)
+
+
+def predictor_meta(model) -> dict:
+    """What the model's inputs come from: a fitted head's feature description; for a fine-tuned
+    network its backbones and the patch size it was trained on (when recorded)."""
+    if hasattr(model, "feature_meta"):
+        return model.feature_meta
+    return {"backbones": [s.to_dict() for s in model.specs], "patch": model.info.get("patch")}
+
+
+def predict_with(model, dataset, *, cache_dir=DEFAULT_CACHE_DIR, progress: bool = True, label: str = "the model",
+                 **embed_options) -> tuple[pd.DataFrame, dict, list[str]]:
+    """(predictions, config, embedding cache files) of ``model`` (see ``load_predictor``) for every
+    patch of ``dataset``: a fitted head embeds through the cache (with its TTA and neighbour
+    context), a fine-tuned network embeds on the fly."""
+    from embedder.features import check_features_match, specs_from_meta
+
+    if not hasattr(model, "feature_meta"):
+        frame = model.predict_dataset(dataset, progress=progress, batch_size=embed_options.get("batch_size") or 64,
+                                      device=embed_options.get("device", "auto"),
+                                      num_workers=embed_options.get("num_workers"))
+        return frame, {"finetuned": str(model.path.parent)}, []
+    meta = model.feature_meta
+    features = ensure_features(dataset, specs_from_meta(meta), cache_dir, tta=bool(meta.get("tta")),
+                               progress=progress, **embed_options)
+    features = _with_context(features, dataset, int(meta.get("neighbours", 0)))
+    check_features_match(features, meta, label)
+    return model.predict_frame(features.X, features.ids), model.config, [b["path"] for b in features.blocks]
+
+
 def predict(model_path, data, *, out=None, fmt: str | None = None, cache_dir=DEFAULT_CACHE_DIR,
             template=None, progress: bool = True, **embed_options) -> dict:
     """Embed ``data`` with exactly the model's backbones, predict, write CSV (or .h5ad)."""
     from embedder.datasets import check_genes_match
-    from embedder.features import check_features_match, specs_from_meta
-    from heads.fitting import load_model
 
     model_dir = Path(model_path) if Path(model_path).is_dir() else Path(model_path).parent
     dataset = open_dataset(data, template=template)
-    if (model_dir / "finetuned.pt").is_file():  # an end-to-end model embeds on the fly
-        from embedder.finetune import load_finetuned
-
-        finetuned = load_finetuned(model_dir)
-        frame = finetuned.predict_dataset(dataset, progress=progress, batch_size=embed_options.get("batch_size") or 64,
-                                          device=embed_options.get("device", "auto"),
-                                          num_workers=embed_options.get("num_workers"))
-        config, meta, cache_files = {"finetuned": str(model_dir)}, {"backbones": [s.to_dict() for s in finetuned.specs]}, []
-    else:
-        fitted = load_model(model_path)
-        meta = fitted.feature_meta
-        features = ensure_features(dataset, specs_from_meta(meta), cache_dir, tta=bool(meta.get("tta")),
-                                   progress=progress, **embed_options)
-        features = _with_context(features, dataset, int(meta.get("neighbours", 0)))
-        check_features_match(features, meta, str(model_path))
-        frame = fitted.predict_frame(features.X, features.ids)
-        config, cache_files = fitted.config, [b["path"] for b in features.blocks]
+    model = load_predictor(model_path)
+    frame, config, cache_files = predict_with(model, dataset, cache_dir=cache_dir, progress=progress,
+                                              label=str(model_path), **embed_options)
+    meta = predictor_meta(model)
     if dataset.template_genes is not None:
         check_genes_match(list(frame.columns), dataset.template_genes, f"model {model_path}", "the submission template")
         frame = frame[dataset.template_genes]
@@ -384,34 +410,18 @@ def rank_share(items: list, rank: int | None = None, world: int | None = None) -
     return list(items)[rank::max(1, world)]
 
 
-def _slide_model(model_path):
-    from heads.fitting import load_model
-
-    model_dir = Path(model_path) if Path(model_path).is_dir() else Path(model_path).parent
-    if (model_dir / "finetuned.pt").is_file():
-        raise DatasetError(f"{model_dir} is an end-to-end finetuned model; predict-slide supports heads fitted with "
-                           "fit-head (embed + head) only")
-    return load_model(model_path)
-
-
-def predict_tiles(fitted, slide, centres, ids, scale: dict, *, cache_dir=DEFAULT_CACHE_DIR, progress: bool = True,
-                  **embed_options) -> tuple[pd.DataFrame, dict]:
+def predict_tiles(model, slide, centres, ids, scale: dict, *, cache_dir=DEFAULT_CACHE_DIR, progress: bool = True,
+                  **embed_options) -> tuple[pd.DataFrame, dict, list[str]]:
     """Predict at square tiles of ``scale['tile_um']`` centred at ``centres`` (level-0 px) of an open
-    slide (its ``um_per_px`` set; closed on return); embeds through the cache (resumable).
-    Returns (predictions, cache files)."""
-    from embedder.features import check_features_match, specs_from_meta
+    slide (its ``um_per_px`` set; closed on return) with ``model`` (see ``load_predictor``); a fitted
+    head embeds through the cache (resumable). Returns (predictions, config, cache files)."""
     from embedder.tiling import tile_dataset
 
-    meta = fitted.feature_meta
     dataset = tile_dataset(slide.path, slide.um_per_px, centres, ids, scale["tile_um"], scale["tile_px"], slide=slide)
     try:
-        features = ensure_features(dataset, specs_from_meta(meta), cache_dir, tta=bool(meta.get("tta")),
-                                   progress=progress, distributed=False, **embed_options)
+        return predict_with(model, dataset, cache_dir=cache_dir, progress=progress, distributed=False, **embed_options)
     finally:
         dataset.close()
-    features = _with_context(features, dataset, int(meta.get("neighbours", 0)))
-    check_features_match(features, meta, "the model")
-    return fitted.predict_frame(features.X, features.ids), [b["path"] for b in features.blocks]
 
 
 def _heatmap_genes(frame: pd.DataFrame, genes: list[str] | None, n: int) -> list[str]:
@@ -450,8 +460,8 @@ def predict_slide(model_path, slides, out_dir, *, um_per_px: float | None = None
         raise DatasetError(f"--min-tissue must be between 0 and 1, got {min_tissue}")
     if stride_um is not None and stride_um <= 0:
         raise DatasetError(f"--stride-um must be positive, got {stride_um}")
-    fitted = _slide_model(model_path)
-    scale = tile_scale(fitted.feature_meta, tile_um, tile_um_per_px)
+    fitted = load_predictor(model_path)
+    scale = tile_scale(predictor_meta(fitted), tile_um, tile_um_per_px)
     if genes:  # an unknown --gene fails before any work
         _heatmap_genes(pd.DataFrame(columns=fitted.genes), genes, 0)
     paths = find_slides([Path(s) for s in slides])
@@ -504,11 +514,11 @@ def _predict_one_slide(fitted, model_path, path: Path, final_dir: Path, scale: d
                              f"tissue found on {mask.mean():.1%} of the thumbnail); lower --min-tissue or check the slide")
         tiles = grid.subset(keep)
         tissue_s = time.perf_counter() - started
-        frame, cache_files = predict_tiles(fitted, slide, tiles.centres, tiles.ids(), scale, cache_dir=cache_dir,
+        frame, config, cache_files = predict_tiles(fitted, slide, tiles.centres, tiles.ids(), scale, cache_dir=cache_dir,
                                            progress=progress, **embed_options)
         chosen = _heatmap_genes(frame, genes, n_heatmap_genes)
         obs = pd.DataFrame({"row": tiles.rows, "col": tiles.cols, "tissue_fraction": fraction[keep].astype(np.float32)})
-        provenance = {"model": str(model_path), "config": fitted.config, "feature_meta": fitted.feature_meta,
+        provenance = {"model": str(model_path), "config": config, "feature_meta": predictor_meta(fitted),
                       "slide": str(path), "slide_size_px": [int(slide.width), int(slide.height)],
                       "um_per_px": slide.um_per_px, "um_per_px_source": slide.um_per_px_source,
                       "tile_um": scale["tile_um"], "tile_px_level0": tile_px, "tile_um_per_px": scale["tile_um_per_px"],

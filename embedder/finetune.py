@@ -451,7 +451,8 @@ def finetune(data, specs: list[BackboneSpec], out_dir, *, head_init=None, loss: 
             persistent=True)
         Y_val = Y[val_idx]
 
-        export_info = {"config": config, "split": split_info, "n_train": int(len(train_idx)), "n_val": int(len(val_idx))}
+        export_info = {"config": config, "split": split_info, "n_train": int(len(train_idx)), "n_val": int(len(val_idx)),
+                       "patch": dataset.patch_scale()}  # tile size for predict-slide
 
         def export(epoch: int, terms: dict | None):
             export_model(out_dir, model, specs=specs, preprocesses=preprocesses, widths=widths, genes=genes,

@@ -296,7 +296,7 @@ def test_her2st_c3_slide_map_agrees_with_spot_predictions(tmp_path, one_torch_th
     r_spot_level_truth = _mean_gene_r(spot_pred.to_numpy(), truth.to_numpy())
     # tiles centred exactly on the spots reproduce spot-level predict (same geometry, same model)
     with open_slide(image, mpp) as slide:
-        exact, _ = predict_tiles(fitted, slide, centres, spots.ids, tile_scale(fitted.feature_meta), **opts)
+        exact, _, _ = predict_tiles(fitted, slide, centres, spots.ids, tile_scale(fitted.feature_meta), **opts)
     r_exact = _mean_gene_r(exact.to_numpy(), spot_pred.to_numpy())
     print(f"\nher2st C3: {r['n_tiles']} tissue tiles of {r['n_grid_tiles']}; {covered.sum()} of {len(centres)} spots under a "
           f"tile; mean gene r: map vs spot predict {r_spot:.3f}, map vs measured {r_truth:.3f}, spot predict vs "
@@ -322,3 +322,36 @@ def test_a_bad_slide_among_several_is_skipped_and_the_rest_written(tmp_path, tin
     r = predict_cli(tiny_model, slides / "noscale.png", slides / "broken.tif", out=tmp_path / "none", cache=cache)
     assert r.exit_code == 2 and "none of the 2 slides" in r.output
     assert not (tmp_path / "none").exists() or not any((tmp_path / "none").iterdir())
+
+
+def test_a_finetuned_model_predicts_slides_too(tmp_path):
+    import torch
+
+    from embedder.backbones import parse_backbone
+    from embedder.finetune import finetune, load_finetuned
+
+    train = write_challenge_dataset(tmp_path / "train", n=12, n_genes=3, size=48, groups=2)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        finetune(train, [parse_backbone("test_resnet:weights=none,size=48")], tmp_path / "ft", epochs=1, val_fold=None,
+                 freeze_epochs=0, batch_size=4, num_workers=0, progress=False, device="cpu")
+        write_tiff(tmp_path / "s.tif", synthetic_slide(0))
+        r = predict_cli(tmp_path / "ft", tmp_path / "s.tif", out=tmp_path / "out", cache=tmp_path / "cache")
+    finally:
+        torch.set_num_threads(threads)
+    assert r.exit_code == 0, r.output
+    a = ad.read_h5ad(tmp_path / "out" / "s" / "predictions.h5ad")
+    model = load_finetuned(tmp_path / "ft")
+    assert list(a.var_names) == model.genes and a.n_obs > 0 and np.isfinite(a.X).all()
+    assert a.uns["hexpr"]["config"]["finetuned"] == str(tmp_path / "ft")
+    assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").rglob("*.h5"))  # embeds on the fly
+    # same tiles, same network: the map is what predict_dataset gives on those tiles
+    from embedder.slides import open_slide
+    from embedder.tiling import tile_dataset
+
+    obs = a.obs
+    ds = tile_dataset(tmp_path / "s.tif", 0.5, a.obsm["spatial"], list(obs.index), 100.0, 50, slide=open_slide(tmp_path / "s.tif"))
+    direct = model.predict_dataset(ds, batch_size=8, num_workers=0, progress=False, device="cpu")
+    ds.close()
+    np.testing.assert_allclose(a.X, direct.to_numpy(np.float32), rtol=1e-3, atol=1e-3)
