@@ -355,3 +355,35 @@ def test_a_finetuned_model_predicts_slides_too(tmp_path):
     direct = model.predict_dataset(ds, batch_size=8, num_workers=0, progress=False, device="cpu")
     ds.close()
     np.testing.assert_allclose(a.X, direct.to_numpy(np.float32), rtol=1e-3, atol=1e-3)
+
+
+def test_torchrun_ranks_split_the_slides_and_match_one_process(tmp_path, tiny_model):
+    import socket
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    for i in range(3):
+        write_tiff(slides / f"s{i}.tif", synthetic_slide(i))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = ["predict-slide", str(tiny_model), str(slides), "--cache-dir", str(tmp_path / "cache"), "--tile-um", "100",
+            "--tile-um-per-px", "2", "--workers", "0", "--quiet"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+              "--master-port", str(port), str(REPO / "pipeline.py"), *args, "--out", str(tmp_path / "multi")]
+    result = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    # each slide is in exactly one rank's table: the ranks split the slides, none is done twice
+    assert [result.stdout.count(f"s{i}.tif") for i in range(3)] == [1, 1, 1], result.stdout
+    r = runner.invoke(app, [*args, "--out", str(tmp_path / "single")])
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in (tmp_path / "multi").iterdir()) == ["s0", "s1", "s2"]
+    for stem in ("s0", "s1", "s2"):
+        multi = ad.read_h5ad(tmp_path / "multi" / stem / "predictions.h5ad")
+        single = ad.read_h5ad(tmp_path / "single" / stem / "predictions.h5ad")
+        np.testing.assert_allclose(multi.X, single.X, rtol=1e-5, atol=1e-6)
