@@ -17,7 +17,7 @@ import pandas as pd
 from embedder.backbones import BackboneSpec
 from embedder.cache import DEFAULT_CACHE_DIR
 from embedder.datasets import ID_COLUMN, DatasetError, numeric_columns, open_dataset
-from embedder.files import atomic_dir, atomic_path
+from embedder.files import CSV_FLOAT_FORMAT, atomic_dir, atomic_path
 from embedder.features import FeatureSet, ensure_features
 from heads.evaluation import evaluate_tables
 from heads.metrics import N_TOP_DEFAULT
@@ -31,7 +31,7 @@ def write_json(path: str | Path, data: dict) -> Path:
 
 def write_table(path: str | Path, frame: pd.DataFrame, index_label: str | None = ID_COLUMN) -> Path:
     with atomic_path(path) as tmp:
-        frame.to_csv(tmp, index=index_label is not None, index_label=index_label, float_format="%.6g")
+        frame.to_csv(tmp, index=index_label is not None, index_label=index_label, float_format=CSV_FLOAT_FORMAT)
     return Path(path)
 
 

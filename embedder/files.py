@@ -14,6 +14,8 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
+CSV_FLOAT_FORMAT = "%.6g"   # predictions written as CSV: float32 precision, half the size and time of full repr
+
 
 def umask_mode(directory: bool = False) -> int:
     """The mode a new file (or folder) gets under the current umask."""

@@ -23,7 +23,7 @@ import joblib
 import numpy as np
 import pandas as pd
 
-from embedder.files import atomic_dir
+from embedder.files import CSV_FLOAT_FORMAT, atomic_dir
 from heads.base import (HeadError, as_matrix, atomic_dump, atomic_write, default_search_space,
                         fit_with_supported, head_param_names, make_head)
 from heads.cv import cross_validate, make_folds
@@ -300,7 +300,8 @@ def _fit_into(work: Path, X, Y, gene_names, *, head, params, transform, folds, g
     if cv is None:
         cv = cross_validate(factory, X_chosen, Y, fold_list, n_top=n_top, groups=groups, progress=progress,
                             description=f"cross-validating {config['head']}")
-    write_csv(pd.DataFrame(cv.oof, index=pd.Index(ids, name="ID"), columns=genes), work / OOF_FILE)
+    write_csv(pd.DataFrame(cv.oof, index=pd.Index(ids, name="ID"), columns=genes), work / OOF_FILE,
+              float_format=CSV_FLOAT_FORMAT)
 
     refit_start = time.perf_counter()
     model = fit_with_supported(factory(), X_chosen, Y, groups=groups)
