@@ -446,7 +446,8 @@ def predict_slide(model_path, slides, out_dir, *, um_per_px: float | None = None
                   min_tissue: float = DEFAULT_MIN_TISSUE, genes: list[str] | None = None,
                   n_heatmap_genes: int = DEFAULT_HEATMAP_GENES, cache_dir=DEFAULT_CACHE_DIR, overwrite: bool = False,
                   progress: bool = True, **embed_options) -> dict:
-    """Whole slides in, expression maps out: tissue tiles embedded and predicted with a fitted head.
+    """Whole slides in, expression maps out: tissue tiles embedded and predicted with a fitted head
+    or a fine-tuned model (see ``load_predictor``).
 
     ``slides``: slide files and/or folders of them; under torchrun rank r takes every world-th slide.
     A slide that cannot be read or tiled is skipped with a warning and listed in ``report['failed']``

@@ -387,3 +387,34 @@ def test_torchrun_ranks_split_the_slides_and_match_one_process(tmp_path, tiny_mo
         multi = ad.read_h5ad(tmp_path / "multi" / stem / "predictions.h5ad")
         single = ad.read_h5ad(tmp_path / "single" / stem / "predictions.h5ad")
         np.testing.assert_allclose(multi.X, single.X, rtol=1e-5, atol=1e-6)
+
+
+def test_a_model_with_neighbour_context_gets_it_from_the_tile_grid(tmp_path):
+    from embedder.backbones import parse_backbone
+    from embedder.features import add_neighbour_context, ensure_features
+    from embedder.slides import open_slide
+    from heads.fitting import load_model
+
+    train = write_challenge_dataset(tmp_path / "train", n=16, n_genes=4)
+    table = pd.read_csv(train)
+    table["x"], table["y"] = (np.arange(len(table)) % 4) * 100.0, (np.arange(len(table)) // 4) * 100.0
+    table.to_csv(train, index=False)
+    cache = tmp_path / "cache"
+    r = runner.invoke(app, ["fit-head", str(train), "-b", TINY_BACKBONE, "--folds", "2", "--neighbours", "3",
+                            "--out", str(tmp_path / "model"), "--cache-dir", str(cache), "--quiet"])
+    assert r.exit_code == 0, r.output
+    write_tiff(tmp_path / "s.tif", synthetic_slide(0))
+    r = predict_cli(tmp_path / "model", tmp_path / "s.tif", out=tmp_path / "out", cache=cache)
+    assert r.exit_code == 0, r.output
+    a = ad.read_h5ad(tmp_path / "out" / "s" / "predictions.h5ad")
+    assert a.n_obs > 4
+    # the map is the head applied to each tile's embedding + the mean of its 3 nearest tiles
+    fitted = load_model(tmp_path / "model")
+    assert fitted.feature_meta["neighbours"] == 3
+    tiles = tile_dataset(tmp_path / "s.tif", 0.5, a.obsm["spatial"], list(a.obs_names), 100.0, 50,
+                         slide=open_slide(tmp_path / "s.tif"))
+    plain = ensure_features(tiles, [parse_backbone(TINY_BACKBONE)], cache, progress=False, num_workers=0)
+    tiles.close()
+    expected = fitted.predict(add_neighbour_context(plain, a.obsm["spatial"], None, 3).X)
+    np.testing.assert_allclose(a.X, expected, rtol=1e-4, atol=1e-5)
+    assert not np.allclose(a.X, fitted.predict(np.concatenate([plain.X, plain.X], axis=1)), atol=1e-4)  # context mattered
