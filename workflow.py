@@ -243,19 +243,19 @@ def fit_head(data, specs: list[BackboneSpec], *, head: str = "ridge", params: di
     out_dir = Path(out_dir) if out_dir is not None else default_model_dir(dataset.name, head, space is not None, sweep_backbones)
     replaced = warn_if_backbones_change(out_dir, specs, sweep_backbones)
     features = ensure_features(dataset, specs, cache_dir, tta=tta, progress=progress, **embed_options)
-    if head == "auto":
+    if head == "auto":  # each of its feature sets carries its own k
         X, meta = _auto_feature_sets(features, dataset, neighbours)
     elif sweep_backbones:
         X, meta = feature_choices(features, lambda f: _with_context(f, dataset, neighbours))
+        meta = {name: {**m, "neighbours": int(neighbours)} for name, m in meta.items()}
         if sweep is None and trials is None:
             sweep = {}  # a grid over backbones alone
     else:
         features = _with_context(features, dataset, neighbours)
-        X, meta = features.X, features.meta()
-    for m in (meta.values() if sweep_backbones or head == "auto" else [meta]):
-        if head != "auto":  # auto's feature sets carry their own k
-            m["neighbours"] = int(neighbours)
-        m["patch"] = dataset.patch_scale()  # tile size for predict-slide
+        X, meta = features.X, {**features.meta(), "neighbours": int(neighbours)}
+    patch = dataset.patch_scale()  # the tile size predict-slide uses
+    for m in (meta.values() if isinstance(X, dict) else [meta]):
+        m["patch"] = patch
     groups, folds = cv_groups(dataset.groups, folds)
     report = fit_head_on_features(
         X, dataset.targets[panel].to_numpy(), panel, head=head, params=params,

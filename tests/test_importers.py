@@ -496,8 +496,8 @@ def test_thumbnail_written_with_scale(tmp_path, monkeypatch, fmt, pyramidal, reg
 
 
 def test_thumbnail_factor_and_block_mean():
-    assert common.thumbnail_factor(9270, 9936) == 5 and common.thumbnail_factor(1000, 800) == 1
+    assert slides.thumbnail_factor(9270, 9936) == 5 and slides.thumbnail_factor(1000, 800) == 1
     a = np.arange(5 * 7 * 3, dtype=np.uint8).reshape(5, 7, 3)
-    b = common.block_mean(a, 2)
+    b = slides.block_mean(a, 2)
     assert b.shape == (3, 4, 3)
     assert b[0, 0, 0] == round(a[:2, :2, 0].mean()) and b[2, 3, 1] == a[4, 6, 1]   # edge replicated

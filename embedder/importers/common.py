@@ -45,10 +45,8 @@ import scipy.sparse as sp
 from PIL import Image
 
 from embedder import slides as _slides
-from embedder.slides import (IMAGE_SUFFIXES, record_warning, MAX_INMEMORY_IMAGE_BYTES, PIL_MAX_PIXELS, PIL_SUFFIXES,  # noqa: F401
-                             SUPER_TILE_PX, THUMBNAIL_BAND_BYTES, THUMBNAIL_LEVEL_MAX_BYTES, THUMBNAIL_MAX_SIDE,
-                             TIFF_SUFFIXES, TILE_CACHE_BYTES, WHITE, ArraySlide, PILSlide, SlideError, SlideImage,
-                             SlideWarning, TiffRegionSlide, _to_rgb8, block_mean, read_square, thumbnail_factor)
+from embedder.slides import (THUMBNAIL_MAX_SIDE, WHITE, ArraySlide, SlideError, SlideImage, SlideWarning, _to_rgb8,
+                             read_square, record_warning, thumbnail_factor)
 
 # --------------------------------------------------------------------------------------------
 # constants (module level so tests / callers can tune them)

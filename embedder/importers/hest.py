@@ -23,7 +23,9 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from .common import (TIFF_SUFFIXES, IMAGE_SUFFIXES, ImporterError, SampleData, SampleSpec, counts_to_csr,
+from embedder.slides import IMAGE_SUFFIXES, TIFF_SUFFIXES
+
+from .common import (ImporterError, SampleData, SampleSpec, counts_to_csr,
                      make_unique, match_ids, patch_size_px, run_import, warn)
 
 HEST_PATCH_UM_PER_PX = 0.5       # HEST-1k patches/<id>.h5 convention (224 px = 112 µm)

@@ -19,7 +19,9 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from .common import (IMAGE_SUFFIXES, ImporterError, SampleData, SampleSpec, counts_to_csr, make_unique,
+from embedder.slides import IMAGE_SUFFIXES
+
+from .common import (ImporterError, SampleData, SampleSpec, counts_to_csr, make_unique,
                      match_ids, run_import, warn)
 
 ARRAY_SPACING_UM = 200.0

@@ -24,7 +24,9 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from .common import (IMAGE_SUFFIXES, ImporterError, SampleData, SampleSpec, counts_to_csr, make_unique,
+from embedder.slides import IMAGE_SUFFIXES
+
+from .common import (ImporterError, SampleData, SampleSpec, counts_to_csr, make_unique,
                      match_ids, run_import, warn)
 
 VISIUM_SPOT_DIAMETER_UM = 55.0
