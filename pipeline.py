@@ -10,7 +10,11 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+
+import workflow
+from embedder.errors import HexprError
 
 app = typer.Typer(
     help="hexpr: predict spatial gene expression from H&E patches. Embed once, fit many heads.",
@@ -42,36 +46,21 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
 
 
 def _friendly_errors(func):
-    """Known input/config problems print one clear line and exit 2; nothing else is swallowed."""
+    """A user's mistake (any ``HexprError``) prints one clear line and exits 2; nothing else is swallowed."""
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
-        from embedder.backbones import BackboneError
-        from embedder.cache import CacheError
-        from embedder.datasets import DatasetError
-        from embedder.finetune_model import FinetuneError
-        from embedder.importers import ImporterError
-        from embedder.slides import SlideError
-        from heads.base import HeadError
-        from heads.evaluation import EvaluationError
-
         warnings.showwarning = _show_warning
         warnings.simplefilter("once")
         try:
             return func(*args, **kwargs)
-        except (DatasetError, BackboneError, CacheError, EvaluationError, ImporterError, SlideError, FinetuneError, HeadError,
-                FileExistsError,
-                FileNotFoundError) as exc:
-            from rich.markup import escape
-
+        except HexprError as exc:
             console.print(f"[bold red]Error:[/bold red] {escape(str(exc))}", highlight=False)
             raise typer.Exit(2) from None
     return wrapper
 
 
 def _specs(backbone, backbone_config, no_pretrained):
-    from embedder.backbones import resolve_specs
-
-    return resolve_specs(backbone, backbone_config, no_pretrained)
+    return workflow.backbone_specs(backbone, backbone_config, no_pretrained)
 
 
 def _print_mapping(title: str, rows: dict) -> None:
@@ -90,9 +79,7 @@ def demo_data(
     overwrite: bool = False,
 ):
     """Write a synthetic H&E-like dataset in the challenge layout (train.csv, test.csv, test_truth.csv, sample_submission.csv)."""
-    from embedder.demo_data import write_demo_dataset
-
-    paths = write_demo_dataset(out_dir, n_train=n_train, n_test=n_test, n_genes=n_genes, size=size, seed=seed, overwrite=overwrite)
+    paths = workflow.write_demo_dataset(out_dir, n_train=n_train, n_test=n_test, n_genes=n_genes, size=size, seed=seed, overwrite=overwrite)
     _print_mapping("demo dataset", {k: v for k, v in paths.items()})
 
 
@@ -106,8 +93,6 @@ def embed(
     quiet: QuietOpt = False,
 ):
     """Embed every patch with frozen backbones and cache the features (resumes after an interruption)."""
-    import workflow
-
     features = workflow.embed(data, _specs(backbone, backbone_config, no_pretrained), cache_dir, tta=tta,
                               batch_size=batch_size, num_workers=workers, device=device, precision=precision, chunk_size=chunk_size,
                               progress=not quiet)
@@ -123,9 +108,7 @@ def embed(
 @_friendly_errors
 def clean_cache(cache_dir: CacheDirOpt = Path("cache")):
     """Delete unfinished embeddings that interrupted runs left in the cache (finished cache files are kept)."""
-    from embedder.cache import clean_partials
-
-    removed = clean_partials(cache_dir)
+    removed = workflow.clean_cache(cache_dir)
     for info in removed:
         out.print(f"removed {info['path']} ({info['n_chunks']} chunks, {info['bytes'] / 1e6:.1f} MB)")
     out.print(f"{len(removed)} unfinished embedding folder(s) removed, {sum(i['bytes'] for i in removed) / 1e6:.1f} MB freed")
@@ -142,13 +125,9 @@ def evaluate(
     plots: Annotated[bool, typer.Option("--plots", help="Also write the plots of `hexpr plot` into the output folder.")] = False,
 ):
     """Challenge score (MeanCorr spots, MaxCorr genes, HEG, HVG) plus per-gene Pearson."""
-    import workflow
-
     report = workflow.evaluate(predictions, truth, out_dir=out_dir, n_top=n_top, gene_list_path=genes)
     if plots:
-        from heads.plots import make_report_plots
-
-        made = make_report_plots(predictions, truth, Path(report["scores_json"]).parent / f"{predictions.stem}_plots", n_top=n_top)
+        made = workflow.plot(predictions, truth, Path(report["scores_json"]).parent / f"{predictions.stem}_plots", n_top=n_top)
         report["plots"] = str(Path(made["pearson_distribution"]).parent)
     keys = ["score", "mean_corr_cells", "max_corr_genes", "heg_corr", "hvg_corr", "mean_corr_genes", "mean_corr_hvg",
             "mean_corr_gene_list", "n_spots", "n_genes", "n_constant_spots", "n_constant_genes", "scores_json", "per_gene_csv",
@@ -228,8 +207,6 @@ def fit_head(
     workers: WorkersOpt = None, device: DeviceOpt = "auto", quiet: QuietOpt = False,
 ):
     """Fit a head on cached embeddings with cross-validation (and sweeps); refit on all data and save it."""
-    import workflow
-
     report = workflow.fit_head(data, _specs(backbone, backbone_config, no_pretrained), head=head, params=_params(param),
                                transform=transform, folds=folds, sweep=sweep, trials=trials, sweep_backbones=sweep_backbones,
                                seed=seed, n_jobs=jobs, out_dir=out_dir, cache_dir=cache_dir, tta=tta, genes=genes,
@@ -251,8 +228,6 @@ def predict(
     device: DeviceOpt = "auto", quiet: QuietOpt = False,
 ):
     """Predict expression for new patches with a fitted head (embeds them with the head's own backbones)."""
-    import workflow
-
     result = workflow.predict(model, data, out=out_path, fmt=fmt, cache_dir=cache_dir, template=template,
                               progress=not quiet, batch_size=batch_size, num_workers=workers, device=device)
     out.print(f"wrote {result['n_spots']} spots x {result['n_genes']} genes to {result['out']}")
@@ -275,8 +250,6 @@ def predict_slide(
     device: DeviceOpt = "auto", precision: PrecisionOpt = "auto", quiet: QuietOpt = False,
 ):
     """Predict expression over whole H&E slides: tissue tiles -> .h5ad, QuPath GeoJSON, per-gene heatmaps."""
-    import workflow
-
     result = workflow.predict_slide(model, slides, out_dir, um_per_px=um_per_px, tile_um=tile_um, tile_um_per_px=tile_um_per_px,
                                     stride_um=stride_um, min_tissue=min_tissue, genes=gene, overwrite=overwrite,
                                     cache_dir=cache_dir, progress=not quiet, batch_size=batch_size, num_workers=workers,
@@ -290,8 +263,6 @@ def predict_slide(
                       str(r["seconds"]), str(r["tiles_per_second"]), r["out_dir"])
     out.print(table)
     if result["failed"]:
-        from rich.markup import escape
-
         n_all = len(result["failed"]) + len(result["slides"])
         console.print(f"[bold red]Error:[/bold red] {len(result['failed'])} of {n_all} slides failed (why: the warnings "
                       f"above), the others were written: {escape(', '.join(result['failed']))}", highlight=False)
@@ -307,10 +278,7 @@ def demo(
     backbone: BackboneOpt = None, quiet: QuietOpt = False,
 ):
     """Run the whole pipeline offline on a generated dataset and print the score beside the training-mean baseline."""
-    import workflow
-    from embedder.backbones import resolve_specs
-
-    specs = resolve_specs(backbone, None, no_pretrained=True)
+    specs = workflow.backbone_specs(backbone, None, no_pretrained=True)
     result = workflow.demo(workdir, n_train=n_train, n_test=n_test, n_genes=n_genes, size=size, specs=specs,
                            head=head, folds=folds, progress=not quiet)
     test, base = result["test"], result["test_mean_baseline"]
@@ -334,9 +302,7 @@ def plot(
     n_genes: Annotated[int, typer.Option(help="Genes to map when --gene is not given.")] = 4,
 ):
     """Per-gene Pearson distribution, predicted-vs-measured scatter, and spatial maps over the slide thumbnail."""
-    from heads.plots import make_report_plots
-
-    made = make_report_plots(predictions, truth, out_dir, genes=gene, n_genes=n_genes)
+    made = workflow.plot(predictions, truth, out_dir, genes=gene, n_genes=n_genes)
     for key in ("pearson_distribution", "scatter"):
         out.print(f"{key}: {made[key]}")
     for sample, path in (made.get("spatial_maps") or {}).items():
@@ -354,9 +320,7 @@ def inspect(
     method: Annotated[str, typer.Option(help="2-D map of spots: pca | tsne")] = "pca",
 ):
     """Dataset summary (spots, genes, groups, ranges, constant genes, outlier spots) and exploratory plots."""
-    from heads.inspect import inspect_dataset
-
-    result = inspect_dataset(data, out_dir, n_top=n_top, method=method)
+    result = workflow.inspect_dataset(data, out_dir, n_top=n_top, method=method)
     summary = result["summary"]
     groups, values = summary.get("groups", {}), summary.get("values", {})
     outliers, constant = summary.get("outlier_spots", {}), summary.get("constant_genes", {})
@@ -390,9 +354,7 @@ def import_(
     quiet: QuietOpt = False,
 ):
     """Cut spot-centred patches from slides at a fixed µm size and write a dataset hexpr trains on."""
-    from embedder.importers import import_dataset
-
-    summary = import_dataset(source if len(source) > 1 else source[0], out_dir, kind=kind, patch_um=patch_um,
+    summary = workflow.import_dataset(source if len(source) > 1 else source[0], out_dir, kind=kind, patch_um=patch_um,
                              target_um_per_px=um_per_px, source_um_per_px=source_um_per_px, normalize=normalize,
                              filter_background=filter_background, output=output, sample_ids=sample, progress=not quiet,
                              image=image)
@@ -428,8 +390,6 @@ def finetune(
     workers: WorkersOpt = None, device: DeviceOpt = "auto", quiet: QuietOpt = False,
 ):
     """Train the fused backbones + MLP head end to end; the best epoch is exported for `hexpr predict`."""
-    from embedder.finetune import finetune as run_finetune
-
     terms = ("score", "mean_corr_cells", "max_corr_genes", "heg_corr", "hvg_corr")
 
     def on_epoch(row: dict) -> None:
@@ -439,7 +399,7 @@ def finetune(
                   + f"  {row.get('images_per_s', float('nan')):.1f} img/s  ETA {row.get('eta_s', float('nan')):.0f} s", highlight=False)
 
     specs = _specs(backbone, backbone_config, no_pretrained)
-    report = run_finetune(data, specs, out_dir, head_init=head_init, loss=loss, transform=transform, epochs=epochs,
+    report = workflow.finetune(data, specs, out_dir, head_init=head_init, loss=loss, transform=transform, epochs=epochs,
                           batch_size=batch_size, lr=lr, head_lr=head_lr, weight_decay=weight_decay,
                           warmup_epochs=warmup_epochs, schedule=schedule, freeze_epochs=freeze_epochs,
                           layer_decay=layer_decay, accum_steps=accum_steps, folds=folds, val_fold=None if val_fold < 0 else val_fold,

@@ -9,7 +9,7 @@ For every held-out section S (or those given with --sections):
     heads ``ridge`` and ``mlp`` fitted on the training sections with ``heads.fitting.fit_head``
     (grouped CV over the training sections, then a refit on all of them); "best" = the head with
     the higher grouped-CV score on the training sections (the held-out section never decides);
-  * fine-tuned: ``embedder.finetune.finetune`` on the training sections, the head initialised
+  * fine-tuned: ``heads.finetune.finetune`` on the training sections, the head initialised
     from the frozen ``mlp`` head (``head_init``), for a fixed number of epochs without a
     validation split (``val_fold=None``: no held-out spot is used for model selection), then
     ``load_finetuned(...).predict_dataset`` on S (images embedded on the fly);
@@ -36,16 +36,16 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from benchmarks._common import HER2ST, MOBILENET_SPEC, MOBILENET_WEIGHTS as WEIGHTS  # noqa: E402
-
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from benchmarks._common import HER2ST, MOBILENET_SPEC  # noqa: E402
+from benchmarks._common import MOBILENET_WEIGHTS as WEIGHTS
 from embedder.backbones import parse_backbone  # noqa: E402
 from embedder.datasets import open_dataset  # noqa: E402
 from embedder.features import ensure_features  # noqa: E402
-from embedder.finetune import finetune, load_finetuned  # noqa: E402
 from heads.cv import score_with_panels, training_panels  # noqa: E402
+from heads.finetune import finetune, load_finetuned  # noqa: E402
 from heads.fitting import fit_head, load_model  # noqa: E402
 from heads.metrics import pearson_per_gene, top_genes  # noqa: E402
 

@@ -36,11 +36,10 @@ import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks._common import MOBILENET_SPEC, her2st_workdir, open_her2st  # noqa: E402
-
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from benchmarks._common import MOBILENET_SPEC, her2st_workdir, open_her2st  # noqa: E402
 from embedder.backbones import parse_backbone  # noqa: E402
 from embedder.features import add_neighbour_context, ensure_features  # noqa: E402
 from heads.base import make_head  # noqa: E402

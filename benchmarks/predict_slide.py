@@ -27,11 +27,10 @@ import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks._common import HER2ST, MOBILENET_SPEC, peak_memory_mib  # noqa: E402
-
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from benchmarks._common import HER2ST, MOBILENET_SPEC, peak_memory_mib  # noqa: E402
 from embedder.backbones import create_backbone, parse_backbone  # noqa: E402
 from embedder.extract import _forward, resolve_precision  # noqa: E402
 from embedder.importers import import_dataset  # noqa: E402
@@ -120,7 +119,7 @@ def draw_picture(maps: Path, out_png: Path, genes: list[str]) -> None:
     import anndata as ad
     from PIL import Image
 
-    from heads.plots import plot_tile_map
+    from workflow.outputs.plots import plot_tile_map
 
     a = ad.read_h5ad(maps / "predictions.h5ad")
     meta, spatial = a.uns["hexpr"], next(iter(a.uns["spatial"].values()))

@@ -152,11 +152,11 @@ def make_head(name: str, args):
 
 
 def run_child(args) -> dict:
+    import heads.chunked_mlp  # noqa: F401  (import torch now: imports are not fit memory)
+    import heads.streamed_ridge  # noqa: F401
     from embedder.cache import dataset_shape, read_feature_rows, read_rows
     from heads.metrics import challenge_score
     from heads.streaming import H5Chunks
-    import heads.chunked_mlp  # noqa: F401  (import torch now: imports are not fit memory)
-    import heads.streamed_ridge  # noqa: F401
 
     folder = Path(args.data)
     n_rows = dataset_shape(folder / FEATURES_FILE)[0]
@@ -274,7 +274,7 @@ def main(argv=None) -> int:
         result = run_child(args)
         Path(args.child_out).write_text(json.dumps(result, indent=2, default=str))
         return 0
-    from heads.fitting import write_json
+    from embedder.files import write_json
 
     heads = [h.strip() for h in args.heads.split(",") if h.strip()]
     folder = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="hexpr_scale_", dir="/tmp"))
@@ -329,7 +329,7 @@ def main(argv=None) -> int:
         "peak_under_goal": all("error" not in r and r["process_peak_rss_mib"] / 1024 < GOAL_PEAK_GIB for r in results),
         "results": results,
     }
-    write_json(report, Path(args.out))
+    write_json(Path(args.out), report)
     print()
     print(table(results))
     print(f"\nJSON: {args.out}")

@@ -24,6 +24,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from embedder.errors import ModelError
+from embedder.files import read_config
+
 DEFAULT_BACKBONES = ("efficientnet_b1", "vit_small_patch16_224.augreg_in1k")
 PRETRAINED = "pretrained"
 RANDOM_INIT = "none"
@@ -32,7 +35,7 @@ _HUB_PREFIXES = ("hf-hub:", "hf_hub:", "timm/")
 _SPEC_KEYS = {"weights", "mean", "std", "size", "interpolation", "crop_pct"}
 
 
-class BackboneError(RuntimeError):
+class BackboneError(ModelError):
     """A backbone cannot be created or its weights cannot be loaded; the message says how to fix it."""
 
 
@@ -167,14 +170,7 @@ def parse_backbone(text: str, default_weights: str = PRETRAINED) -> BackboneSpec
 
 def load_backbone_config(path: str | Path) -> list[BackboneSpec]:
     """A JSON or YAML file: a list of spec dicts (or {"backbones": [...]})."""
-    path = Path(path)
-    text = path.read_text()
-    if path.suffix.lower() in (".yaml", ".yml"):
-        import yaml
-
-        data = yaml.safe_load(text)
-    else:
-        data = json.loads(text)
+    data = read_config(path)
     if isinstance(data, dict):
         data = data.get("backbones", data)
     if not isinstance(data, list) or not data:

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from embedder.backbones import BackboneSpec
+from embedder.errors import DataError
 from embedder.files import atomic_path, atomic_write
 
 CACHE_FORMAT_VERSION = 1
@@ -39,7 +40,7 @@ DEFAULT_CACHE_DIR = Path("cache")
 _PARTIAL = ".partial"
 
 
-class CacheError(RuntimeError):
+class CacheError(DataError):
     """A cache file is missing, damaged or made with a different configuration."""
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from embedder.errors import DataError
 from embedder.images import read_image_file
 
 ID_COLUMN = "ID"
@@ -30,7 +31,7 @@ TEMPLATE_NAME = "sample_submission.csv"
 _MAX_LISTED = 5
 
 
-class DatasetError(ValueError):
+class DatasetError(DataError):
     """Bad or inconsistent input data; the message says which file, which row and the fix."""
 
 

@@ -50,6 +50,7 @@ import pandas as pd
 from PIL import Image, ImageDraw, ImageFilter
 
 from embedder.datasets import DatasetError
+from embedder.errors import OutputExistsError
 from embedder.files import atomic_dir
 
 __all__ = ["write_demo_dataset", "N_LATENT", "VISIBLE_LATENT"]
@@ -327,9 +328,9 @@ def write_demo_dataset(
     out_dir = Path(out_dir)
     if out_dir.exists():
         if not out_dir.is_dir():
-            raise FileExistsError(f"{out_dir} exists and is not a directory")
+            raise OutputExistsError(f"{out_dir} exists and is not a directory")
         if any(out_dir.iterdir()) and not overwrite:
-            raise FileExistsError(
+            raise OutputExistsError(
                 f"{out_dir} is not empty; pass --overwrite (overwrite=True) to replace it, or pick another folder"
             )
     with atomic_dir(out_dir) as tmp:  # built beside out_dir, swapped in when complete

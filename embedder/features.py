@@ -107,3 +107,12 @@ def add_neighbour_context(features: FeatureSet, coords, groups, k: int) -> Featu
              "identity": {"neighbour_mean_k": k}, "start": width, "stop": 2 * width}
     return FeatureSet(features.ids, np.concatenate([features.X, context], axis=1), features.blocks + [block],
                       features.tta, features.warnings)
+
+
+def with_dataset_context(features: FeatureSet, dataset: PatchDataset, neighbours: int) -> FeatureSet:
+    """``features`` with the mean embedding of each spot's ``neighbours`` nearest spots of the same
+    group appended (the dataset's coordinates and groups); unchanged when ``neighbours`` is 0."""
+    if not neighbours:
+        return features
+    groups = None if dataset.groups is None else dataset.groups.to_numpy()
+    return add_neighbour_context(features, dataset.coords, groups, neighbours)

@@ -1,4 +1,4 @@
-"""Atomic writes of files and folders, shared by every stage.
+"""Atomic writes of files and folders, and config reading, shared by every stage.
 
 Readers never see a half-written output: each file is written under a temporary name beside its
 final path (unique per process, so concurrent writers never share one) and renamed into place
@@ -8,11 +8,18 @@ of ``tempfile``.
 """
 from __future__ import annotations
 
+import json
+import math
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from contextlib import contextmanager
 from pathlib import Path
+
+import numpy as np
+
+from embedder.errors import DataError, OutputExistsError
 
 CSV_FLOAT_FORMAT = "%.6g"   # predictions written as CSV: float32 precision, half the size and time of full repr
 
@@ -62,7 +69,7 @@ def swap_in_dir(built: Path, final: Path) -> Path:
     built, final = Path(built), Path(final)
     if final.exists():
         if not final.is_dir():
-            raise FileExistsError(f"{final} exists and is not a folder")
+            raise OutputExistsError(f"{final} exists and is not a folder")
         trash = temp_dir_beside(final, "old")
         os.replace(final, trash / "old")
         os.replace(built, final)
@@ -84,3 +91,41 @@ def atomic_dir(path: str | Path):
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def json_ready(obj):
+    """``obj`` with NaN/inf floats as None and numpy/tuple values as plain JSON types."""
+    if isinstance(obj, Mapping):
+        return {str(k): json_ready(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_ready(v) for v in obj]
+    if isinstance(obj, (np.generic, np.ndarray)):
+        return json_ready(obj.tolist())
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def write_json(path: str | Path, obj) -> Path:
+    """Pretty, strict JSON (NaN/inf as null) written atomically; the one JSON writer of hexpr."""
+    text = json.dumps(json_ready(obj), indent=2, default=str, allow_nan=False) + "\n"
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def read_config(path: str | Path):
+    """A JSON or YAML file (by suffix: .yaml/.yml is YAML) parsed into Python values."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read it ({exc.strerror or exc})") from None
+    try:
+        if path.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            return yaml.safe_load(text)
+        return json.loads(text)
+    except ValueError as exc:  # json.JSONDecodeError and yaml.YAMLError's parse errors
+        raise DataError(f"{path}: not valid {'YAML' if path.suffix.lower() in ('.yaml', '.yml') else 'JSON'} ({exc})") from None
+    except Exception as exc:  # yaml.YAMLError is not a ValueError
+        raise DataError(f"{path}: not valid YAML ({exc})") from None

@@ -28,6 +28,8 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
+from embedder.errors import DataError
+
 WHITE = 255
 MAX_INMEMORY_IMAGE_BYTES = 1 << 30      # TIFFs larger than this (decoded) are read by region
 TILE_CACHE_BYTES = 256 << 20            # decoded-tile cache of the region reader
@@ -44,7 +46,7 @@ IMAGE_SUFFIXES = TIFF_SUFFIXES + PIL_SUFFIXES
 SLIDE_SUFFIXES = tuple(dict.fromkeys(IMAGE_SUFFIXES + OPENSLIDE_SUFFIXES))
 
 
-class SlideError(ValueError):
+class SlideError(DataError):
     """A slide that cannot be read or whose scale is unknown; the message names the file and the fix."""
 
 

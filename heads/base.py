@@ -28,7 +28,8 @@ import joblib
 import numpy as np
 from sklearn.base import BaseEstimator, clone
 
-from embedder.files import atomic_write  # noqa: F401 - re-exported: the heads' atomic file writes
+from embedder.errors import UsageError
+from embedder.files import atomic_write
 from heads.params import N_COMPONENTS, SEED, Bool, param_problems
 
 HEADS: dict[str, type["Head"]] = {}
@@ -37,7 +38,7 @@ HEADS: dict[str, type["Head"]] = {}
 # --------------------------------------------------------------------------------------------
 # input checks
 # --------------------------------------------------------------------------------------------
-class HeadError(ValueError):
+class HeadError(UsageError):
     """Bad head input or configuration (unknown head or parameter, bad folds, shapes, sweep file)."""
 
 

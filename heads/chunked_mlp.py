@@ -30,11 +30,21 @@ import torch
 
 from heads.base import Head, as_matrix, register_head, rng_split
 from heads.metrics import N_TOP_DEFAULT
-from heads.mlp import (LOSSES, EarlyStopping, MLPHead, TorchStateMixin, as_widths, build_mlp, gene_weights_from_panels,
-                       minibatches, predict_in_chunks, resolve_device, torch_session)
+from heads.mlp import (
+    LOSSES,
+    EarlyStopping,
+    MLPHead,
+    TorchStateMixin,
+    as_widths,
+    build_mlp,
+    gene_weights_from_panels,
+    minibatches,
+    predict_in_chunks,
+    resolve_device,
+    torch_session,
+)
 from heads.params import Bool, Int
-from heads.streaming import (DEFAULT_CHUNK_ROWS, ArrayChunks, ChunkSource, accumulate,
-                             is_reiterable, iterate_chunks)
+from heads.streaming import DEFAULT_CHUNK_ROWS, ArrayChunks, ChunkSource, accumulate, is_reiterable, iterate_chunks
 
 
 def panels_from_moments(n: int, mean_y: np.ndarray, var_y: np.ndarray, n_top: int) -> dict[str, np.ndarray]:

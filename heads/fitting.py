@@ -23,13 +23,24 @@ import joblib
 import numpy as np
 import pandas as pd
 
-from embedder.files import CSV_FLOAT_FORMAT, atomic_dir
-from heads.base import (HeadError, as_matrix, atomic_dump, atomic_write, default_search_space,
-                        fit_with_supported, head_param_names, make_head)
+from embedder.errors import MissingInputError, OutputExistsError
+from embedder.files import CSV_FLOAT_FORMAT, atomic_dir, atomic_write, json_ready, write_json
+from heads.base import HeadError, as_matrix, atomic_dump, default_search_space, fit_with_supported, head_param_names, make_head
 from heads.cv import cross_validate, make_folds
 from heads.metrics import N_TOP_DEFAULT
-from heads.sweep import (AUTO_BAG, as_feature_sets, auto_candidates, check_space, load_kept_cv, load_search_file,
-                         model_factory, run_sweep, score_configs, split_params, with_bag)
+from heads.sweep import (
+    AUTO_BAG,
+    as_feature_sets,
+    auto_candidates,
+    check_space,
+    load_kept_cv,
+    load_search_file,
+    model_factory,
+    run_sweep,
+    score_configs,
+    split_params,
+    with_bag,
+)
 from heads.targets import make_transform
 
 MODEL_FILE = "model.joblib"
@@ -91,7 +102,7 @@ def load_model(path) -> FittedModel:
     if path.is_dir():
         path = path / MODEL_FILE
     if not path.exists():
-        raise FileNotFoundError(f"no fitted model at {path}; run the fit step first")
+        raise MissingInputError(f"no fitted model at {path}; run the fit step first")
     obj = joblib.load(path)
     if not isinstance(obj, FittedModel):
         raise TypeError(f"{path} holds a {type(obj).__name__}, not a hexpr FittedModel")
@@ -101,25 +112,6 @@ def load_model(path) -> FittedModel:
 # --------------------------------------------------------------------------------------------
 # helpers of fit_head
 # --------------------------------------------------------------------------------------------
-def json_ready(obj):
-    """``obj`` with NaN/inf floats as None and numpy/tuple values as plain JSON types."""
-    if isinstance(obj, Mapping):
-        return {str(k): json_ready(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_ready(v) for v in obj]
-    if isinstance(obj, (np.generic, np.ndarray)):
-        return json_ready(obj.tolist())
-    if isinstance(obj, float) and not np.isfinite(obj):
-        return None
-    return obj
-
-
-def write_json(obj, path: Path) -> Path:
-    """Pretty, strict JSON written atomically."""
-    text = json.dumps(json_ready(obj), indent=2, default=str, allow_nan=False) + "\n"
-    return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
-
-
 def write_csv(frame: pd.DataFrame, path: Path, **kwargs) -> Path:
     return atomic_write(path, lambda tmp: frame.to_csv(tmp, **kwargs))
 
@@ -169,11 +161,11 @@ def read_model_info(out_dir) -> dict | None:
     if not out_dir.exists():
         return None
     if not out_dir.is_dir():
-        raise FileExistsError(f"{out_dir} exists and is not a folder; give --out a new or model folder")
+        raise OutputExistsError(f"{out_dir} exists and is not a folder; give --out a new or model folder")
     if not any(out_dir.iterdir()):
         return None
     if not (out_dir / MODEL_FILE).is_file() and not (out_dir / MODEL_INFO_FILE).is_file():
-        raise FileExistsError(f"{out_dir} is not empty and holds no fitted model; a model folder is replaced as a "
+        raise OutputExistsError(f"{out_dir} is not empty and holds no fitted model; a model folder is replaced as a "
                               "whole, so give --out a new or empty folder (or a model folder)")
     try:
         return json.loads((out_dir / MODEL_INFO_FILE).read_text())
@@ -323,7 +315,8 @@ def _fit_into(work: Path, X, Y, gene_names, *, head, params, transform, folds, g
                   "model": str(out_dir / MODEL_FILE), "model_info": str(out_dir / MODEL_INFO_FILE)},
     }
     report = json_ready(report)
-    write_json({"format_version": FORMAT_VERSION, "config": config, "n_features": X_chosen.shape[1],
-                "feature_meta": meta, "genes": genes, "cv": cv.report["model"]}, work / MODEL_INFO_FILE)
-    write_json(report, work / REPORT_FILE)
+    write_json(work / MODEL_INFO_FILE, {"format_version": FORMAT_VERSION, "config": config,
+                                        "n_features": X_chosen.shape[1], "feature_meta": meta, "genes": genes,
+                                        "cv": cv.report["model"]})
+    write_json(work / REPORT_FILE, report)
     return report

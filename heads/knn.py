@@ -16,8 +16,7 @@ import torch
 from torch import nn
 
 from heads.base import FeaturePCA, Head, register_head
-from heads.mlp import (TorchStateMixin, as_widths, build_mlp, minibatches, predict_in_chunks,
-                       resolve_device, torch_session)
+from heads.mlp import TorchStateMixin, as_widths, build_mlp, minibatches, predict_in_chunks, resolve_device, torch_session
 from heads.params import N_THREADS, NON_NEGATIVE, POSITIVE, SEED, Device, Int, Options, Real, Widths
 
 WEIGHTINGS = ("softmax", "similarity", "uniform")

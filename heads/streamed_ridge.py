@@ -31,8 +31,7 @@ import numpy as np
 from heads.base import Head, register_head
 from heads.params import Int, Options
 from heads.ridge import DEFAULT_ALPHAS, RidgeHead, gcv_errors
-from heads.streaming import (DEFAULT_CHUNK_ROWS, ArrayChunks, RunningMoments, accumulate,
-                             is_reiterable, iterate_chunks)
+from heads.streaming import DEFAULT_CHUNK_ROWS, ArrayChunks, RunningMoments, accumulate, is_reiterable, iterate_chunks
 
 
 @register_head("ridge_streamed")

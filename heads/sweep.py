@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 from joblib import Parallel, delayed, effective_n_jobs
 
+from embedder.files import read_config
 from heads.base import HeadError, default_search_space, head_param_names, make_head, progress_task
 from heads.cv import METRICS, cross_validate
 from heads.metrics import N_TOP_DEFAULT
@@ -43,13 +44,7 @@ DEFAULT_FEATURES_NAME = "features"
 # --------------------------------------------------------------------------------------------
 def load_search_file(path) -> dict:
     """A search space from a YAML or JSON file (param -> list of values or distribution)."""
-    path = Path(path)
-    text = path.read_text()
-    if path.suffix.lower() in (".yaml", ".yml"):
-        import yaml
-        space = yaml.safe_load(text)
-    else:
-        space = json.loads(text)
+    space = read_config(path)
     if not isinstance(space, dict) or not space:
         raise HeadError(f"{path}: a sweep file must hold a non-empty mapping of parameter -> values")
     return space

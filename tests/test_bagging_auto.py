@@ -4,15 +4,15 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import TINY_BACKBONE, write_challenge_dataset
+from test_heads import synthetic_expression
 from typer.testing import CliRunner
 
-from conftest import TINY_BACKBONE, write_challenge_dataset
 from heads import Head, make_head
 from heads.base import HeadError
 from heads.fitting import fit_head, load_model
 from heads.sweep import auto_candidates
 from pipeline import app
-from test_heads import synthetic_expression
 
 runner = CliRunner()
 FAST_MLP = {"hidden": [16], "epochs": 15, "lr": 3e-3, "device": "cpu", "n_threads": 1}

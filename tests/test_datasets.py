@@ -3,9 +3,9 @@ import h5py
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import write_challenge_dataset
 from PIL import Image
 
-from conftest import write_challenge_dataset
 from embedder.datasets import DatasetError, DatasetWarning, open_dataset
 from embedder.images import read_image_file
 

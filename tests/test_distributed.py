@@ -5,8 +5,8 @@ import subprocess
 import sys
 
 import numpy as np
-
 from conftest import REPO, TINY_BACKBONE, write_challenge_dataset
+
 from embedder.cache import read_cache
 
 

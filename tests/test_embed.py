@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import timm
 import torch
+from conftest import MOBILENET_WEIGHTS, REPO, TINY_BACKBONE, needs_shared, write_challenge_dataset
 from PIL import Image
 
-from conftest import MOBILENET_WEIGHTS, REPO, TINY_BACKBONE, needs_shared, write_challenge_dataset
 from embedder.backbones import BackboneError, create_backbone, parse_backbone, resolve_specs
 from embedder.cache import read_attrs, read_cache
 from embedder.datasets import DatasetError, open_dataset

@@ -3,13 +3,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-
 from conftest import write_challenge_dataset
+
 from embedder.augment import augmented_views, plain_views, sample_rng
 from embedder.backbones import Preprocess, parse_backbone
 from embedder.datasets import open_dataset
-from embedder.finetune import CHECKPOINT_FILE, FINETUNED_FILE, FinetuneError, finetune, load_finetuned
-from embedder.finetune_model import LRSchedule, layer_ids
+from heads.finetune import CHECKPOINT_FILE, FINETUNED_FILE, FinetuneError, finetune, load_finetuned
+from heads.finetune_model import LRSchedule, layer_ids
 
 # timm's smallest test network, random init: fast enough for several runs on 2 shared cores
 SPEC = parse_backbone("test_resnet:weights=none,size=48")

@@ -1,4 +1,3 @@
-import sys
 
 import numpy as np
 import pytest
@@ -6,22 +5,12 @@ from sklearn.decomposition import PCA
 from sklearn.linear_model import Ridge
 from sklearn.preprocessing import StandardScaler
 
-from conftest import REPO
 from heads import HEADS, FeatureReduced, Head, TargetTransformed, default_search_space, make_head
 from heads.base import HEAD_MODULES
 from heads.ensemble import simplex_weights
 from heads.metrics import pearson_per_gene
 from heads.ridge import RidgeHead
-
-
-def synthetic_expression(*args, **kwargs):
-    """The benchmark's synthetic data generator (shared by the head tests; benchmarks/ is not an
-    installed package, hence the path)."""
-    if str(REPO) not in sys.path:
-        sys.path.insert(0, str(REPO))
-    from benchmarks.heads import synthetic_expression as generate
-    return generate(*args, **kwargs)
-
+from heads.synthetic import synthetic_expression
 
 # small settings; torch heads on one thread (tiny tensors run far faster than on two busy cores)
 FAST = {

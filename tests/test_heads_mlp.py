@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 import torch
-
 from test_heads import synthetic_expression
+
 from heads import Head, TargetTransformed, make_head
 from heads.cv import score_with_panels, training_panels
 from heads.metrics import pearson_per_gene

@@ -3,8 +3,8 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-
 from test_heads import synthetic_expression
+
 from heads import fit_head, load_model, make_folds, run_sweep
 from heads.sweep import expand_grid, make_configs, sample_configs
 
@@ -132,7 +132,7 @@ def test_interrupted_fit_leaves_the_existing_model_folder_as_it_was(data, tmp_pa
     if stage == "report":
         real = heads.fitting.write_json
         monkeypatch.setattr(heads.fitting, "write_json",
-                            lambda obj, path: interrupt() if path.name == "cv_report.json" else real(obj, path))
+                            lambda path, obj: interrupt() if path.name == "cv_report.json" else real(path, obj))
     else:
         monkeypatch.setattr(heads.fitting, target, interrupt)
     with pytest.raises(KeyboardInterrupt):

@@ -18,8 +18,15 @@ from PIL import Image
 
 import embedder.importers.common as common
 import embedder.slides as slides
-from embedder.importers import (ImporterError, ImporterWarning, derive_um_per_px, import_dataset, import_hest,
-                                import_visium, open_image)
+from embedder.importers import (
+    ImporterError,
+    ImporterWarning,
+    derive_um_per_px,
+    import_dataset,
+    import_hest,
+    import_visium,
+    open_image,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore::embedder.importers.common.ImporterWarning")
 

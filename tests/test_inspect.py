@@ -1,4 +1,4 @@
-"""Tests of heads.inspect: summary numbers on data built with known properties, and the figures."""
+"""Tests of workflow.explore: summary numbers on data built with known properties, and the figures."""
 from __future__ import annotations
 
 import json
@@ -7,11 +7,11 @@ import warnings
 import numpy as np
 import pandas as pd
 import pytest
-
 from conftest import write_challenge_dataset
-from heads.inspect import heatmap_layout, inspect_dataset, log1p_cp10k, robust_z, summarize, value_kind
-from heads.plots import figure_pixels
 from test_plots import assert_png
+
+from workflow.explore import heatmap_layout, inspect_dataset, log1p_cp10k, robust_z, summarize, value_kind
+from workflow.outputs.plots import figure_pixels
 
 HIGH = ["spot7", "spot50"]     # library size x 40
 LOW = ["spot33"]               # library size / ~40

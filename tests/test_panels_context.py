@@ -2,12 +2,12 @@
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import HER2ST, TINY_BACKBONE, needs_shared, write_challenge_dataset
 from typer.testing import CliRunner
 
-from conftest import HER2ST, TINY_BACKBONE, needs_shared, write_challenge_dataset
 from embedder.features import FeatureSet, add_neighbour_context
 from pipeline import app
-from workflow import select_gene_panel
+from workflow.fit import select_gene_panel
 
 runner = CliRunner()
 

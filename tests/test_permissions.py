@@ -3,9 +3,9 @@ import os
 import stat
 
 import pytest
+from conftest import TINY_BACKBONE, write_challenge_dataset
 from typer.testing import CliRunner
 
-from conftest import TINY_BACKBONE, write_challenge_dataset
 from pipeline import app
 
 
@@ -49,8 +49,9 @@ def test_demo_data_fit_predict_evaluate_outputs_honour_the_umask(tmp_path, umask
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_import_outputs_honour_the_umask(tmp_path, umask):
-    from embedder.importers import import_dataset
     from test_importers import make_visium
+
+    from embedder.importers import import_dataset
 
     source = make_visium(tmp_path / "visium")["root"]
     import_dataset(source, tmp_path / "out", target_um_per_px=1.0, progress=False)

@@ -1,4 +1,4 @@
-"""Tests of heads.plots: PNG files, their sizes, spot placement over the thumbnail, report from files."""
+"""Tests of workflow.outputs.plots: PNG files, their sizes, spot placement over the thumbnail, report from files."""
 from __future__ import annotations
 
 import time
@@ -11,10 +11,20 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from heads.evaluation import EvaluationError, evaluate_tables
-from heads.plots import (_figure, draw_spatial_panel, figure_pixels, load_truth, make_report_plots,
-                         plot_pearson_distribution, plot_scatter, plot_spatial_maps, scatter_layout, spatial_layout,
-                         to_thumbnail_xy)
+from workflow.expression_tables import EvaluationError, evaluate_tables
+from workflow.outputs.plots import (
+    _figure,
+    draw_spatial_panel,
+    figure_pixels,
+    load_truth,
+    make_report_plots,
+    plot_pearson_distribution,
+    plot_scatter,
+    plot_spatial_maps,
+    scatter_layout,
+    spatial_layout,
+    to_thumbnail_xy,
+)
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 HER2ST = SHARED / "data" / "her2st"
@@ -240,7 +250,7 @@ def test_make_report_plots_from_hest_folder(tmp_path):
 def test_her2st_section_thumbnail_inspect_and_maps(tmp_path):
     """Import C3, then: thumbnail under the spots, inspect, measured-vs-measured spatial maps."""
     from embedder.importers import import_dataset
-    from heads.inspect import inspect_dataset
+    from workflow.explore import inspect_dataset
 
     t0 = time.perf_counter()
     out = tmp_path / "her2st"

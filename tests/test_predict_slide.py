@@ -10,14 +10,14 @@ import numpy as np
 import pandas as pd
 import pytest
 import tifffile
+from conftest import HER2ST, MOBILENET_WEIGHTS, TINY_BACKBONE, needs_shared, write_challenge_dataset
 from PIL import Image
 from typer.testing import CliRunner
 
-from conftest import HER2ST, MOBILENET_WEIGHTS, TINY_BACKBONE, needs_shared, write_challenge_dataset
 from embedder.slides import SlideError, find_slides, open_slide, read_square, slide_thumbnail
 from embedder.tiling import tile_dataset, tile_grid, tissue_fraction, tissue_mask
-from heads.geojson import tile_features
 from pipeline import app
+from workflow.outputs.geojson import tile_features
 
 runner = CliRunner()
 W, H = 1000, 800         # synthetic slide, 0.5 µm/px
@@ -206,7 +206,7 @@ def test_interrupted_embedding_resumes_and_writes_nothing_before(tmp_path, tiny_
 
 
 def test_rank_share_splits_slides():
-    from workflow import rank_share
+    from workflow.slides import rank_share
 
     items = list("abcde")
     assert rank_share(items, 0, 2) == ["a", "c", "e"] and rank_share(items, 1, 2) == ["b", "d"]
@@ -214,7 +214,7 @@ def test_rank_share_splits_slides():
 
 
 def test_tile_scale_from_model_or_default():
-    from workflow import tile_scale
+    from workflow.slides import tile_scale
 
     assert tile_scale({"patch": {"patch_um": 112.0, "patch_px": 64, "um_per_px": 1.75}})["tile_px"] == 64
     with pytest.warns(UserWarning, match="does not record"):
@@ -254,7 +254,8 @@ def test_her2st_c3_slide_map_agrees_with_spot_predictions(tmp_path, one_torch_th
     from embedder.importers import import_dataset
     from embedder.slides import open_slide
     from heads.fitting import load_model
-    from workflow import fit_head, predict, predict_slide, predict_tiles, tile_scale
+    from workflow import fit_head, predict, predict_slide
+    from workflow.slides import predict_tiles, tile_scale
 
     t0 = time.perf_counter()
     spec = parse_backbone(f"mobilenetv2_100:weights={MOBILENET_WEIGHTS},pad_type=same,mean=0.5/0.5/0.5,std=0.5/0.5/0.5,"
@@ -328,7 +329,7 @@ def test_a_finetuned_model_predicts_slides_too(tmp_path):
     import torch
 
     from embedder.backbones import parse_backbone
-    from embedder.finetune import finetune, load_finetuned
+    from heads.finetune import finetune, load_finetuned
 
     train = write_challenge_dataset(tmp_path / "train", n=12, n_genes=3, size=48, groups=2)
     threads = torch.get_num_threads()

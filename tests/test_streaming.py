@@ -12,8 +12,15 @@ import weakref
 import numpy as np
 import pytest
 
-from embedder.cache import (CacheError, dataset_shape, iter_array_chunks, iter_feature_chunks,
-                            load_aligned, read_ids, write_feature_file)
+from embedder.cache import (
+    CacheError,
+    dataset_shape,
+    iter_array_chunks,
+    iter_feature_chunks,
+    load_aligned,
+    read_ids,
+    write_feature_file,
+)
 from heads.metrics import pearson_per_gene
 from heads.ridge import RidgeHead
 

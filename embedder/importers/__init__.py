@@ -21,8 +21,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from .common import (ImporterError, ImporterWarning, SampleData, SampleSpec, check_options, cut_patch,
-                     open_image, run_import)
+from .common import ImporterError, ImporterWarning, SampleData, SampleSpec, check_options, cut_patch, open_image, run_import
 from .hest import hest_specs, import_hest, load_hest_sample
 from .legacy_st import derive_um_per_px, import_legacy_st, legacy_st_specs, load_legacy_section
 from .visium import import_visium, load_visium, read_10x_h5, read_10x_mtx, visium_spec

@@ -45,8 +45,18 @@ import scipy.sparse as sp
 from PIL import Image
 
 from embedder import slides as _slides
-from embedder.slides import (THUMBNAIL_MAX_SIDE, WHITE, ArraySlide, SlideError, SlideImage, SlideWarning, _to_rgb8,
-                             read_square, record_warning, thumbnail_factor)
+from embedder.slides import (
+    THUMBNAIL_MAX_SIDE,
+    WHITE,
+    ArraySlide,
+    SlideError,
+    SlideImage,
+    SlideWarning,
+    _to_rgb8,
+    read_square,
+    record_warning,
+    thumbnail_factor,
+)
 
 # --------------------------------------------------------------------------------------------
 # constants (module level so tests / callers can tune them)
@@ -428,8 +438,7 @@ class _Progress:
         self._p = None
         if enabled:
             try:
-                from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                                           TimeElapsedColumn)
+                from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
                 self._p = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
                                    MofNCompleteColumn(), TimeElapsedColumn())

@@ -25,8 +25,7 @@ import pandas as pd
 
 from embedder.slides import IMAGE_SUFFIXES, TIFF_SUFFIXES
 
-from .common import (ImporterError, SampleData, SampleSpec, counts_to_csr,
-                     make_unique, match_ids, patch_size_px, run_import, warn)
+from .common import ImporterError, SampleData, SampleSpec, counts_to_csr, make_unique, match_ids, patch_size_px, run_import, warn
 
 HEST_PATCH_UM_PER_PX = 0.5       # HEST-1k patches/<id>.h5 convention (224 px = 112 µm)
 _PIXEL_KEYS = ("pixel_size_um_estimated", "pixel_size_um_embedded", "pixel_size_um", "pixel_size",

@@ -21,8 +21,7 @@ import pandas as pd
 
 from embedder.slides import IMAGE_SUFFIXES
 
-from .common import (ImporterError, SampleData, SampleSpec, counts_to_csr, make_unique,
-                     match_ids, run_import, warn)
+from .common import ImporterError, SampleData, SampleSpec, counts_to_csr, make_unique, match_ids, run_import, warn
 
 ARRAY_SPACING_UM = 200.0
 SPOT_DIAMETER_UM = 100.0

@@ -26,8 +26,7 @@ import scipy.sparse as sp
 
 from embedder.slides import IMAGE_SUFFIXES
 
-from .common import (ImporterError, SampleData, SampleSpec, counts_to_csr, make_unique,
-                     match_ids, run_import, warn)
+from .common import ImporterError, SampleData, SampleSpec, counts_to_csr, make_unique, match_ids, run_import, warn
 
 VISIUM_SPOT_DIAMETER_UM = 55.0
 POSITION_COLUMNS = ["barcode", "in_tissue", "array_row", "array_col", "pxl_row_in_fullres", "pxl_col_in_fullres"]

@@ -28,9 +28,10 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
+from embedder.errors import DataError, MissingInputError
 from embedder.files import atomic_write
-from heads.evaluation import EvaluationError, align, evaluate_tables
 from heads.metrics import N_TOP_DEFAULT, pearson_per_gene
+from workflow.expression_tables import EvaluationError, align, evaluate_tables, read_expression_table
 
 DPI = 100
 SPOT_FILL = 0.8             # drawn spot diameter / nearest-neighbour spot spacing
@@ -145,7 +146,7 @@ def plot_pearson_distribution(per_gene: pd.DataFrame, out_png: str | Path, title
     beside the genes ranked by r, with the best genes listed.
 
     per_gene: DataFrame with ``pearson`` and ``gene`` (or genes as index), optional ``is_top_hvg``
-    (as written by heads.evaluation.evaluate_tables / ``<pred>.per_gene.csv``).
+    (as written by workflow.expression_tables.evaluate_tables / ``<pred>.per_gene.csv``).
     """
     if "pearson" not in per_gene.columns:
         raise ValueError(f"per_gene needs a 'pearson' column; found {list(per_gene.columns)[:8]}")
@@ -536,7 +537,7 @@ def load_truth(path: str | Path) -> TruthSource:
 
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist")
+        raise MissingInputError(f"{path} does not exist")
     if path.suffix.lower() == ".h5ad":
         return _read_h5ad_truth(path)
     if path.suffix.lower() == ".csv":
@@ -545,7 +546,7 @@ def load_truth(path: str | Path) -> TruthSource:
             return _read_plain_csv(path)
     dataset = open_dataset(path)
     if dataset.targets is None:
-        raise ValueError(f"{path} holds no expression values")
+        raise DataError(f"{path} holds no expression values")
     samples: list[SpatialSample] = []
     if dataset.coords is not None:
         rows = getattr(dataset, "rows", None)
@@ -589,8 +590,6 @@ def make_report_plots(pred_path: str | Path, truth_path: str | Path, out_dir: st
     Returns {"pearson_distribution": path, "scatter": path, "spatial_maps": {sample: path},
              "genes": [...], "n_spots": int, "n_genes": int, "notes": [...]} (paths as str).
     """
-    from workflow import read_expression_table
-
     out_dir = Path(out_dir)
     pred = read_expression_table(pred_path)
     pred.index = pred.index.astype(str)

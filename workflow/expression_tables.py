@@ -1,13 +1,18 @@
-"""Score a prediction table against a truth table, joined by spot id and gene name."""
+"""Expression tables (spots x genes): read from any supported file, and scored against a truth table
+joined by spot id and gene name."""
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from embedder.datasets import ID_COLUMN, numeric_columns, open_dataset
+from embedder.errors import DataError, MissingInputError
 from heads.metrics import N_TOP_DEFAULT, challenge_score, pearson_per_gene, top_genes
 
 
-class EvaluationError(ValueError):
+class EvaluationError(DataError):
     """Prediction and truth cannot be compared; the message says why and what to do."""
 
 
@@ -62,3 +67,31 @@ def evaluate_tables(pred: pd.DataFrame, truth: pd.DataFrame, n_top: int = N_TOP_
         "is_top_heg": np.isin(np.arange(t.shape[1]), top_genes(t, n_top, "sum")),
     }).sort_values("pearson", ascending=False, kind="stable")
     return report, per_gene
+
+
+def read_expression_table(path: str | Path) -> pd.DataFrame:
+    """A truth or prediction table: a CSV with ID + genes, a dataset (CSV with paths, HEST .h5/folder) or an .h5ad."""
+    path = Path(path)
+    if not path.exists():
+        raise MissingInputError(f"{path} does not exist")
+    if path.suffix.lower() == ".h5ad":
+        import anndata
+
+        adata = anndata.read_h5ad(path)
+        matrix = adata.X.toarray() if hasattr(adata.X, "toarray") else np.asarray(adata.X)
+        return pd.DataFrame(matrix, index=adata.obs_names.astype(str), columns=adata.var_names.astype(str))
+    if path.suffix.lower() == ".csv":
+        import csv
+
+        with open(path, newline="") as f:
+            header = [c.strip() for c in next(csv.reader(f), [])]
+        if ID_COLUMN not in header:
+            raise DataError(f"{path}: needs an {ID_COLUMN!r} column (found {list(header)[:5]})")
+        if "path" not in header:
+            frame = pd.read_csv(path, dtype={ID_COLUMN: str}, low_memory=False)
+            genes = [c for c in frame.columns if c != ID_COLUMN]
+            return numeric_columns(frame, genes, path, "expression").set_axis(pd.Index(frame[ID_COLUMN], name=ID_COLUMN))
+    dataset = open_dataset(path)
+    if dataset.targets is None:
+        raise DataError(f"{path} holds no expression values to compare with")
+    return dataset.targets

@@ -1,7 +1,7 @@
 """``hexpr finetune``: train the backbones and an MLP head end to end (the final stage).
 
 "Embed once, fit many heads" finds the best head on frozen features; fine-tuning then adapts the
-backbones themselves. The model (``embedder.finetune_model.FusedModel``) concatenates the pooled
+backbones themselves. The model (``heads.finetune_model.FusedModel``) concatenates the pooled
 features of every backbone in the spec list, standardises them and feeds an MLP head. The head can
 start from a fitted ``mlp`` head (``head_init``: a ``hexpr fit-head`` model folder), so training
 starts at the frozen-feature optimum.
@@ -46,11 +46,26 @@ from embedder.augment import DEFAULT_AUGMENT, augmented_views, plain_views, samp
 from embedder.backbones import BackboneError, BackboneSpec, resolve_specs
 from embedder.datasets import DatasetError, PatchDataset, open_dataset
 from embedder.extract import _collate, default_num_workers
-from embedder.finetune_model import (FINETUNED_FILE, FINETUNED_INFO_FILE, FinetunedModel, FinetuneError,
-                                     FusedModel, LRSchedule, atomic_torch_save, atomic_write_json,
-                                     autocast_for, build_backbones, cpu_state, export_model, load_finetuned,
-                                     param_groups, plain_loader, predict_rows, views_to_device)
+from embedder.files import json_ready, write_json
 from heads.cv import make_folds, score_with_panels, training_panels
+from heads.finetune_model import (
+    FINETUNED_FILE,
+    FINETUNED_INFO_FILE,
+    FinetunedModel,
+    FinetuneError,
+    FusedModel,
+    LRSchedule,
+    atomic_torch_save,
+    autocast_for,
+    build_backbones,
+    cpu_state,
+    export_model,
+    load_finetuned,
+    param_groups,
+    plain_loader,
+    predict_rows,
+    views_to_device,
+)
 from heads.metrics import N_TOP_DEFAULT
 from heads.mlp import LOSSES, as_widths, build_mlp, minibatches, panel_gene_weights, resolve_device
 from heads.params import NON_NEGATIVE, POSITIVE, Int, NoneOr, Real
@@ -143,7 +158,8 @@ def _load_head_init(path, specs: list[BackboneSpec]) -> _HeadInit:
     """A fitted ``mlp`` head (fit-head folder or model.joblib) checked against ``specs``."""
     from heads.fitting import load_model
     from heads.mlp import MLPHead
-    from heads.targets import TargetTransformed, make_transform as identity
+    from heads.targets import TargetTransformed
+    from heads.targets import make_transform as identity
 
     fitted = load_model(path)
     model = fitted.model
@@ -270,8 +286,7 @@ class _Bar:
     def __enter__(self):
         if self.enabled:
             from rich.console import Console
-            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                                       TimeRemainingColumn)
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
             self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                                      TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
@@ -568,10 +583,9 @@ def finetune(data, specs: list[BackboneSpec], out_dir, *, head_init=None, loss: 
     if "val_score" in best_row:  # absent without validation
         report["best_score"] = best_row["val_score"]
         report["best_val"] = {k[4:]: v for k, v in best_row.items() if k.startswith("val_")}
-    from heads.fitting import json_ready
 
     report = json_ready(report)
-    atomic_write_json(report, out_dir / REPORT_FILE)
+    write_json(out_dir / REPORT_FILE, report)
     return report
 
 

@@ -21,11 +21,11 @@ import pandas as pd
 import torch
 from torch import nn
 
-from embedder.backbones import (RANDOM_INIT, BackboneSpec, LoadedBackbone, Preprocess, RandomInitWarning,
-                                create_backbone)
+from embedder.backbones import RANDOM_INIT, BackboneSpec, LoadedBackbone, Preprocess, RandomInitWarning, create_backbone
 from embedder.datasets import ID_COLUMN, DatasetError, PatchDataset
+from embedder.errors import MissingInputError, ModelError
 from embedder.extract import _collate, _ResizedPatches, default_num_workers
-from embedder.files import atomic_write
+from embedder.files import atomic_write, write_json
 from heads.mlp import build_mlp
 
 FINETUNED_FILE = "finetuned.pt"
@@ -33,7 +33,7 @@ FINETUNED_INFO_FILE = "finetuned.json"
 FORMAT_VERSION = 1
 
 
-class FinetuneError(ValueError):
+class FinetuneError(ModelError):
     """Bad fine-tuning options or inputs; the message says what to change."""
 
 
@@ -293,12 +293,6 @@ def atomic_torch_save(obj, path: Path) -> Path:
     return atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
-def atomic_write_json(obj, path: Path) -> Path:
-    from heads.fitting import write_json
-
-    return write_json(obj, path)
-
-
 def cpu_state(module: nn.Module) -> dict:
     return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
 
@@ -320,13 +314,13 @@ def export_model(out_dir: Path, model: FusedModel, *, specs: list[BackboneSpec],
         "info": info,
     }
     path = atomic_torch_save(payload, out_dir / FINETUNED_FILE)
-    atomic_write_json({
+    write_json(out_dir / FINETUNED_INFO_FILE, {
         "format_version": FORMAT_VERSION, "kind": "hexpr-finetuned", "file": FINETUNED_FILE,
         "backbones": payload["specs"], "preprocess": payload["preprocess"], "widths": payload["widths"],
         "head": {"hidden": payload["hidden"], "dropout": payload["dropout"]},
         "transform": getattr(transform, "name", str(transform)), "n_genes": len(genes), "genes": list(genes),
         **info,
-    }, out_dir / FINETUNED_INFO_FILE)
+    })
     return path
 
 
@@ -401,7 +395,7 @@ def load_finetuned(path) -> FinetunedModel:
     if path.is_dir():
         path = path / FINETUNED_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"no fine-tuned model at {path}; run `hexpr finetune` first")
+        raise MissingInputError(f"no fine-tuned model at {path}; run `hexpr finetune` first")
     payload = torch.load(path, map_location="cpu", weights_only=False)  # holds a fitted target transform
     if not isinstance(payload, dict) or "state_dict" not in payload:
         raise FinetuneError(f"{path} is not a hexpr fine-tuned model")

@@ -12,17 +12,27 @@ present): patch images are never read.  Raw counts are analysed as log1p of coun
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from embedder.files import atomic_write
+from embedder.files import write_json
 from heads.metrics import top_genes
-from heads.plots import (DPI, SPOT_FILL, _figure, draw_spatial_panel, group_colours, load_truth, read_thumbnail,
-                         save_png, spatial_view, spot_spacing, to_thumbnail_xy)
+from workflow.outputs.plots import (
+    DPI,
+    SPOT_FILL,
+    _figure,
+    draw_spatial_panel,
+    group_colours,
+    load_truth,
+    read_thumbnail,
+    save_png,
+    spatial_view,
+    spot_spacing,
+    to_thumbnail_xy,
+)
 
 Z_THRESHOLD = 3.0            # |robust z| above this flags a spot
 MAD_TO_SD = 1.4826           # MAD of a normal distribution -> its standard deviation
@@ -204,10 +214,6 @@ def _summarize(targets: pd.DataFrame, groups: pd.Series | None, z_threshold: flo
 
 
 # ----------------------------------------------------------------------------- figures
-
-
-def _write_json(path: Path, data: dict) -> Path:
-    return atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2, default=str)))
 
 
 def embed_2d(values: np.ndarray, method: str = "pca", seed: int = 0, n_genes: int = N_PCA_GENES) -> tuple[np.ndarray, dict]:
@@ -518,5 +524,5 @@ def inspect_dataset(path: str | Path, out_dir: str | Path, n_top: int = 50, meth
     else:
         notes.append("no spot coordinates: spatial_qc skipped")
     summary["notes"] = notes
-    files["summary_json"] = str(_write_json(out_dir / "summary.json", summary))
+    files["summary_json"] = str(write_json(out_dir / "summary.json", summary))
     return {"summary": summary, "files": files, "notes": notes}

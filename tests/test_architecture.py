@@ -1,0 +1,28 @@
+"""The one-way layers that import-linter cannot see: pipeline.py is a single module, so its imports
+are checked here (workflow and the error root only); the packages' contracts run as `lint-imports`."""
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PROJECT = {"pipeline", "workflow", "heads", "embedder", "benchmarks"}
+
+
+def project_imports(path: Path) -> set[str]:
+    """Every project module a file imports, at any depth of its code (function-local ones too)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.add(node.module)
+    return {m for m in found if m.split(".")[0] in PROJECT}
+
+
+def test_cli_imports_only_workflow_and_the_error_root():
+    assert project_imports(ROOT / "pipeline.py") == {"workflow", "embedder.errors"}
+
+
+def test_no_test_or_library_module_imports_a_benchmark():
+    users = [p for folder in ("tests", "embedder", "heads", "workflow") for p in (ROOT / folder).rglob("*.py")
+             if any(m.split(".")[0] == "benchmarks" for m in project_imports(p))]
+    assert users == []

@@ -1,0 +1,47 @@
+"""Use cases that compose the embedder and the heads: what the CLI calls, usable from Python.
+
+Each function takes paths and options, does one stage, writes its outputs atomically (temporary
+name, then rename) and returns a plain dict report. Names are loaded on first use, so that
+``import workflow`` (and ``hexpr --help``) stays fast; ``workflow.<name>`` is the public API:
+
+    embed, clean_cache, backbone_specs      workflow.embedding
+    fit_head                                workflow.fit
+    predict, load_predictor, predict_with   workflow.prediction
+    predict_slide                           workflow.slides
+    evaluate, plot                          workflow.scoring
+    read_expression_table                   workflow.expression_tables
+    inspect_dataset                         workflow.explore
+    demo, write_demo_dataset                workflow.demo_pipeline
+    import_dataset                          workflow.importing
+    finetune                                workflow.finetuning
+"""
+from __future__ import annotations
+
+import importlib
+
+_PUBLIC = {
+    "embed": "workflow.embedding", "clean_cache": "workflow.embedding", "backbone_specs": "workflow.embedding",
+    "fit_head": "workflow.fit",
+    "predict": "workflow.prediction", "load_predictor": "workflow.prediction", "predict_with": "workflow.prediction",
+    "predictor_meta": "workflow.prediction",
+    "predict_slide": "workflow.slides",
+    "evaluate": "workflow.scoring", "plot": "workflow.scoring",
+    "read_expression_table": "workflow.expression_tables",
+    "inspect_dataset": "workflow.explore",
+    "demo": "workflow.demo_pipeline", "write_demo_dataset": "workflow.demo_pipeline",
+    "import_dataset": "workflow.importing",
+    "finetune": "workflow.finetuning",
+}
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name: str):
+    if name in _PUBLIC:
+        value = getattr(importlib.import_module(_PUBLIC[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'workflow' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_PUBLIC))

@@ -1,0 +1,22 @@
+"""embed: cache frozen backbone features of a dataset; the backbone specs from the command line; cache upkeep."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from embedder.backbones import BackboneSpec
+from embedder.backbones import resolve_specs as backbone_specs
+from embedder.cache import DEFAULT_CACHE_DIR, clean_partials
+from embedder.datasets import open_dataset
+from embedder.features import FeatureSet, ensure_features
+
+__all__ = ["backbone_specs", "clean_cache", "embed"]
+
+
+def embed(data: str | Path, specs: list[BackboneSpec], cache_dir=DEFAULT_CACHE_DIR, **options) -> FeatureSet:
+    """Open a dataset and make sure every backbone's features are cached; returns the aligned features."""
+    return ensure_features(open_dataset(data), specs, cache_dir, **options)
+
+
+def clean_cache(cache_dir=DEFAULT_CACHE_DIR) -> list[dict]:
+    """Delete the unfinished embedding folders interrupted runs left in ``cache_dir``; finished files stay."""
+    return clean_partials(cache_dir)

@@ -1,0 +1,171 @@
+"""fit-head: embed if needed, cross-validate (sweeps, backbone sweeps, auto), refit and save a head."""
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from embedder.backbones import BackboneSpec
+from embedder.cache import DEFAULT_CACHE_DIR
+from embedder.datasets import DatasetError, open_dataset
+from embedder.features import FeatureSet, ensure_features, with_dataset_context
+from heads.base import HeadError
+from heads.fitting import check_config, read_model_info
+from heads.fitting import fit_head as fit_head_on_features
+from heads.metrics import top_genes
+from heads.sweep import AUTO_NEIGHBOURS
+
+DEFAULT_MODELS_DIR = Path(DEFAULT_CACHE_DIR) / "models"
+
+
+def _training_dataset(data):
+    dataset = open_dataset(data)
+    if dataset.targets is None:
+        raise DatasetError(f"{data}: no gene columns / expression found; fit-head needs training data with targets")
+    return dataset
+
+
+def feature_choices(features: FeatureSet, add_context=lambda f: f) -> tuple[dict, dict]:
+    """Named feature sets for a backbone sweep: each backbone alone and all of them concatenated."""
+    labels = [BackboneSpec.from_dict(b["spec"]).label for b in features.blocks]
+    named = {label: features.select([label]) for label in labels}
+    if len(labels) > 1:
+        named["+".join(labels)] = features
+    named = {k: add_context(v) for k, v in named.items()}
+    return {k: v.X for k, v in named.items()}, {k: v.meta() for k, v in named.items()}
+
+
+def select_gene_panel(targets: pd.DataFrame, panel: str | Path | None) -> list[str]:
+    """Genes to model: all, the top-N HVG/HEG of the training targets (``hvg:N`` / ``heg:N``), or a file of names."""
+    if panel is None:
+        return list(targets.columns)
+    text = str(panel)
+    kind, _, count = text.partition(":")
+    if kind in ("hvg", "heg") and count.isdigit():
+        index = top_genes(targets.to_numpy(), int(count), "variance" if kind == "hvg" else "sum")
+        return [targets.columns[i] for i in sorted(index)]
+    path = Path(panel)
+    if not path.is_file():
+        raise DatasetError(f"gene panel {panel!r}: give hvg:N, heg:N or a file of gene names (one per line)")
+    genes = [g.strip() for g in path.read_text().replace(",", "\n").splitlines() if g.strip()]
+    unknown = [g for g in genes if g not in set(targets.columns)]
+    if unknown:
+        raise DatasetError(f"{path}: {len(unknown)} genes are not in the training data, e.g. {unknown[:5]}")
+    return genes
+
+
+def cv_groups(groups: pd.Series | None, folds: int) -> tuple[np.ndarray | None, int]:
+    """Grouped folds when there are enough groups; leave-one-group-out with fewer; KFold (warned) with one."""
+    if groups is None:
+        return None, folds
+    n_groups = groups.nunique()
+    if n_groups == 1:
+        warnings.warn(f"all spots are in one group ({groups.iloc[0]}): folds split neighbouring spots of one slide, "
+                      "so CV scores are optimistic; add slides to get grouped CV", stacklevel=2)
+        return None, folds
+    if n_groups < folds:
+        warnings.warn(f"{n_groups} groups for {folds} folds: using {n_groups} folds (leave one group out)", stacklevel=2)
+        return groups.to_numpy(), n_groups
+    return groups.to_numpy(), folds
+
+
+def default_model_dir(data_name: str, head: str, sweep: bool, sweep_backbones: bool) -> Path:
+    """``cache/models/<data>__<head>``; a sweep (``__sweep``) or backbone sweep (``__backbone-sweep``)
+    gets its own folder, so it never replaces the plain model of the same head."""
+    suffix = "__backbone-sweep" if sweep_backbones else "__sweep" if sweep else ""
+    return DEFAULT_MODELS_DIR / f"{data_name}__{head}{suffix}"
+
+
+def _describe_specs(specs: list[BackboneSpec]) -> str:
+    """``name:key=value,...`` per spec, as written on the command line (weights files by name)."""
+    def one(s: BackboneSpec) -> str:
+        options = {"weights": Path(s.weights).name if os.sep in s.weights else s.weights, **s.model_kwargs,
+                   **{k: getattr(s, k) for k in ("size", "interpolation", "crop_pct") if getattr(s, k) is not None}}
+        return s.name + ":" + ",".join(f"{k}={v}" for k, v in options.items())
+    return "; ".join(one(s) for s in specs)
+
+
+def warn_if_backbones_change(out_dir: Path, specs: list[BackboneSpec], sweep_backbones: bool = False) -> str | None:
+    """When ``out_dir`` holds a model fitted on other backbone specs, warn (naming old and new)
+    that it is about to be replaced; returns the old backbones' description, else None.
+    A non-empty folder that holds no model is refused (FileExistsError) before any work."""
+    info = read_model_info(out_dir)
+    if not info:
+        return None
+    try:
+        old = [BackboneSpec.from_dict(d) for d in (info.get("feature_meta") or {}).get("backbones") or []]
+    except (TypeError, ValueError):
+        old = []
+    old_set, new_set = {s.to_json() for s in old}, {s.to_json() for s in specs}
+    if old_set == new_set or (sweep_backbones and old_set and old_set <= new_set):
+        return None
+    warnings.warn(f"{out_dir} holds a model fitted on {_describe_specs(old) or 'unknown backbones'}; it will be replaced "
+                  f"by one fitted on {_describe_specs(specs)} (give --out another folder to keep it)", stacklevel=2)
+    return _describe_specs(old) or "unknown backbones"
+
+
+def _auto_feature_sets(features: FeatureSet, dataset, neighbours: int = 0) -> tuple[dict, dict]:
+    """The feature sets ``head="auto"`` chooses between: the embeddings alone ("plain") and, when the
+    dataset has coordinates, with the mean embedding of the k nearest spots appended ("k6"; k =
+    ``neighbours`` or 6). Returns (name -> X, name -> feature meta with its ``neighbours``)."""
+    k = int(neighbours) or AUTO_NEIGHBOURS
+    named = {"plain": (features, 0)}
+    if dataset.coords is not None:
+        named[f"k{k}"] = (with_dataset_context(features, dataset, k), k)
+    else:
+        warnings.warn("the data has no spot coordinates: head 'auto' tries no neighbour context", stacklevel=3)
+    X = {name: f.X for name, (f, _) in named.items()}
+    meta = {name: {**f.meta(), "neighbours": kk} for name, (f, kk) in named.items()}
+    return X, meta
+
+
+def fit_head(data, specs: list[BackboneSpec], *, head: str = "ridge", params: dict | None = None,
+             transform: str = "none", folds: int = 5, sweep=None, trials: int | None = None,
+             sweep_backbones: bool = False, seed: int = 0, n_jobs: int = -1, out_dir=None,
+             cache_dir=DEFAULT_CACHE_DIR, tta: bool = False, genes: str | Path | None = None, neighbours: int = 0,
+             bag: int | None = None, progress: bool = True, **embed_options) -> dict:
+    """Embed if needed, cross-validate (optionally sweep heads and backbones), refit and save the head.
+
+    ``genes``: the gene panel (``hvg:N``, ``heg:N`` or a file), chosen from this training data only and
+    saved with the model. ``neighbours``: append the mean embedding of the k nearest spots.
+    ``bag``: average the head over this many seeds. ``head="auto"``: score ridge and an mlp bagged
+    over ``bag`` (default 5) seeds, each without and with neighbour context (k = ``neighbours``, or 6),
+    by grouped CV on this training data; refit the best (see ``_auto_feature_sets``).
+    """
+    # a bad head name, parameter, transform or sweep value fails before any embedding
+    space = check_config(head, params, transform, sweep, trials, bag)
+    sweep = sweep if space is None else space
+    if head == "auto" and sweep_backbones:
+        raise HeadError("head 'auto' and --sweep-backbones do not combine; pick the backbones, then run auto")
+    dataset = _training_dataset(data)
+    panel = select_gene_panel(dataset.targets, genes)
+    out_dir = Path(out_dir) if out_dir is not None else default_model_dir(dataset.name, head, space is not None, sweep_backbones)
+    replaced = warn_if_backbones_change(out_dir, specs, sweep_backbones)
+    features = ensure_features(dataset, specs, cache_dir, tta=tta, progress=progress, **embed_options)
+    if head == "auto":  # each of its feature sets carries its own k
+        X, meta = _auto_feature_sets(features, dataset, neighbours)
+    elif sweep_backbones:
+        X, meta = feature_choices(features, lambda f: with_dataset_context(f, dataset, neighbours))
+        meta = {name: {**m, "neighbours": int(neighbours)} for name, m in meta.items()}
+        if sweep is None and trials is None:
+            sweep = {}  # a grid over backbones alone
+    else:
+        features = with_dataset_context(features, dataset, neighbours)
+        X, meta = features.X, {**features.meta(), "neighbours": int(neighbours)}
+    patch = dataset.patch_scale()  # the tile size predict-slide uses
+    for m in (meta.values() if isinstance(X, dict) else [meta]):
+        m["patch"] = patch
+    groups, folds = cv_groups(dataset.groups, folds)
+    report = fit_head_on_features(
+        X, dataset.targets[panel].to_numpy(), panel, head=head, params=params,
+        transform=transform, folds=folds, groups=groups,
+        seed=seed, out_dir=out_dir, feature_meta=meta, sweep=sweep, trials=trials, n_jobs=n_jobs,
+        progress=progress, ids=features.ids, bag=bag,
+    )
+    report["out_dir"] = str(out_dir)
+    report["replaced_backbones"] = replaced
+    report["random_init_backbones"] = [s.name for s in specs if s.is_random_init]
+    return report

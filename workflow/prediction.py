@@ -1,0 +1,78 @@
+"""predict: expression for new patches from a fitted head or a fine-tuned network, as CSV or .h5ad."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from embedder.cache import DEFAULT_CACHE_DIR
+from embedder.datasets import check_genes_match, open_dataset
+from embedder.errors import UsageError
+from embedder.features import check_features_match, ensure_features, specs_from_meta, with_dataset_context
+from heads.finetune import load_finetuned
+from heads.fitting import load_model
+from workflow.outputs.anndata import write_anndata
+from workflow.outputs.tables import write_table
+
+
+def load_predictor(model_path):
+    """The model at ``model_path``: a head fitted by fit-head (``FittedModel``) or, where the folder
+    holds ``finetuned.pt``, an end-to-end fine-tuned network (``FinetunedModel``)."""
+    model_dir = Path(model_path) if Path(model_path).is_dir() else Path(model_path).parent
+    if (model_dir / "finetuned.pt").is_file():
+        return load_finetuned(model_dir)
+    return load_model(model_path)
+
+
+def predictor_meta(model) -> dict:
+    """What the model's inputs come from: a fitted head's feature description; for a fine-tuned
+    network its backbones and the patch size it was trained on (when recorded)."""
+    if hasattr(model, "feature_meta"):
+        return model.feature_meta
+    return {"backbones": [s.to_dict() for s in model.specs], "patch": model.info.get("patch")}
+
+
+def predict_with(model, dataset, *, cache_dir=DEFAULT_CACHE_DIR, progress: bool = True, label: str = "the model",
+                 **embed_options) -> tuple[pd.DataFrame, dict, list[str]]:
+    """(predictions, config, embedding cache files) of ``model`` (see ``load_predictor``) for every
+    patch of ``dataset``: a fitted head embeds through the cache (with its TTA and neighbour
+    context), a fine-tuned network embeds on the fly."""
+    if not hasattr(model, "feature_meta"):
+        frame = model.predict_dataset(dataset, progress=progress, batch_size=embed_options.get("batch_size") or 64,
+                                      device=embed_options.get("device", "auto"),
+                                      num_workers=embed_options.get("num_workers"))
+        return frame, {"finetuned": str(model.path.parent)}, []
+    meta = model.feature_meta
+    features = ensure_features(dataset, specs_from_meta(meta), cache_dir, tta=bool(meta.get("tta")),
+                               progress=progress, **embed_options)
+    features = with_dataset_context(features, dataset, int(meta.get("neighbours", 0)))
+    check_features_match(features, meta, label)
+    return model.predict_frame(features.X, features.ids), model.config, [b["path"] for b in features.blocks]
+
+
+def predict(model_path, data, *, out=None, fmt: str | None = None, cache_dir=DEFAULT_CACHE_DIR,
+            template=None, progress: bool = True, **embed_options) -> dict:
+    """Embed ``data`` with exactly the model's backbones, predict, write CSV (or .h5ad)."""
+    model_dir = Path(model_path) if Path(model_path).is_dir() else Path(model_path).parent
+    dataset = open_dataset(data, template=template)
+    model = load_predictor(model_path)
+    frame, config, cache_files = predict_with(model, dataset, cache_dir=cache_dir, progress=progress,
+                                              label=str(model_path), **embed_options)
+    meta = predictor_meta(model)
+    if dataset.template_genes is not None:
+        check_genes_match(list(frame.columns), dataset.template_genes, f"model {model_path}", "the submission template")
+        frame = frame[dataset.template_genes]
+    if out is None:
+        out = model_dir / "predictions" / f"{dataset.name}.{fmt or 'csv'}"
+    out = Path(out)
+    fmt = fmt or ("h5ad" if out.suffix.lower() == ".h5ad" else "csv")
+    if fmt == "h5ad":
+        provenance = {"model": str(model_path), "config": config, "feature_meta": meta,
+                      "dataset": str(dataset.source), "dataset_fingerprint": dataset.fingerprint(),
+                      "cache_files": cache_files}
+        write_anndata(out, frame, dataset.coords, None if dataset.groups is None else dataset.groups.to_numpy(), provenance)
+    elif fmt == "csv":
+        write_table(out, frame)
+    else:
+        raise UsageError(f"--format {fmt!r} is not an output format: use csv or h5ad")
+    return {"out": str(out), "n_spots": frame.shape[0], "n_genes": frame.shape[1], "format": fmt}

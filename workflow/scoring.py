@@ -1,0 +1,34 @@
+"""Score predictions against measured expression (the challenge score and per-gene Pearson)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from embedder.files import write_json
+from heads.metrics import N_TOP_DEFAULT
+from workflow.expression_tables import evaluate_tables, read_expression_table
+from workflow.outputs.plots import make_report_plots
+from workflow.outputs.tables import write_table
+
+
+def evaluate(pred_path: str | Path, truth_path: str | Path, out_dir: str | Path | None = None,
+             n_top: int = N_TOP_DEFAULT, gene_list_path: str | Path | None = None) -> dict:
+    """Score predictions against truth; writes ``<pred>.scores.json`` and ``<pred>.per_gene.csv``."""
+    pred_path = Path(pred_path)
+    pred = read_expression_table(pred_path)
+    truth = read_expression_table(truth_path)
+    genes = None
+    if gene_list_path is not None:
+        genes = [g.strip() for g in Path(gene_list_path).read_text().replace(",", "\n").splitlines() if g.strip()]
+    report, per_gene = evaluate_tables(pred, truth, n_top=n_top, gene_list=genes,
+                                       pred_name=str(pred_path), truth_name=str(truth_path))
+    out_dir = Path(out_dir) if out_dir is not None else pred_path.parent
+    stem = pred_path.stem
+    report["predictions"], report["truth"] = str(pred_path), str(truth_path)
+    report["scores_json"] = str(write_json(out_dir / f"{stem}.scores.json", report))
+    report["per_gene_csv"] = str(write_table(out_dir / f"{stem}.per_gene.csv", per_gene, index_label=None))
+    return report
+
+
+def plot(pred_path, truth_path, out_dir, *, genes=None, n_genes: int = 4, n_top: int = N_TOP_DEFAULT) -> dict:
+    """The report figures (Pearson distribution, scatter, spatial maps) of predictions against truth."""
+    return make_report_plots(pred_path, truth_path, out_dir, genes=genes, n_genes=n_genes, n_top=n_top)

@@ -1,0 +1,179 @@
+"""predict-slide: whole H&E slides in, expression maps out (tissue tiles -> .h5ad, QuPath GeoJSON, heatmaps)."""
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from embedder.cache import DEFAULT_CACHE_DIR
+from embedder.datasets import DatasetError
+from embedder.errors import OutputExistsError
+from embedder.files import atomic_dir
+from embedder.importers.common import safe_name
+from embedder.slides import SlideError, find_slides, open_slide, slide_thumbnail
+from embedder.tiling import tile_dataset, tile_grid, tissue_fraction, tissue_mask
+from workflow.outputs.anndata import write_anndata
+from workflow.outputs.geojson import write_tile_geojson
+from workflow.outputs.plots import plot_tile_map, safe_filename
+from workflow.prediction import load_predictor, predict_with, predictor_meta
+
+DEFAULT_TILE_UM = 112.0          # HEST's patch: 224 px at 0.5 µm/px
+DEFAULT_TILE_UM_PER_PX = 0.5
+DEFAULT_MIN_TISSUE = 0.25
+DEFAULT_HEATMAP_GENES = 3
+SLIDE_OUTPUTS = ("predictions.h5ad", "tiles.geojson")
+
+
+def tile_scale(meta: dict, tile_um: float | None = None, tile_um_per_px: float | None = None) -> dict:
+    """Tile size in µm and the pixel size it is resampled to: options, else what the model recorded
+    at fit time (``feature_meta['patch']``), else 112 µm at 0.5 µm/px (with a warning)."""
+    recorded = meta.get("patch") or {}
+    if not recorded and (tile_um is None or tile_um_per_px is None):
+        warnings.warn(f"the model does not record its training patch size; tiles of {tile_um or DEFAULT_TILE_UM:g} µm at "
+                      f"{tile_um_per_px or DEFAULT_TILE_UM_PER_PX:g} µm/px are used (set --tile-um / --tile-um-per-px "
+                      "to the patch size the model was trained on)", stacklevel=2)
+    um = float(tile_um or recorded.get("patch_um") or DEFAULT_TILE_UM)
+    mpp = float(tile_um_per_px or recorded.get("um_per_px") or DEFAULT_TILE_UM_PER_PX)
+    if um <= 0 or mpp <= 0:
+        raise DatasetError(f"tile size {um} µm at {mpp} µm/px: both must be positive")
+    px = int(round(um / mpp))
+    if px < 8:
+        raise DatasetError(f"tiles of {um} µm at {mpp} µm/px are only {px} px; increase --tile-um or lower --tile-um-per-px")
+    return {"tile_um": um, "tile_um_per_px": mpp, "tile_px": px,
+            "source": "options" if tile_um or tile_um_per_px else ("model" if recorded else "default")}
+
+
+def rank_share(items: list, rank: int | None = None, world: int | None = None) -> list:
+    """This process's share under torchrun: items[rank::world] (everything when not distributed)."""
+    rank = int(os.environ.get("RANK", 0)) if rank is None else rank
+    world = int(os.environ.get("WORLD_SIZE", 1)) if world is None else world
+    return list(items)[rank::max(1, world)]
+
+
+def predict_tiles(model, slide, centres, ids, scale: dict, *, cache_dir=DEFAULT_CACHE_DIR, progress: bool = True,
+                  **embed_options) -> tuple[pd.DataFrame, dict, list[str]]:
+    """Predict at square tiles of ``scale['tile_um']`` centred at ``centres`` (level-0 px) of an open
+    slide (its ``um_per_px`` set; closed on return) with ``model`` (see ``load_predictor``); a fitted
+    head embeds through the cache (resumable). Returns (predictions, config, cache files)."""
+    dataset = tile_dataset(slide.path, slide.um_per_px, centres, ids, scale["tile_um"], scale["tile_px"], slide=slide)
+    try:
+        return predict_with(model, dataset, cache_dir=cache_dir, progress=progress, distributed=False, **embed_options)
+    finally:
+        dataset.close()
+
+
+def _heatmap_genes(frame: pd.DataFrame, genes: list[str] | None, n: int) -> list[str]:
+    if genes:
+        unknown = [g for g in genes if g not in frame.columns]
+        if unknown:
+            raise DatasetError(f"--gene {unknown[0]!r} is not predicted by this model ({frame.shape[1]} genes, e.g. "
+                               f"{list(frame.columns[:5])})")
+        return list(dict.fromkeys(genes))
+    variance = frame.var(axis=0).fillna(0).sort_values(ascending=False, kind="stable")
+    return list(variance.index[:n])
+
+
+def slide_out_dir(out_dir, slide_path) -> Path:
+    return Path(out_dir) / safe_name(Path(slide_path).stem)
+
+
+def predict_slide(model_path, slides, out_dir, *, um_per_px: float | None = None, tile_um: float | None = None,
+                  tile_um_per_px: float | None = None, stride_um: float | None = None,
+                  min_tissue: float = DEFAULT_MIN_TISSUE, genes: list[str] | None = None,
+                  n_heatmap_genes: int = DEFAULT_HEATMAP_GENES, cache_dir=DEFAULT_CACHE_DIR, overwrite: bool = False,
+                  progress: bool = True, **embed_options) -> dict:
+    """Whole slides in, expression maps out: tissue tiles embedded and predicted with a fitted head
+    or a fine-tuned model (see ``load_predictor``).
+
+    ``slides``: slide files and/or folders of them; under torchrun rank r takes every world-th slide.
+    A slide that cannot be read or tiled is skipped with a warning and listed in ``report['failed']``
+    (the others are still written); when it is the only slide, or every slide fails, its error is raised.
+    Writes ``out_dir/<slide>/`` atomically: predictions.h5ad (obsm['spatial'] = tile centres in
+    level-0 px), tiles.geojson (QuPath), heatmap_<gene>.png. An existing slide folder needs ``overwrite``.
+    """
+    if not 0 <= min_tissue <= 1:
+        raise DatasetError(f"--min-tissue must be between 0 and 1, got {min_tissue}")
+    if stride_um is not None and stride_um <= 0:
+        raise DatasetError(f"--stride-um must be positive, got {stride_um}")
+    fitted = load_predictor(model_path)
+    scale = tile_scale(predictor_meta(fitted), tile_um, tile_um_per_px)
+    if genes:  # an unknown --gene fails before any work
+        _heatmap_genes(pd.DataFrame(columns=fitted.genes), genes, 0)
+    paths = find_slides([Path(s) for s in slides])
+    stems = [slide_out_dir(out_dir, p).name for p in paths]
+    clash = sorted({s for s in stems if stems.count(s) > 1})
+    if clash:
+        raise DatasetError(f"several slides would write to {Path(out_dir) / clash[0]}: give slides distinct file names")
+    mine = rank_share(paths)
+    if not overwrite:
+        existing = [slide_out_dir(out_dir, p) for p in mine if slide_out_dir(out_dir, p).exists()]
+        if existing:
+            raise OutputExistsError(f"{existing[0]} already exists ({len(existing)} slide folder(s) in all); "
+                                  "pass --overwrite to replace, or choose another --out")
+    report = {"out_dir": str(out_dir), "tile": scale, "slides": {}, "failed": {}}
+    for path in mine:
+        try:
+            report["slides"][str(path)] = _predict_one_slide(
+                fitted, model_path, path, slide_out_dir(out_dir, path), scale, um_per_px=um_per_px, stride_um=stride_um,
+                min_tissue=min_tissue, genes=genes, n_heatmap_genes=n_heatmap_genes, cache_dir=cache_dir,
+                progress=progress, **embed_options)
+        except (SlideError, DatasetError) as exc:  # this slide's own problem: the others still get their maps
+            if len(mine) == 1:
+                raise
+            warnings.warn(f"skipped {path}: {exc}", stacklevel=2)
+            report["failed"][str(path)] = str(exc)
+    if report["failed"] and not report["slides"]:
+        raise SlideError(f"none of the {len(mine)} slides could be predicted; first: {next(iter(report['failed'].values()))}")
+    return report
+
+
+def _predict_one_slide(fitted, model_path, path: Path, final_dir: Path, scale: dict, *, um_per_px, stride_um, min_tissue,
+                       genes, n_heatmap_genes, cache_dir, progress, **embed_options) -> dict:
+    started = time.perf_counter()
+    slide = open_slide(path, um_per_px)
+    try:
+        thumbnail, thumb_scale = slide_thumbnail(slide)
+        mask = tissue_mask(thumbnail)
+        tile_px = scale["tile_um"] / slide.um_per_px
+        stride_px = (stride_um if stride_um else scale["tile_um"]) / slide.um_per_px
+        grid = tile_grid(slide.width, slide.height, tile_px, stride_px)
+        fraction = tissue_fraction(mask, thumb_scale, grid)
+        keep = fraction >= min_tissue
+        if not keep.any():
+            raise SlideError(f"{path}: no tile has {min_tissue:.0%} tissue ({len(grid)} tiles of {scale['tile_um']:g} µm, "
+                             f"tissue found on {mask.mean():.1%} of the thumbnail); lower --min-tissue or check the slide")
+        tiles = grid.subset(keep)
+        tissue_s = time.perf_counter() - started
+        frame, config, cache_files = predict_tiles(fitted, slide, tiles.centres, tiles.ids(), scale, cache_dir=cache_dir,
+                                           progress=progress, **embed_options)
+        chosen = _heatmap_genes(frame, genes, n_heatmap_genes)
+        obs = pd.DataFrame({"row": tiles.rows, "col": tiles.cols, "tissue_fraction": fraction[keep].astype(np.float32)})
+        provenance = {"model": str(model_path), "config": config, "feature_meta": predictor_meta(fitted),
+                      "slide": str(path), "slide_size_px": [int(slide.width), int(slide.height)],
+                      "um_per_px": slide.um_per_px, "um_per_px_source": slide.um_per_px_source,
+                      "tile_um": scale["tile_um"], "tile_px_level0": tile_px, "tile_um_per_px": scale["tile_um_per_px"],
+                      "tile_patch_px": scale["tile_px"], "tile_size_source": scale["source"],
+                      "stride_um": stride_px * slide.um_per_px, "stride_px_level0": stride_px, "min_tissue": min_tissue,
+                      "n_grid_tiles": len(grid), "grid_shape": [grid.n_rows, grid.n_cols],
+                      "coordinates": "obsm['spatial'] = tile centres (x, y) in level-0 slide pixels",
+                      "cache_files": cache_files}
+        spatial = {"spatial": {path.stem: {
+            "images": {"hires": thumbnail},
+            "scalefactors": {"tissue_hires_scalef": thumb_scale, "spot_diameter_fullres": tile_px}}}}
+        with atomic_dir(final_dir) as tmp:
+            write_anndata(tmp / "predictions.h5ad", frame, tiles.centres, None, provenance, obs=obs, uns=spatial)
+            write_tile_geojson(tmp / "tiles.geojson", frame, tiles.centres, tile_px)
+            heatmaps = {g: str(final_dir / plot_tile_map(
+                frame[g].to_numpy(), tiles.centres, stride_px, thumbnail, thumb_scale,
+                tmp / f"heatmap_{safe_filename(g)}.png", title=f"{path.stem}: predicted {g}").name) for g in chosen}
+    finally:
+        slide.close()
+    seconds = time.perf_counter() - started
+    return {"out_dir": str(final_dir), "n_grid_tiles": len(grid), "n_tiles": int(keep.sum()),
+            "um_per_px": slide.um_per_px, "um_per_px_source": slide.um_per_px_source, "heatmaps": heatmaps,
+            "tissue_seconds": round(tissue_s, 2), "seconds": round(seconds, 1),
+            "tiles_per_second": round(int(keep.sum()) / max(seconds, 1e-9), 2)}
