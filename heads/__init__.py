@@ -11,7 +11,7 @@ import importlib
 _EXPORTS = {
     "HEADS": "heads.base", "Head": "heads.base", "FeaturePCA": "heads.base",
     "FeatureReduced": "heads.base", "default_search_space": "heads.base",
-    "head_param_names": "heads.base", "make_head": "heads.base", "register_head": "heads.base",
+    "head_param_names": "heads.base", "make_head": "heads.base", "HEAD_CLASSES": "heads.base",
     "registered_heads": "heads.base",
     "TRANSFORMS": "heads.targets", "TargetTransformed": "heads.targets", "make_transform": "heads.targets",
     "cross_validate": "heads.cv", "make_folds": "heads.cv",

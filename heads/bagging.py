@@ -4,8 +4,9 @@
 ``make_head(head, **params)`` whose ``seed`` parameter is ``seed, seed + 1, ...`` and predicts
 their mean. On her2st a single MLP's held-out Pearson moves by up to 0.025 from seed to seed,
 bags of five by about 0.01, and bags score higher (README, Benchmarks). Only heads with a ``seed``
-parameter that changes the fit can be bagged: copies of a deterministic head (ridge, whose
-seed changes nothing) would all be equal.
+parameter that changes the fit can be bagged (``Head.seed_changes_fit``): copies of a
+deterministic head (ridge, whose seed reaches only an exact, seed-free ``FeaturePCA``) would all be
+equal.
 ``fit-head --bag N`` wraps the chosen head (N > 1); ``check_baggable`` refuses what cannot be
 bagged before any work.
 """
@@ -15,15 +16,15 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from heads.base import Head, HeadError, fit_with_supported, head_param_names, make_head, register_head
+from heads.base import Head, HeadError, fit_with_supported, make_head
 from heads.params import SEED, Constraint, Int
 
 NOT_BAGGABLE = ("bagged",)
-SEED_INDEPENDENT = ("ridge", "hest", "ridge_streamed")  # deterministic: a seed parameter that changes nothing
 
 
-def _seeded(head: str) -> bool:
-    return head not in SEED_INDEPENDENT and "seed" in head_param_names(head)
+def _seeded(head: str, params: Mapping | None = None) -> bool:
+    """Whether copies of ``make_head(head, **params)`` with different seeds fit differently."""
+    return make_head(head, **dict(params or {})).seed_changes_fit()
 
 
 def check_baggable(head: str, params: Mapping | None = None, n_seeds: int = 2) -> None:
@@ -33,7 +34,7 @@ def check_baggable(head: str, params: Mapping | None = None, n_seeds: int = 2) -
     if head in NOT_BAGGABLE:
         raise HeadError(f"head {head!r} is already bagged; bag its inner head instead")
     make_head(head, **dict(params or {}))  # unknown head / parameter: its own clear error
-    if n_seeds > 1 and not _seeded(head):
+    if n_seeds > 1 and not _seeded(head, params):
         raise HeadError(f"head {head!r} is deterministic (no seed changes its fit), so its {n_seeds} bagged copies would "
                         "be identical; bag a head with a seed (mlp, bleep, gbm, ensemble, mlp_streamed) or use --bag 1")
 
@@ -57,7 +58,6 @@ class InnerParams(Constraint):
         return value is None or (isinstance(value, Mapping) and "seed" not in value)
 
 
-@register_head("bagged")
 class SeedBagged(Head):
     """Mean of ``n_seeds`` copies of head ``head`` (with ``params``), seeded ``seed .. seed + n_seeds - 1``."""
 
@@ -80,7 +80,7 @@ class SeedBagged(Head):
         """Fit every copy on (X, Y); ``fit_params`` (reference targets, groups...) go to the copies that take them."""
         X, Y = self._start_fit(X, Y)
         self.members_ = [fit_with_supported(m, X, Y, **fit_params) for m in self.members()]
-        self.seeds_ = [int(self.seed) + i for i in range(int(self.n_seeds))]
+        self.seeds_ = [m.seed for m in self.members_]
         return self
 
     def _predict(self, X):

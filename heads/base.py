@@ -1,12 +1,17 @@
 """What every head shares: the estimator base class, input checks, the registry, feature steps.
 
 A *head* maps cached image features ``X`` (N spots, D features) to expression ``Y`` (N, G genes).
-Heads follow scikit-learn conventions: the constructor stores hyper-parameters only, ``fit(X, Y)``
-learns state kept in attributes ending in ``_``, ``predict(X)`` returns an (N, G) float array.
+Heads are scikit-learn regressors (``RegressorMixin`` + ``BaseEstimator``): the constructor stores
+hyper-parameters only (``fit`` never changes them), ``fit(X, Y)`` validates its input
+(``validate_data``) and learns state kept in attributes ending in ``_``, ``predict(X)`` returns an
+(N, G) float array (N values when fitted on a 1-D ``y``) and raises ``NotFittedError`` before ``fit``.
+They work in ``Pipeline``, ``GridSearchCV`` and ``cross_val_predict``; tests/test_estimator_checks.py
+runs scikit-learn's estimator checks on every registered head.
 ``save(path)`` / ``Head.load(path)`` round-trip a head through joblib.
 
-Registry: ``HEADS`` maps a name ("mean", "ridge", ...) to its class (``registered_heads()`` fills
-it; a head's module is imported on first use, so torch loads only for torch heads);
+Registry: one table, ``HEAD_CLASSES``, maps a name ("mean", "ridge", ...) to "module:Class"; a
+head's module is imported on first use, so torch loads only for torch heads (``registered_heads()``
+imports them all and returns ``{name: class}``; ``Head.name`` reads a class's name from the table);
 ``make_head(name, **params)`` builds one; ``default_search_space(name)`` is the space a random-search sweep samples from. A head
 class declares that space in its ``search_space`` class attribute, written as
 ``{param: [choices...]}`` or ``{param: {"log": [low, high]}}`` / ``{"uniform": [low, high]}`` /
@@ -26,13 +31,32 @@ from pathlib import Path
 
 import joblib
 import numpy as np
-from sklearn.base import BaseEstimator, clone
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from sklearn.base import BaseEstimator, RegressorMixin, clone
+from sklearn.exceptions import NotFittedError
+from sklearn.utils.extmath import randomized_svd
+from sklearn.utils.validation import check_is_fitted, validate_data
 
-from embedder.errors import UsageError
+from embedder.errors import ModelError, UsageError
 from embedder.files import atomic_write
 from heads.params import N_COMPONENTS, SEED, Bool, param_problems
 
-HEADS: dict[str, type["Head"]] = {}
+# the registry: head name -> "module:Class" (a head's module, and its heavy imports, load on first use)
+HEAD_CLASSES = {
+    "mean": "heads.mean:MeanHead",
+    "ridge": "heads.ridge:RidgeHead",
+    "hest": "heads.ridge:HestRidgeHead",
+    "mlp": "heads.mlp:MLPHead",
+    "gbm": "heads.gbm:GBMHead",
+    "knn": "heads.knn:KNNHead",
+    "bleep": "heads.knn:BleepHead",
+    "ensemble": "heads.ensemble:EnsembleHead",
+    "ridge_streamed": "heads.streamed_ridge:StreamedRidgeHead",
+    "mlp_streamed": "heads.chunked_mlp:ChunkedMLPHead",
+    "bagged": "heads.bagging:SeedBagged",
+}
+HEADS: dict[str, type["Head"]] = {}   # the classes of HEAD_CLASSES imported so far
 
 
 # --------------------------------------------------------------------------------------------
@@ -42,6 +66,18 @@ class HeadError(UsageError):
     """Bad head input or configuration (unknown head or parameter, bad folds, shapes, sweep file)."""
 
 
+class HeadNotFittedError(NotFittedError, ModelError):
+    """``predict`` before ``fit``: scikit-learn's ``NotFittedError`` and a hexpr ``ModelError``."""
+
+
+def check_finite(arr: np.ndarray, name: str) -> np.ndarray:
+    """``arr`` unchanged, or a HeadError naming ``name`` and the first NaN/inf cell."""
+    if not np.isfinite(arr).all():
+        row, col = np.argwhere(~np.isfinite(arr.reshape(arr.shape[0], -1)))[0]
+        raise HeadError(f"{name} holds NaN/inf (first at row {row}, column {col})")
+    return arr
+
+
 def as_matrix(a, name: str, dtype=np.float64) -> np.ndarray:
     """``a`` as a finite 2-D float array, or a ValueError naming ``name``."""
     arr = np.asarray(a, dtype=dtype)
@@ -49,10 +85,7 @@ def as_matrix(a, name: str, dtype=np.float64) -> np.ndarray:
         raise HeadError(f"{name} must be a 2-D array (spots x columns), got shape {arr.shape}")
     if arr.shape[0] == 0 or arr.shape[1] == 0:
         raise HeadError(f"{name} is empty (shape {arr.shape})")
-    if not np.isfinite(arr).all():
-        row, col = np.argwhere(~np.isfinite(arr))[0]
-        raise HeadError(f"{name} holds NaN/inf (first at row {row}, column {col})")
-    return arr
+    return check_finite(arr, name)
 
 
 def check_pair(X, Y) -> tuple[np.ndarray, np.ndarray]:
@@ -95,12 +128,22 @@ def atomic_dump(obj, path) -> Path:
     return atomic_write(path, lambda tmp: joblib.dump(obj, tmp))
 
 
-class Head(BaseEstimator):
-    """Base of every head. Subclasses implement ``fit`` and ``_predict`` (on validated X)."""
+class _RegistryName:
+    """``Head.name``: the class's name in ``HEAD_CLASSES`` ("" for heads that are not registered)."""
+
+    def __get__(self, obj, cls) -> str:
+        return registry_name(cls)
+
+
+class Head(RegressorMixin, BaseEstimator):
+    """Base of every head. Subclasses implement ``fit`` (starting with ``_start_fit``) and
+    ``_predict`` (on validated 2-D X, returning (N, G))."""
 
     search_space: dict = {}
-    param_constraints: dict = {}   # param -> heads.params constraint, checked by make_head
-    name: str = ""
+    param_constraints: dict = {}   # param -> heads.params constraint, checked by make_head and fit
+    name = _RegistryName()
+    min_samples: int = 1           # fewer training rows than this: a clear error before any work
+    poor_score: bool = False       # scikit-learn tag: not expected to fit well (the mean head)
 
     def fit(self, X, Y):  # pragma: no cover - abstract
         raise NotImplementedError
@@ -108,28 +151,73 @@ class Head(BaseEstimator):
     def _predict(self, X: np.ndarray) -> np.ndarray:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def seed_changes_fit(self) -> bool:
+        """Whether fits that differ only in ``seed`` differ (what seed bagging needs); heads whose
+        seed reaches nothing random override this."""
+        return "seed" in self.get_params(deep=False)
+
+    # -- scikit-learn estimator tags --
+    def _non_deterministic(self) -> bool:
+        """True where a fit with the same seed may differ between runs (e.g. CUDA kernels)."""
+        return False
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.target_tags.multi_output = True
+        tags.target_tags.single_output = True
+        tags.regressor_tags.poor_score = self.poor_score
+        tags.non_deterministic = self._non_deterministic()
+        return tags
+
     # -- fitted-state bookkeeping shared by all heads --
     def _start_fit(self, X, Y) -> tuple[np.ndarray, np.ndarray]:
+        """Checked hyper-parameters and validated (X, Y): float64, finite, Y 2-D (a 1-D ``y`` becomes
+        one column, and ``predict`` then returns 1-D). Sets ``n_features_in_`` and ``n_targets_``."""
         problems = param_problems(self.name or type(self).__name__, self.param_constraints, self.get_params(deep=False))
         if problems:
             raise HeadError(problems[0])
-        X, Y = check_pair(X, Y)
-        self.n_features_in_ = X.shape[1]
+        if Y is not None and np.asarray(Y).dtype.kind in "biuf":
+            check_finite(np.atleast_1d(np.asarray(Y)), "Y (targets)")
+        X, Y = validate_data(self, X, Y, multi_output=True, y_numeric=True, dtype=np.float64,
+                             ensure_all_finite=False, ensure_min_samples=self.min_samples)
+        check_finite(X, "X (features)")
+        Y = np.asarray(Y, dtype=np.float64)
+        self.single_output_ = Y.ndim == 1
+        if self.single_output_:
+            Y = Y[:, None]
+        if Y.shape[1] == 0:
+            raise HeadError(f"Y (targets) is empty (shape {Y.shape})")
         self.n_targets_ = Y.shape[1]
         return X, Y
 
-    def is_fitted(self) -> bool:
+    def __sklearn_is_fitted__(self) -> bool:
         return hasattr(self, "n_features_in_")
 
-    def predict(self, X) -> np.ndarray:
-        if not self.is_fitted():
-            raise RuntimeError(f"{type(self).__name__} is not fitted yet; call fit(X, Y) first")
-        X = as_matrix(X, "X (features)")
-        if X.shape[1] != self.n_features_in_:
+    def is_fitted(self) -> bool:
+        return self.__sklearn_is_fitted__()
+
+    def _check_fitted(self) -> None:
+        """HeadNotFittedError (a ``NotFittedError``) unless ``fit`` has run."""
+        try:
+            check_is_fitted(self)
+        except NotFittedError:
+            raise HeadNotFittedError(f"{type(self).__name__} is not fitted yet; call fit(X, Y) first") from None
+
+    def _validate_predict_input(self, X) -> np.ndarray:
+        self._check_fitted()
+        shape = getattr(X, "shape", None) or ()
+        if len(shape) == 2 and shape[1] != self.n_features_in_:
             raise HeadError(
-                f"{type(self).__name__} was fitted on {self.n_features_in_} features but X has "
-                f"{X.shape[1]}; use features from the same backbone(s) as at training time")
-        return np.asarray(self._predict(X), dtype=np.float64)
+                f"X has {shape[1]} features, but {type(self).__name__} is expecting {self.n_features_in_} features "
+                f"as input: it was fitted on {self.n_features_in_} features but X has {shape[1]}; use features "
+                "from the same backbone(s) as at training time")
+        X = validate_data(self, X, reset=False, dtype=np.float64, ensure_all_finite=False)
+        return check_finite(X, "X (features)")
+
+    def predict(self, X) -> np.ndarray:
+        X = self._validate_predict_input(X)
+        pred = np.asarray(self._predict(X), dtype=np.float64).reshape(X.shape[0], -1)
+        return pred[:, 0] if getattr(self, "single_output_", False) else pred
 
     def save(self, path) -> Path:
         return atomic_dump(self, path)
@@ -145,37 +233,25 @@ class Head(BaseEstimator):
 # --------------------------------------------------------------------------------------------
 # registry
 # --------------------------------------------------------------------------------------------
-# where each head is defined: a head's module (and its heavy imports, e.g. torch) loads on first use
-HEAD_MODULES = {
-    "mean": "heads.mean", "ridge": "heads.ridge", "hest": "heads.ridge", "mlp": "heads.mlp",
-    "gbm": "heads.gbm", "knn": "heads.knn", "bleep": "heads.knn", "ensemble": "heads.ensemble",
-    "ridge_streamed": "heads.streamed_ridge", "mlp_streamed": "heads.chunked_mlp", "bagged": "heads.bagging",
-}
-
-
-def register_head(name: str):
-    """Class decorator: make the head buildable as ``make_head(name)`` (list it in HEAD_MODULES)."""
-    def decorate(cls):
-        if name in HEADS and HEADS[name] is not cls:
-            raise HeadError(f"head name {name!r} is already registered by {HEADS[name].__name__}")
-        cls.name = name
-        HEADS[name] = cls
-        return cls
-    return decorate
+def registry_name(cls: type) -> str:
+    """The name under which ``cls`` is listed in ``HEAD_CLASSES`` ("" when it is not)."""
+    where = f"{cls.__module__}:{cls.__qualname__}"
+    return next((name for name, path in HEAD_CLASSES.items() if path == where), "")
 
 
 def registered_heads() -> dict[str, type[Head]]:
-    """The registry with every head module imported."""
-    for module in sorted(set(HEAD_MODULES.values())):
-        importlib.import_module(module)
+    """The registry as ``{name: class}``, every head module imported."""
+    for name in HEAD_CLASSES:
+        _head_class(name)
     return HEADS
 
 
 def _head_class(name: str) -> type[Head]:
-    if name not in HEADS and name in HEAD_MODULES:
-        importlib.import_module(HEAD_MODULES[name])
+    if name not in HEAD_CLASSES:
+        raise HeadError(f"unknown head {name!r}; choose one of: {', '.join(sorted(HEAD_CLASSES))}")
     if name not in HEADS:
-        raise HeadError(f"unknown head {name!r}; choose one of: {', '.join(sorted(registered_heads()))}")
+        module, cls = HEAD_CLASSES[name].split(":")
+        HEADS[name] = getattr(importlib.import_module(module), cls)
     return HEADS[name]
 
 
@@ -208,16 +284,43 @@ def default_search_space(name: str) -> dict:
 class FeaturePCA(BaseEstimator):
     """Standardize features (zero mean, unit variance; constant columns left at 0) and optionally
     keep the leading ``n_components`` principal components. ``whiten`` scales them to unit variance.
+
+    ``svd_solver="exact"`` (default) takes the components from one symmetric eigensolve of the
+    (D, D) Gram matrix: deterministic, ``seed`` plays no part. ``"randomized"`` (Halko et al.,
+    scikit-learn's ``randomized_svd`` seeded with ``seed``) is cheaper for a few components of
+    many features; different seeds then give slightly different components.
     """
 
     def __init__(self, n_components: int | None = None, standardize: bool = True,
-                 whiten: bool = False, seed: int = 0):
+                 whiten: bool = False, seed: int = 0, svd_solver: str = "exact"):
         self.n_components = n_components
         self.standardize = standardize
         self.whiten = whiten
         self.seed = seed
+        self.svd_solver = svd_solver
 
-    def fit(self, X):
+    def __setstate__(self, state):
+        state.setdefault("svd_solver", "exact")     # steps saved before the parameter existed
+        super().__setstate__(state)
+
+    @property
+    def uses_seed(self) -> bool:
+        """Whether ``seed`` changes the fit (randomized principal components only)."""
+        return self.n_components is not None and self.svd_solver == "randomized"
+
+    def _principal_axes(self, Z: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(eigenvalues of Z'Z (k,), axes (D, k)) of the ``k`` leading components of ``Z``."""
+        if self.svd_solver == "randomized":
+            _, s, vt = randomized_svd(Z, k, random_state=self.seed)
+            return s ** 2, vt.T
+        if self.svd_solver != "exact":
+            raise HeadError(f"svd_solver must be 'exact' or 'randomized', got {self.svd_solver!r}")
+        # principal axes from the Gram matrix: one (D, D) product and a symmetric eigensolve
+        eigval, eigvec = np.linalg.eigh(Z.T @ Z)
+        top = np.argsort(eigval)[::-1][:k]
+        return eigval[top], eigvec[:, top]
+
+    def fit(self, X, y=None):
         X = as_matrix(X, "X (features)")
         self.mean_ = X.mean(axis=0)
         std = X.std(axis=0)
@@ -228,15 +331,11 @@ class FeaturePCA(BaseEstimator):
         if self.n_components is not None:
             Z = (X - self.mean_) / self.scale_
             k = int(min(self.n_components, *Z.shape))
-            # principal axes from the Gram matrix: one (D, D) product and a symmetric eigensolve
-            gram = Z.T @ Z
-            eigval, eigvec = np.linalg.eigh(gram)
-            top = np.argsort(eigval)[::-1][:k]
-            eigvec = eigvec[:, top]
+            eigval, eigvec = self._principal_axes(Z, k)
             # fix the sign of each axis so results do not depend on the LAPACK build
             eigvec *= np.where(eigvec[np.abs(eigvec).argmax(axis=0), range(k)] < 0, -1.0, 1.0)
             self.components_ = eigvec
-            self.explained_variance_ = np.clip(eigval[top], 0, None) / max(1, X.shape[0] - 1)
+            self.explained_variance_ = np.clip(eigval, 0, None) / max(1, X.shape[0] - 1)
         return self
 
     def transform(self, X) -> np.ndarray:
@@ -247,7 +346,7 @@ class FeaturePCA(BaseEstimator):
                 Z /= np.sqrt(np.where(self.explained_variance_ > 0, self.explained_variance_, 1.0))
         return Z
 
-    def fit_transform(self, X) -> np.ndarray:
+    def fit_transform(self, X, y=None) -> np.ndarray:
         return self.fit(X).transform(X)
 
     @property
@@ -291,9 +390,6 @@ def progress_task(description: str, total: int, enabled: bool = True):
     if not enabled:
         yield lambda n=1: None
         return
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=Console(stderr=True), transient=True) as bar:
         task = bar.add_task(description, total=total)

@@ -28,15 +28,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from heads.base import Head, as_matrix, register_head, rng_split
+from heads.base import as_matrix, rng_split
 from heads.metrics import N_TOP_DEFAULT
 from heads.mlp import (
     LOSSES,
     EarlyStopping,
     MLPHead,
-    TorchStateMixin,
-    as_widths,
-    build_mlp,
     gene_weights_from_panels,
     minibatches,
     predict_in_chunks,
@@ -55,15 +52,12 @@ def panels_from_moments(n: int, mean_y: np.ndarray, var_y: np.ndarray, n_top: in
             "hvg": np.argsort(-var_y, kind="stable")[:k]}
 
 
-@register_head("mlp_streamed")
-class ChunkedMLPHead(TorchStateMixin, Head):
-    """``MLPHead`` trained from row chunks (see the module docstring)."""
+class ChunkedMLPHead(MLPHead):
+    """``MLPHead`` trained from row chunks (see the module docstring): its hyper-parameters plus
+    ``standardize_targets``, ``chunk_rows`` and ``mix_chunks``."""
 
     param_constraints = {**MLPHead.param_constraints, "standardize_targets": Bool(), "chunk_rows": Int(1),
                          "mix_chunks": Int(1)}
-
-    _torch_modules = ("net_",)
-    search_space = MLPHead.search_space
 
     def __init__(self, hidden=(512,), dropout: float = 0.1, weight_decay: float = 1e-4,
                  lr: float = 1e-3, epochs: int = 40, batch_size: int = 256, loss: str = "mse",
@@ -72,35 +66,16 @@ class ChunkedMLPHead(TorchStateMixin, Head):
                  patience: int = 6, standardize_targets: bool = False,
                  chunk_rows: int = DEFAULT_CHUNK_ROWS, mix_chunks: int = 1, seed: int = 0,
                  device: str = "auto", n_threads: int | None = None):
-        self.hidden = hidden
-        self.dropout = dropout
-        self.weight_decay = weight_decay
-        self.lr = lr
-        self.epochs = epochs
-        self.batch_size = batch_size
-        self.loss = loss
-        self.pearson_axis = pearson_axis
-        self.pearson_weight = pearson_weight
-        self.huber_delta = huber_delta
-        self.gene_weight = gene_weight
-        self.n_top = n_top
-        self.val_fraction = val_fraction
-        self.patience = patience
+        super().__init__(hidden=hidden, dropout=dropout, weight_decay=weight_decay, lr=lr, epochs=epochs,
+                         batch_size=batch_size, loss=loss, pearson_axis=pearson_axis, pearson_weight=pearson_weight,
+                         huber_delta=huber_delta, gene_weight=gene_weight, n_top=n_top, val_fraction=val_fraction,
+                         patience=patience, seed=seed, device=device, n_threads=n_threads)
         self.standardize_targets = standardize_targets
         self.chunk_rows = chunk_rows
         self.mix_chunks = mix_chunks
-        self.seed = seed
-        self.device = device
-        self.n_threads = n_threads
-
-    def _build_module(self, attr):
-        return build_mlp(self.features_.n_output_, as_widths(self.hidden), self.n_targets_, self.dropout)
 
     def _check_options(self):
-        if self.loss not in LOSSES:
-            raise ValueError(f"unknown loss {self.loss!r}; choose from {', '.join(LOSSES)}")
-        if self.pearson_axis not in ("spot", "gene", "both"):
-            raise ValueError(f"pearson_axis must be 'spot', 'gene' or 'both', got {self.pearson_axis!r}")
+        super()._check_options()
         if int(self.mix_chunks) < 1:
             raise ValueError(f"mix_chunks must be >= 1, got {self.mix_chunks}")
 
@@ -116,8 +91,10 @@ class ChunkedMLPHead(TorchStateMixin, Head):
         elif self.val_fraction:
             rows, val = rng_split(X.shape[0], self.val_fraction, self.seed)
             validation = (X[val], Y[val])
-        return self.fit_stream(ArrayChunks(X, Y, self.chunk_rows, rows=rows, dtype=np.float32),
-                               validation=validation)
+        single_output = self.single_output_
+        self.fit_stream(ArrayChunks(X, Y, self.chunk_rows, rows=rows, dtype=np.float32), validation=validation)
+        self.single_output_ = single_output
+        return self
 
     def fit_stream(self, source, validation=None):
         """Train from a re-iterable chunk source of ``(X_chunk, Y_chunk)``; ``validation`` =
@@ -127,6 +104,7 @@ class ChunkedMLPHead(TorchStateMixin, Head):
             raise ValueError("the chunked MLP reads the chunks once per epoch (plus a statistics pass); "
                              "pass a re-iterable source (a ChunkSource, a list, or a callable)")
         moments = accumulate(source, cross=False, dtype=np.float64)
+        self.single_output_ = False
         self.n_features_in_ = moments.mean_x.shape[0]
         self.n_targets_ = moments.mean_y.shape[0]
         self.n_samples_seen_ = moments.n
@@ -232,29 +210,14 @@ class ChunkedMLPHead(TorchStateMixin, Head):
             record = {"epoch": epoch + 1, "train_loss": total / max(1, seen)}
             if validation is not None:
                 Z_val, truth = validation
-                pred = self._unscale(predict_in_chunks(self.net_, Z_val, device))
+                pred = self._from_network(predict_in_chunks(self.net_, Z_val, device))
                 record["val_score"] = stopping.update(self.net_, pred, truth, panels)
             self.history_.append(record)
             if validation is not None and stopping.should_stop:
                 break
         stopping.finish(self, validation is not None)
 
-    def _unscale(self, out: np.ndarray) -> np.ndarray:
+    def _from_network(self, out: np.ndarray) -> np.ndarray:
         if not self.standardize_targets:
             return out
         return out * self.target_scale_ + self.target_mean_
-
-    def _predict(self, X):
-        device = next(self.net_.parameters()).device
-        threads = torch.get_num_threads()
-        if self.n_threads:
-            torch.set_num_threads(int(self.n_threads))
-        try:
-            return self._unscale(predict_in_chunks(self.net_, self.features_.transform(X), device))
-        finally:
-            torch.set_num_threads(threads)
-
-
-def fit_mlp_stream(source, validation=None, **params) -> ChunkedMLPHead:
-    """``ChunkedMLPHead(**params).fit_stream(source, validation)``."""
-    return ChunkedMLPHead(**params).fit_stream(source, validation=validation)

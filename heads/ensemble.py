@@ -12,7 +12,7 @@ import numpy as np
 from scipy.optimize import minimize
 from sklearn.base import clone
 
-from heads.base import Head, HeadError, fit_with_supported, make_head, register_head
+from heads.base import Head, HeadError, fit_with_supported, make_head
 from heads.cv import make_folds
 from heads.params import SEED, Bool, Constraint, Int
 
@@ -65,7 +65,6 @@ class Members(Constraint):
         return True
 
 
-@register_head("ensemble")
 class EnsembleHead(Head):
     """Non-negative, sum-to-one blend of member heads fitted on inner out-of-fold predictions."""
 
@@ -79,6 +78,10 @@ class EnsembleHead(Head):
         self.n_folds = n_folds
         self.balance_genes = balance_genes
         self.seed = seed
+
+    @property
+    def min_samples(self) -> int:
+        return int(self.n_folds)    # one row per inner fold at least
 
     def fit(self, X, Y, *, groups=None, reference_targets=None, inverse_targets=None):
         """``groups`` keep the inner folds grouped; ``reference_targets`` (untransformed targets)

@@ -41,12 +41,15 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from embedder.augment import DEFAULT_AUGMENT, augmented_views, plain_views, sample_rng
 from embedder.backbones import BackboneError, BackboneSpec, resolve_specs
 from embedder.datasets import DatasetError, PatchDataset, open_dataset
 from embedder.extract import _collate, default_num_workers
 from embedder.files import json_ready, write_json
+from heads.base import FeaturePCA
 from heads.cv import make_folds, score_with_panels, training_panels
 from heads.finetune_model import (
     FINETUNED_FILE,
@@ -66,10 +69,11 @@ from heads.finetune_model import (
     predict_rows,
     views_to_device,
 )
+from heads.fitting import load_model
 from heads.metrics import N_TOP_DEFAULT
-from heads.mlp import LOSSES, as_widths, build_mlp, minibatches, panel_gene_weights, resolve_device
+from heads.mlp import LOSSES, MLPHead, as_widths, build_mlp, minibatches, panel_gene_weights, resolve_device
 from heads.params import NON_NEGATIVE, POSITIVE, Int, NoneOr, Real
-from heads.targets import make_transform
+from heads.targets import TargetTransformed, make_transform
 
 __all__ = ["finetune", "load_finetuned", "FinetunedModel", "FinetuneError", "FINETUNED_FILE",
            "FINETUNED_INFO_FILE", "CHECKPOINT_FILE", "REPORT_FILE"]
@@ -156,22 +160,14 @@ class _HeadInit:
 
 def _load_head_init(path, specs: list[BackboneSpec]) -> _HeadInit:
     """A fitted ``mlp`` head (fit-head folder or model.joblib) checked against ``specs``."""
-    from heads.fitting import load_model
-    from heads.mlp import MLPHead
-    from heads.targets import TargetTransformed
-    from heads.targets import make_transform as identity
-
     fitted = load_model(path)
     model = fitted.model
-    transform = identity("none").fit(np.zeros((1, len(fitted.genes))))
+    transform = make_transform("none").fit(np.zeros((1, len(fitted.genes))))
     if isinstance(model, TargetTransformed):
         transform, model = model.transform_, model.head_
-    if not isinstance(model, MLPHead):
+    if type(model) is not MLPHead:   # not a subclass either: mlp_streamed may scale its outputs
         raise FinetuneError(f"head_init {path}: holds a {type(model).__name__} head; fine-tuning can only start "
                             "from an 'mlp' head (hexpr fit-head --head mlp)")
-    if model.features_.components_ is not None:
-        raise FinetuneError(f"head_init {path}: the mlp head projects its features on principal components; "
-                            "fine-tuning needs a head on the plain standardised features")
     meta = fitted.feature_meta or {}
     if not meta.get("backbones"):
         raise FinetuneError(f"head_init {path}: the model does not record which backbones made its features")
@@ -192,12 +188,11 @@ def _load_head_init(path, specs: list[BackboneSpec]) -> _HeadInit:
     if meta.get("tta"):
         warnings.warn(f"head_init {path}: the head was fitted on test-time-augmented (8-view mean) features; "
                       "fine-tuning feeds single views, so its starting predictions differ a little", stacklevel=3)
+    feature_mean, feature_scale = model.input_standardization()
     return _HeadInit(
         path=str(path), genes=list(fitted.genes), transform=transform,
-        net_state={k: v.detach().cpu().clone() for k, v in model.net_.state_dict().items()},
-        hidden=as_widths(model.hidden), dropout=float(model.dropout),
-        feature_mean=np.asarray(model.features_.mean_, dtype=np.float64),
-        feature_scale=np.asarray(model.features_.scale_, dtype=np.float64),
+        net_state=model.network_state(), hidden=model.hidden_widths, dropout=float(model.dropout),
+        feature_mean=feature_mean, feature_scale=feature_scale,
         widths=[int(w) for w in meta["widths"]] if meta.get("widths") else None, tta=bool(meta.get("tta")),
     )
 
@@ -248,8 +243,6 @@ def _fingerprint(dataset: PatchDataset, genes: list[str]) -> str:
 def _feature_stats(model: FusedModel, dataset, indices, preprocesses, *, batch_size, device, num_workers, amp):
     """Mean and scale of the frozen features of (up to STATS_MAX_IMAGES) training images, as the mlp
     head standardises its inputs (constant features keep scale 1)."""
-    from heads.base import FeaturePCA
-
     model.eval()
     feats = []
     loader = plain_loader(dataset, indices, preprocesses, batch_size=batch_size, device=device, num_workers=num_workers)
@@ -285,9 +278,6 @@ class _Bar:
 
     def __enter__(self):
         if self.enabled:
-            from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
             self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                                      TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
                                      console=Console(stderr=True), transient=True)

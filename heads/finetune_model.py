@@ -24,9 +24,9 @@ from torch import nn
 from embedder.backbones import RANDOM_INIT, BackboneSpec, LoadedBackbone, Preprocess, RandomInitWarning, create_backbone
 from embedder.datasets import ID_COLUMN, DatasetError, PatchDataset
 from embedder.errors import MissingInputError, ModelError
-from embedder.extract import _collate, _ResizedPatches, default_num_workers
+from embedder.extract import _collate, _progress_bar, _ResizedPatches, default_num_workers
 from embedder.files import atomic_write, write_json
-from heads.mlp import build_mlp
+from heads.mlp import build_mlp, resolve_device
 
 FINETUNED_FILE = "finetuned.pt"
 FINETUNED_INFO_FILE = "finetuned.json"
@@ -368,9 +368,6 @@ class FinetunedModel:
                         num_workers: int | None = None, progress: bool = True, amp: bool = True) -> pd.DataFrame:
         """Predictions for every spot of ``dataset``: index = ``dataset.ids`` (named "ID"),
         columns = ``self.genes``, values in the training targets' scale."""
-        from embedder.extract import _progress_bar
-        from heads.mlp import resolve_device
-
         if len(dataset) == 0:
             raise DatasetError(f"{dataset.source}: the dataset is empty")
         torch_device = resolve_device(device, strict=True)

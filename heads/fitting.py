@@ -25,6 +25,7 @@ import pandas as pd
 
 from embedder.errors import MissingInputError, OutputExistsError
 from embedder.files import CSV_FLOAT_FORMAT, atomic_dir, atomic_write, json_ready, write_json
+from heads.bagging import check_baggable
 from heads.base import HeadError, as_matrix, atomic_dump, default_search_space, fit_with_supported, head_param_names, make_head
 from heads.cv import cross_validate, make_folds
 from heads.metrics import N_TOP_DEFAULT
@@ -131,8 +132,6 @@ def check_config(head: str, params: Mapping | None = None, transform="none", swe
     its params, the target transform, the bag size and, when sweeping, every value of the search
     space. ``head="auto"`` checks each param against the candidate heads that have it.
     Returns the resolved search space (None without a sweep)."""
-    from heads.bagging import check_baggable
-
     make_transform(transform)
     if head == AUTO:
         if sweep is not None or trials is not None:

@@ -15,7 +15,7 @@ import lightgbm as lgb
 import numpy as np
 from sklearn.decomposition import PCA
 
-from heads.base import Head, register_head, rng_split
+from heads.base import Head, rng_split
 from heads.params import FRACTION, NON_NEGATIVE, POSITIVE, SEED, Int, Real
 
 
@@ -58,7 +58,6 @@ def predict_columns(boosters: list[lgb.Booster], X) -> np.ndarray:
     return np.column_stack([b.predict(X, num_iteration=b.best_iteration or None) for b in boosters])
 
 
-@register_head("gbm")
 class GBMHead(Head):
     """LightGBM per target principal component, mapped back to genes."""
 
@@ -77,6 +76,8 @@ class GBMHead(Head):
         "feature_fraction": [0.1, 0.2, 0.5],
         "lambda_l2": {"log": [1e-3, 10.0]},
     }
+
+    min_samples = 3     # the internal validation split needs two training rows and one held out
 
     def __init__(self, n_components: int = 16, n_estimators: int = 300, learning_rate: float = 0.1,
                  num_leaves: int = 15, min_child_samples: int = 20, feature_fraction: float = 0.2,

@@ -110,8 +110,3 @@ def challenge_score(pred, truth, n_top: int = N_TOP_DEFAULT, heg_genes=None, hvg
         "n_constant_genes": n_const_genes,
     }
 
-
-def mean_pearson_over(pred, truth, gene_idx) -> float:
-    """Mean per-gene Pearson over a gene panel (the HEST-Benchmark figure with the 50 HVGs)."""
-    r = pearson_per_gene(pred, truth)
-    return float(r[np.asarray(gene_idx, dtype=int)].mean())

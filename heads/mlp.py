@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from heads.base import FeaturePCA, Head, as_matrix, register_head, rng_split
+from heads.base import FeaturePCA, Head, as_matrix, rng_split
 from heads.cv import score_with_panels, training_panels
 from heads.metrics import N_TOP_DEFAULT
 from heads.params import N_THREADS, NON_NEGATIVE, POSITIVE, SEED, Device, Int, Options, Real, Widths
@@ -91,14 +91,31 @@ def predict_in_chunks(module: nn.Module, X: np.ndarray, device: torch.device) ->
     return torch.cat(out).double().numpy()
 
 
+@contextmanager
+def torch_threads(n_threads: int | None):
+    """Run the block with ``n_threads`` intra-op torch threads (unchanged when None)."""
+    previous = torch.get_num_threads()
+    if n_threads:
+        torch.set_num_threads(int(n_threads))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 class TorchStateMixin:
-    """Pickles torch modules as CPU ``state_dict``s and rebuilds them on load.
+    """What torch heads share: torch modules pickled as CPU ``state_dict``s and rebuilt on load,
+    and the scikit-learn ``non_deterministic`` tag when the head trains on CUDA.
 
     A head lists its module attributes in ``_torch_modules`` and implements
     ``_build_module(attr) -> nn.Module`` from its (already restored) fitted attributes.
     """
 
     _torch_modules: tuple[str, ...] = ()
+
+    def _non_deterministic(self) -> bool:
+        # CUDA kernels (atomics in backward passes) may differ between runs with the same seed
+        return resolve_device(getattr(self, "device", "cpu"), strict=False).type == "cuda"
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -205,9 +222,12 @@ class EarlyStopping:
 # --------------------------------------------------------------------------------------------
 # the head
 # --------------------------------------------------------------------------------------------
-@register_head("mlp")
 class MLPHead(TorchStateMixin, Head):
-    """Multi-output MLP with early stopping on the validation challenge score."""
+    """Multi-output MLP with early stopping on the validation challenge score.
+
+    Fine-tuning (``heads.finetune``) starts from a fitted head through ``hidden_widths``,
+    ``dropout``, ``network_state()`` and ``input_standardization()``.
+    """
 
     param_constraints = {
         "hidden": Widths(), "dropout": Real(0, 1, high_open=True), "weight_decay": NON_NEGATIVE, "lr": POSITIVE,
@@ -250,8 +270,27 @@ class MLPHead(TorchStateMixin, Head):
         self.device = device
         self.n_threads = n_threads
 
+    min_samples = 3     # an internal validation split needs two training rows and one held out
+
     def _build_module(self, attr):
-        return build_mlp(self.features_.n_output_, as_widths(self.hidden), self.n_targets_, self.dropout)
+        return build_mlp(self.features_.n_output_, self.hidden_widths, self.n_targets_, self.dropout)
+
+    # -- what fine-tuning starts from ----------------------------------------------------------
+    @property
+    def hidden_widths(self) -> tuple[int, ...]:
+        """The hidden layer widths as a tuple of ints (``hidden`` may be a string or an int)."""
+        return as_widths(self.hidden)
+
+    def network_state(self) -> dict[str, torch.Tensor]:
+        """CPU copies of the fitted network's weights (the ``state_dict`` of ``build_mlp``'s module)."""
+        self._check_fitted()
+        return {k: v.detach().cpu().clone() for k, v in self.net_.state_dict().items()}
+
+    def input_standardization(self) -> tuple[np.ndarray, np.ndarray]:
+        """(mean, scale) of the fitted feature standardization: the network sees (X - mean) / scale."""
+        self._check_fitted()
+        return (np.asarray(self.features_.mean_, dtype=np.float64).copy(),
+                np.asarray(self.features_.scale_, dtype=np.float64).copy())
 
     def _check_options(self):
         if self.loss not in LOSSES:
@@ -325,12 +364,11 @@ class MLPHead(TorchStateMixin, Head):
                 break
         stopping.finish(self, validation is not None)
 
+    def _from_network(self, out: np.ndarray) -> np.ndarray:
+        """Network outputs -> predictions (identity here; a head that scales its targets undoes it)."""
+        return out
+
     def _predict(self, X):
         device = next(self.net_.parameters()).device
-        threads = torch.get_num_threads()
-        if self.n_threads:
-            torch.set_num_threads(int(self.n_threads))
-        try:
-            return predict_in_chunks(self.net_, self.features_.transform(X), device)
-        finally:
-            torch.set_num_threads(threads)
+        with torch_threads(self.n_threads):
+            return self._from_network(predict_in_chunks(self.net_, self.features_.transform(X), device))

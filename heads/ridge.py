@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 from sklearn.linear_model import Ridge
 
-from heads.base import FeaturePCA, Head, register_head
+from heads.base import FeaturePCA, Head
 from heads.params import N_COMPONENTS, POSITIVE, SEED, Bool, Int, NoneOr, Options, RealList
 
 DEFAULT_ALPHAS = tuple(np.logspace(-2, 7, 19))
@@ -69,7 +69,6 @@ def loo_errors(Z, Yc, s2, V, Q, alphas, intercept: bool) -> np.ndarray:
     return errors
 
 
-@register_head("ridge")
 class RidgeHead(Head):
     """Ridge regression with one alpha per gene chosen by GCV ("gcv") or leave-one-out ("loo")."""
 
@@ -86,6 +85,12 @@ class RidgeHead(Head):
         self.fit_intercept = fit_intercept
         self.seed = seed
 
+    def seed_changes_fit(self) -> bool:
+        return self._feature_step().uses_seed
+
+    def _feature_step(self) -> FeaturePCA:
+        return FeaturePCA(self.n_components, standardize=True, seed=self.seed)
+
     def fit(self, X, Y):
         X, Y = self._start_fit(X, Y)
         if self.alpha_selection not in ("gcv", "loo"):
@@ -93,7 +98,7 @@ class RidgeHead(Head):
         alphas = np.asarray(sorted(self.alphas), dtype=np.float64)
         if alphas.size == 0 or (alphas <= 0).any():
             raise ValueError("alphas must be a non-empty list of positive numbers")
-        self.features_ = FeaturePCA(self.n_components, standardize=True, seed=self.seed)
+        self.features_ = self._feature_step()
         Z = self.features_.fit_transform(X)
         self.intercept_ = Y.mean(axis=0) if self.fit_intercept else np.zeros(Y.shape[1])
         Yc = Y - self.intercept_
@@ -113,7 +118,6 @@ class RidgeHead(Head):
         return self.features_.transform(X) @ self.coef_ + self.intercept_
 
 
-@register_head("hest")
 class HestRidgeHead(Head):
     """HEST-Benchmark's fixed linear probe (no tuning): scaler, PCA, intercept-free ridge."""
 
@@ -131,9 +135,16 @@ class HestRidgeHead(Head):
         self.max_iter = max_iter
         self.seed = seed
 
+    def seed_changes_fit(self) -> bool:
+        # the seed reaches an exact FeaturePCA and Ridge's random_state, which only sag/saga use
+        return self._feature_step().uses_seed or self.solver in ("sag", "saga")
+
+    def _feature_step(self) -> FeaturePCA:
+        return FeaturePCA(self.n_components, standardize=True, seed=self.seed)
+
     def fit(self, X, Y):
         X, Y = self._start_fit(X, Y)
-        self.features_ = FeaturePCA(self.n_components, standardize=True, seed=self.seed)
+        self.features_ = self._feature_step()
         Z = self.features_.fit_transform(X)
         self.target_mean_ = Y.mean(axis=0)
         self.alpha_ = (self.alpha if self.alpha is not None
@@ -141,6 +152,7 @@ class HestRidgeHead(Head):
         self.ridge_ = Ridge(alpha=self.alpha_, fit_intercept=False, solver=self.solver,
                             max_iter=self.max_iter, random_state=self.seed)
         self.ridge_.fit(Z, Y - self.target_mean_)
+        self.n_iter_ = self.ridge_.n_iter_      # None for the direct solvers (cholesky, svd)
         return self
 
     def _predict(self, X):

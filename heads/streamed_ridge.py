@@ -28,13 +28,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from heads.base import Head, register_head
+from heads.base import Head
 from heads.params import Int, Options
 from heads.ridge import DEFAULT_ALPHAS, RidgeHead, gcv_errors
 from heads.streaming import DEFAULT_CHUNK_ROWS, ArrayChunks, RunningMoments, accumulate, is_reiterable, iterate_chunks
 
 
-@register_head("ridge_streamed")
 class StreamedRidgeHead(Head):
     """Ridge with a per-gene alpha (GCV or LOO), fitted from row chunks in bounded memory."""
 
@@ -54,6 +53,9 @@ class StreamedRidgeHead(Head):
         self.precision = precision
         self.seed = seed
 
+    def seed_changes_fit(self) -> bool:
+        return False    # the seed reaches only the exact principal components of the moments
+
     # -- options ---------------------------------------------------------------------------------
     def _alpha_grid(self) -> np.ndarray:
         if self.alpha_selection not in ("gcv", "loo"):
@@ -69,7 +71,10 @@ class StreamedRidgeHead(Head):
     def fit(self, X, Y):
         """Fit on in-memory arrays, streamed through row blocks of ``chunk_rows``."""
         X, Y = self._start_fit(X, Y)
-        return self.fit_stream(ArrayChunks(X, Y, self.chunk_rows))
+        single_output = self.single_output_
+        self.fit_stream(ArrayChunks(X, Y, self.chunk_rows))
+        self.single_output_ = single_output
+        return self
 
     def fit_stream(self, source):
         """Fit from a chunk source of ``(X_chunk, Y_chunk)`` (see ``heads.streaming``): one pass
@@ -87,6 +92,7 @@ class StreamedRidgeHead(Head):
         if moments.mean_y is None or not moments.cross:
             raise ValueError("ridge needs full feature moments with targets (RunningMoments(cross=True) fed Y)")
         n = moments.n
+        self.single_output_ = False
         self.n_features_in_ = moments.mean_x.shape[0]
         self.n_targets_ = moments.mean_y.shape[0]
         self.n_samples_seen_ = n
@@ -144,9 +150,4 @@ class StreamedRidgeHead(Head):
         return self.features_.transform(X) @ self.coef_ + self.intercept_
 
 
-def fit_ridge_stream(source, **params) -> StreamedRidgeHead:
-    """``StreamedRidgeHead(**params).fit_stream(source)``."""
-    return StreamedRidgeHead(**params).fit_stream(source)
-
-
-__all__ = ["StreamedRidgeHead", "fit_ridge_stream", "ArrayChunks"]
+__all__ = ["StreamedRidgeHead", "ArrayChunks"]

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from embedder.cache import CacheError, dataset_shape, read_feature_rows, read_ids, read_rows
 from heads.base import FeaturePCA
 
 DEFAULT_CHUNK_ROWS = 65536
@@ -106,8 +107,6 @@ class H5Chunks(ChunkSource):
     def __init__(self, feature_paths, target_path=None, target_dataset: str = "targets", *,
                  chunk_rows: int = DEFAULT_CHUNK_ROWS, start: int = 0, stop: int | None = None,
                  check_ids: bool = True):
-        from embedder.cache import dataset_shape
-
         single = isinstance(feature_paths, (str, Path))
         self.feature_paths = [Path(p) for p in ([feature_paths] if single else feature_paths)]
         self.target_path = None if target_path is None else Path(target_path)
@@ -131,8 +130,6 @@ class H5Chunks(ChunkSource):
         return self.stop - self.start
 
     def read_chunk(self, i: int):
-        from embedder.cache import CacheError, read_feature_rows, read_ids, read_rows
-
         a, b = int(self.bounds[i]), int(self.bounds[i + 1])
         X = read_feature_rows(self.feature_paths, a, b, check_ids=self.check_ids)
         if self.target_path is None:

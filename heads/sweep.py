@@ -27,12 +27,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from joblib import Parallel, delayed, effective_n_jobs
+from threadpoolctl import threadpool_limits
 
 from embedder.files import read_config
+from heads.bagging import bagged_config
 from heads.base import HeadError, default_search_space, head_param_names, make_head, progress_task
-from heads.cv import METRICS, cross_validate
+from heads.cv import METRICS, CVResult, cross_validate
 from heads.metrics import N_TOP_DEFAULT
-from heads.targets import TargetTransformed
+from heads.targets import TargetTransformed, make_transform
 
 RESERVED = ("features", "transform")
 DISTRIBUTIONS = ("log", "uniform", "int")
@@ -128,7 +130,6 @@ def make_configs(head: str, space: Mapping, *, n_trials: int | None, feature_nam
 def check_space(head: str, space: Mapping, fixed_params: Mapping | None = None) -> None:
     """Refuse (HeadError) a space the head cannot run, before any work: unknown parameters, bad
     distributions, and any listed choice or distribution end that the head's constraints refuse."""
-    from heads.targets import make_transform
 
     unknown = sorted(set(space) - set(head_param_names(head)) - set(RESERVED))
     if unknown:
@@ -171,7 +172,6 @@ def model_factory(head: str, params: Mapping | None = None, transform="none"):
 # --------------------------------------------------------------------------------------------
 def _single_thread():
     """Hold this worker to one thread (BLAS, OpenMP, torch) so parallel configs do not oversubscribe."""
-    from threadpoolctl import threadpool_limits
     os.environ["OMP_NUM_THREADS"] = "1"          # for libraries (torch) imported later in this worker
     threadpool_limits(1)
     if "torch" in sys.modules:
@@ -263,7 +263,6 @@ def run_sweep(head: str, features, Y, folds, *, space: Mapping | None = None,
 
 def load_kept_cv(keep_dir, trial: int):
     """The ``CVResult`` that ``score_configs(..., keep_dir=)`` saved for config ``trial``."""
-    from heads.cv import CVResult
 
     keep_dir = Path(keep_dir)
     return CVResult(oof=np.load(keep_dir / f"oof_{trial}.npy"), report=json.loads((keep_dir / f"cv_{trial}.json").read_text()))
@@ -310,7 +309,6 @@ AUTO_NEIGHBOURS = 6
 
 def with_bag(config: dict, bag: int | None) -> dict:
     """``config`` with its head bagged over ``bag`` seeds (unchanged for None or 1)."""
-    from heads.bagging import bagged_config
 
     head, params = bagged_config(config["head"], config["params"], bag)
     return {**config, "head": head, "params": params}

@@ -2,11 +2,12 @@
 import numpy as np
 import pytest
 from sklearn.decomposition import PCA
+from sklearn.exceptions import NotFittedError
 from sklearn.linear_model import Ridge
 from sklearn.preprocessing import StandardScaler
 
 from heads import HEADS, FeatureReduced, Head, TargetTransformed, default_search_space, make_head
-from heads.base import HEAD_MODULES
+from heads.base import HEAD_CLASSES
 from heads.ensemble import simplex_weights
 from heads.metrics import pearson_per_gene
 from heads.ridge import RidgeHead
@@ -33,13 +34,15 @@ def planted():
     return X[:180], Y[:180], X[180:], Y[180:]
 
 
-def test_registry_lists_every_head_with_its_module():
-    assert set(FAST) <= set(HEAD_MODULES)
-    assert set(HEADS) == set(HEAD_MODULES)          # make_head can load every registered head lazily
-    for name, module in HEAD_MODULES.items():
-        assert HEADS[name].__module__ == module
+def test_registry_lists_every_head_with_its_class():
+    assert set(FAST) <= set(HEAD_CLASSES)
+    assert set(HEADS) == set(HEAD_CLASSES)          # make_head can load every registered head lazily
+    for name, where in HEAD_CLASSES.items():
+        assert f"{HEADS[name].__module__}:{HEADS[name].__qualname__}" == where
+        assert HEADS[name].name == name == make_head(name).name
     for name in HEADS:
         assert isinstance(default_search_space(name), dict)
+    assert FeatureReduced.name == ""                 # a head class that is not in the table
 
 
 def test_unknown_head_and_parameter_are_clear_errors():
@@ -63,13 +66,15 @@ def test_head_recovers_planted_signal_and_round_trips(name, planted, tmp_path):
     head.save(tmp_path / f"{name}.joblib")
     loaded = Head.load(tmp_path / f"{name}.joblib")
     np.testing.assert_array_equal(loaded.predict(X_test), pred)
-    with pytest.raises(ValueError, match="fitted on 12 features but X has 11"):
+    with pytest.raises(ValueError, match="X has 11 features, but .* is expecting 12 .* fitted on 12 features but X has 11"):
         loaded.predict(X_test[:, :11])
 
 
 def test_unfitted_head_refuses_to_predict():
-    with pytest.raises(RuntimeError, match="not fitted"):
+    with pytest.raises(NotFittedError, match="not fitted"):
         make_head("ridge").predict(np.zeros((2, 3)))
+    with pytest.raises(RuntimeError, match="not fitted"):    # also a hexpr ModelError
+        make_head("mlp").predict(np.zeros((2, 3)))
 
 
 def test_ridge_loo_matches_brute_force(planted):
