@@ -170,3 +170,33 @@ def test_every_head_parameter_declares_what_it_accepts_and_defaults_pass():
         defaults = cls().get_params(deep=False)
         assert set(defaults) == set(cls.param_constraints), name
         assert param_problems(name, cls.param_constraints, defaults) == [], name
+
+
+def test_feature_pca_seed_drives_the_randomized_solver(planted):
+    from heads.base import FeaturePCA
+
+    X = planted[0]
+    exact = FeaturePCA(3).fit(X)
+    assert not exact.uses_seed
+    np.testing.assert_array_equal(FeaturePCA(3, seed=1).fit(X).components_, exact.components_)
+    fast = {s: FeaturePCA(3, seed=s, svd_solver="randomized").fit(X) for s in (0, 1)}
+    assert fast[0].uses_seed
+    # the same leading axes as the exact solve (planted rank 3), up to the solver's tolerance
+    np.testing.assert_allclose(np.abs(np.sum(fast[0].components_ * exact.components_, axis=0)), 1.0, atol=1e-6)
+    np.testing.assert_array_equal(FeaturePCA(3, seed=0, svd_solver="randomized").fit(X).components_,
+                                  fast[0].components_)
+    with pytest.raises(ValueError, match="svd_solver must be"):
+        FeaturePCA(3, svd_solver="arpack").fit(X)
+
+
+def test_seed_changes_fit_decides_what_bagging_accepts():
+    assert not make_head("ridge").seed_changes_fit() and not make_head("ridge_streamed").seed_changes_fit()
+    assert not make_head("hest").seed_changes_fit() and make_head("hest", solver="saga").seed_changes_fit()
+    assert make_head("mlp").seed_changes_fit() and not make_head("knn").seed_changes_fit()
+    from heads.bagging import check_baggable
+
+    with pytest.raises(ValueError, match="head='ridge' is not accepted"):
+        make_head("bagged", head="ridge")
+    with pytest.raises(ValueError, match="deterministic"):
+        check_baggable("hest", {"n_components": 4}, 2)
+    check_baggable("hest", {"solver": "saga"}, 2)       # sag/saga shuffle with the seed
