@@ -3,7 +3,7 @@ chunked HDF5 readers/writer of embedder.cache.
 
 The streamed head modules are imported inside the tests, not at collection time: importing them
 registers "ridge_streamed"/"mlp_streamed", which must not leak into test_heads' registry check
-before heads.base.HEAD_MODULES lists them.
+before heads.base.HEAD_CLASSES lists them.
 """
 import importlib
 import json
