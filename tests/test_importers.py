@@ -16,7 +16,7 @@ import scipy.sparse as sp
 import tifffile
 from PIL import Image
 
-import embedder.importers.common as common
+import embedder.importers.thumbnails as thumbnails
 import embedder.slides as slides
 from embedder.importers import (
     ImporterError,
@@ -28,7 +28,7 @@ from embedder.importers import (
     open_image,
 )
 
-pytestmark = pytest.mark.filterwarnings("ignore::embedder.importers.common.ImporterWarning")
+pytestmark = pytest.mark.filterwarnings("ignore::embedder.importers.ImporterWarning")
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 HER2ST = SHARED / "data" / "her2st"
@@ -471,7 +471,7 @@ def _thumb_red_centroid(t: np.ndarray):
 ])
 def test_thumbnail_written_with_scale(tmp_path, monkeypatch, fmt, pyramidal, region, max_side):
     v = make_visium(tmp_path / "S", image_fmt=fmt, pyramidal=pyramidal)
-    monkeypatch.setattr(common, "THUMBNAIL_MAX_SIDE", max_side)
+    monkeypatch.setattr(thumbnails, "THUMBNAIL_MAX_SIDE", max_side)
     if region:
         monkeypatch.setattr(slides, "MAX_INMEMORY_IMAGE_BYTES", 0)
         monkeypatch.setattr(slides, "SUPER_TILE_PX", 256)

@@ -20,12 +20,19 @@ import json
 from pathlib import Path
 from typing import Sequence
 
+import anndata as ad
+import h5py
 import numpy as np
 import pandas as pd
 
-from embedder.slides import IMAGE_SUFFIXES, TIFF_SUFFIXES
+from embedder.slides import SLIDE_SUFFIXES
 
-from .common import ImporterError, SampleData, SampleSpec, counts_to_csr, make_unique, match_ids, patch_size_px, run_import, warn
+from .errors import ImporterError, warn
+from .expression import counts_to_csr
+from .names import make_unique, match_ids
+from .patches import patch_size_px
+from .run import run_import
+from .sample import SampleData, SampleSpec
 
 HEST_PATCH_UM_PER_PX = 0.5       # HEST-1k patches/<id>.h5 convention (224 px = 112 µm)
 _PIXEL_KEYS = ("pixel_size_um_estimated", "pixel_size_um_embedded", "pixel_size_um", "pixel_size",
@@ -48,7 +55,7 @@ def _find_wsi(root: Path, sid: str) -> Path | None:
     d = root / "wsis"
     if not d.is_dir():
         return None
-    for suf in TIFF_SUFFIXES + tuple(s for s in IMAGE_SUFFIXES if s not in TIFF_SUFFIXES):
+    for suf in SLIDE_SUFFIXES:        # the reader table's order: TIFF-like first
         p = d / f"{sid}{suf}"
         if p.is_file():
             return p
@@ -56,8 +63,6 @@ def _find_wsi(root: Path, sid: str) -> Path | None:
 
 
 def _read_var_names(path: Path) -> list[str]:
-    import h5py
-
     try:
         with h5py.File(path, "r") as f:
             var = f["var"]
@@ -69,8 +74,6 @@ def _read_var_names(path: Path) -> list[str]:
     except ImporterError:
         raise
     except Exception:  # noqa: BLE001  (unusual encoding: let anndata read it)
-        import anndata as ad
-
         try:
             a = ad.read_h5ad(path, backed="r")
             names = [str(n) for n in a.var_names]
@@ -121,8 +124,6 @@ def _pos(v) -> bool:
 
 
 def _patch_file_info(path: Path) -> tuple[list[str], int, float, dict]:
-    import h5py
-
     try:
         with h5py.File(path, "r") as f:
             for k in ("img", "barcode"):
@@ -154,8 +155,6 @@ def _patch_file_info(path: Path) -> tuple[list[str], int, float, dict]:
 def load_hest_sample(root: Path | str, sid: str, *, source_um_per_px: float | None = None,
                      prefer: str = "auto", patch_um: float = 112.0, target_um_per_px: float = 0.5,
                      normalize: str = "log1p_cp10k") -> SampleData:
-    import anndata as ad
-
     root = Path(root)
     st = root / "st" / f"{sid}.h5ad"
     if not st.is_file():

@@ -20,13 +20,19 @@ import json
 from pathlib import Path
 from typing import Sequence
 
+import h5py
 import numpy as np
 import pandas as pd
+import scipy.io
 import scipy.sparse as sp
 
-from embedder.slides import IMAGE_SUFFIXES
+from embedder.slides import SLIDE_SUFFIXES
 
-from .common import ImporterError, SampleData, SampleSpec, counts_to_csr, make_unique, match_ids, run_import, warn
+from .errors import ImporterError, warn
+from .expression import counts_to_csr
+from .names import make_unique, match_ids
+from .run import run_import
+from .sample import SampleData, SampleSpec
 
 VISIUM_SPOT_DIAMETER_UM = 55.0
 POSITION_COLUMNS = ["barcode", "in_tissue", "array_row", "array_col", "pxl_row_in_fullres", "pxl_col_in_fullres"]
@@ -90,8 +96,6 @@ def _decode(a) -> list[str]:
 
 def read_10x_h5(path: Path | str, messages: list[str] | None = None) -> tuple[list[str], list[str], sp.csr_matrix]:
     """(barcodes, gene symbols (unique), counts barcodes x genes CSR) of a 10x HDF5 matrix."""
-    import h5py
-
     path = Path(path)
     try:
         f = h5py.File(path, "r")
@@ -124,8 +128,6 @@ def read_10x_h5(path: Path | str, messages: list[str] | None = None) -> tuple[li
 
 def read_10x_mtx(folder: Path | str, messages: list[str] | None = None) -> tuple[list[str], list[str], sp.csr_matrix]:
     """Same as :func:`read_10x_h5` for a matrix.mtx(.gz) + barcodes + features/genes folder."""
-    import scipy.io
-
     folder = Path(folder)
 
     def pick(*names):
@@ -174,8 +176,6 @@ def _finish_matrix(path, barcodes, names, ftype, m, messages):
 def read_matrix_genes(path: Path, fmt: str) -> list[str]:
     """Gene symbols only (cheap) — same names and order as the full readers."""
     if fmt == "h5":
-        import h5py
-
         with h5py.File(path, "r") as f:
             if "matrix" in f and "features" in f["matrix"]:
                 feats = f["matrix"]["features"]
@@ -236,7 +236,7 @@ def find_fullres_image(folder: Path) -> Path:
     if folder.name == "outs":
         dirs.append(folder.parent)
     for d in dirs:
-        cands = sorted(p for p in d.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+        cands = sorted(p for p in d.iterdir() if p.is_file() and p.suffix.lower() in SLIDE_SUFFIXES
                        and p.name not in _SPACERANGER_IMAGES and not p.name.startswith("."))
         if len(cands) == 1:
             return cands[0]
