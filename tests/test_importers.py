@@ -218,6 +218,26 @@ def test_pyramidal_tiff_region_reader_same_patches(tmp_path, visium_import, monk
     np.testing.assert_array_equal(img1, img2)
 
 
+def test_openslide_format_is_found_and_read_through_the_reader_table(tmp_path, visium_import):
+    """A Visium folder whose slide has an OpenSlide-only suffix (.bif, here a generic tiled TIFF that
+    OpenSlide reads): the importer finds it, reads it through the table's OpenSlide row, and cuts the
+    same patches as from the plain TIFF."""
+    pytest.importorskip("openslide")
+    assert slides.SLIDE_READERS[".bif"] == (slides._open_openslide,)
+    v = make_visium(tmp_path / "sampleA")
+    v["image"].unlink()
+    tifffile.imwrite(v["root"] / "slide.bif", _image(), tile=(128, 128), photometric="rgb")
+    with pytest.warns(ImporterWarning):
+        s = import_dataset(v["root"], tmp_path / "out", target_um_per_px=1.0, progress=False)
+    smp = s["samples"]["sampleA"]
+    assert smp["image_read"] == "openslide" and smp["image_size"] == [W, H]
+    assert Path(s["samples"]["sampleA"]["thumbnail"]).is_file()
+    img2, bc2, *_ = _read_out(tmp_path / "out", "sampleA")
+    img1, bc1, *_ = _read_out(visium_import[0], "sampleA")
+    assert bc1 == bc2
+    np.testing.assert_array_equal(img1, img2)
+
+
 def test_region_reader_matches_array(tmp_path, monkeypatch):
     v = make_visium(tmp_path / "s", pyramidal=True)
     ref = _image()

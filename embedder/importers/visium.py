@@ -278,6 +278,36 @@ def _read_scalefactors(path: Path) -> dict:
         raise ImporterError(f"cannot read {path}: {e}") from e
 
 
+def _visium_scale(files: dict, root: Path, sid: str, source_um_per_px: float | None,
+                  msgs: list[str]) -> tuple[float, dict]:
+    """Slide µm/px: given, else 55 µm / spot_diameter_fullres of scalefactors_json.json."""
+    scale: dict
+    sf = _read_scalefactors(files["scalefactors"]) if "scalefactors" in files else None
+    from_sf = None
+    if sf is not None:
+        d = sf.get("spot_diameter_fullres")
+        if d is not None and float(d) > 0:
+            from_sf = VISIUM_SPOT_DIAMETER_UM / float(d)
+    if source_um_per_px is not None:
+        mpp = float(source_um_per_px)
+        scale = {"method": "given", "um_per_px": mpp}
+        if from_sf is not None:
+            scale["scalefactors_um_per_px"] = from_sf
+            if abs(from_sf - mpp) > 0.15 * mpp:
+                warn(msgs, f"{sid}: given source_um_per_px={mpp} differs from 55 µm / "
+                           f"spot_diameter_fullres = {from_sf:.4f} by more than 15%")
+    elif from_sf is not None:
+        mpp = from_sf
+        scale = {"method": "scalefactors spot_diameter_fullres (55 µm spots)", "um_per_px": mpp,
+                 "spot_diameter_fullres": float(sf["spot_diameter_fullres"]), "spot_diameter_um": 55.0}
+    else:
+        where = files.get("scalefactors", root / "spatial" / "scalefactors_json.json")
+        raise ImporterError(f"{sid}: the image scale is unknown: {where} is missing or has no "
+                            f"spot_diameter_fullres; pass source_um_per_px=... (µm per full-resolution "
+                            f"pixel, e.g. --source-um-per-px 0.2738) or add spatial/scalefactors_json.json")
+    return mpp, scale
+
+
 def load_visium(folder: Path | str, image: Path | str | None = None, sample_id: str | None = None,
                 source_um_per_px: float | None = None) -> SampleData:
     files = _visium_files(folder, image)
@@ -303,30 +333,7 @@ def load_visium(folder: Path | str, image: Path | str | None = None, sample_id: 
     coords = np.c_[pd.to_numeric(p["pxl_col_in_fullres"], errors="coerce").to_numpy(float),
                    pd.to_numeric(p["pxl_row_in_fullres"], errors="coerce").to_numpy(float)]
 
-    scale: dict
-    sf = _read_scalefactors(files["scalefactors"]) if "scalefactors" in files else None
-    from_sf = None
-    if sf is not None:
-        d = sf.get("spot_diameter_fullres")
-        if d is not None and float(d) > 0:
-            from_sf = VISIUM_SPOT_DIAMETER_UM / float(d)
-    if source_um_per_px is not None:
-        mpp = float(source_um_per_px)
-        scale = {"method": "given", "um_per_px": mpp}
-        if from_sf is not None:
-            scale["scalefactors_um_per_px"] = from_sf
-            if abs(from_sf - mpp) > 0.15 * mpp:
-                warn(msgs, f"{sid}: given source_um_per_px={mpp} differs from 55 µm / "
-                           f"spot_diameter_fullres = {from_sf:.4f} by more than 15%")
-    elif from_sf is not None:
-        mpp = from_sf
-        scale = {"method": "scalefactors spot_diameter_fullres (55 µm spots)", "um_per_px": mpp,
-                 "spot_diameter_fullres": float(sf["spot_diameter_fullres"]), "spot_diameter_um": 55.0}
-    else:
-        where = files.get("scalefactors", root / "spatial" / "scalefactors_json.json")
-        raise ImporterError(f"{sid}: the image scale is unknown: {where} is missing or has no "
-                            f"spot_diameter_fullres; pass source_um_per_px=... (µm per full-resolution "
-                            f"pixel, e.g. --source-um-per-px 0.2738) or add spatial/scalefactors_json.json")
+    mpp, scale = _visium_scale(files, root, sid, source_um_per_px, msgs)
     obs = pd.DataFrame({"array_row": pd.to_numeric(p["array_row"], errors="coerce").to_numpy(),
                         "array_col": pd.to_numeric(p["array_col"], errors="coerce").to_numpy()})
     return SampleData(
