@@ -27,9 +27,13 @@ import shutil
 import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
 
+import h5py
 import numpy as np
+import pandas as pd
+import torch
 
 from embedder.backbones import BackboneSpec
 from embedder.errors import DataError
@@ -56,11 +60,8 @@ def cache_key(dataset_fingerprint: str, spec: BackboneSpec, tta: bool, precision
 
 
 def library_versions() -> dict:
-    import h5py
-    import timm
-    import torch
-
-    return {"torch": torch.__version__, "timm": timm.__version__, "h5py": h5py.__version__, "numpy": np.__version__}
+    # timm's version without importing it (backbones.py imports timm only when a model is built)
+    return {"torch": torch.__version__, "timm": version("timm"), "h5py": h5py.__version__, "numpy": np.__version__}
 
 
 def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
@@ -132,8 +133,6 @@ class CacheEntry:
 
     def finalize(self, ids: list[str], n_chunks: int, attrs: dict) -> Path:
         """Assemble the chunks into the final HDF5 file (temp name, then rename) and drop the chunks."""
-        import h5py
-
         chunks = [np.load(self._chunk_path(i)) for i in range(n_chunks)]
         features = np.concatenate(chunks, axis=0)
         if features.shape[0] != len(ids):
@@ -239,8 +238,6 @@ def clean_partials(root=DEFAULT_CACHE_DIR) -> list[dict]:
 
 def read_cache(path: str | Path) -> tuple[list[str], np.ndarray, dict]:
     """(ids, features, attrs) of a finished cache file."""
-    import h5py
-
     path = Path(path)
     if not path.is_file():
         raise CacheError(f"embedding cache {path} not found; run `hexpr embed` first")
@@ -255,16 +252,12 @@ def read_cache(path: str | Path) -> tuple[list[str], np.ndarray, dict]:
 
 
 def read_attrs(path: str | Path) -> dict:
-    import h5py
-
     with h5py.File(path, "r") as f:
         return {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
 
 
 def load_aligned(paths: list[Path], ids: list[str]) -> tuple[np.ndarray, list[dict]]:
     """Features of several caches concatenated column-wise, rows aligned to ``ids`` by id."""
-    import pandas as pd
-
     blocks, columns, start = [], [], 0
     wanted = pd.Index(ids)
     for path in paths:
@@ -308,8 +301,6 @@ def _open_dataset(f, path, dataset_name: str):
 
 
 def _open_h5(path):
-    import h5py
-
     path = Path(path)
     if not path.is_file():
         raise CacheError(f"HDF5 file {path} not found")
@@ -395,8 +386,6 @@ def read_feature_rows(paths, start: int, stop: int, *, check_ids: bool = True) -
 
 
 def _aligned_positions(path: Path, wanted) -> np.ndarray:
-    import pandas as pd
-
     position = pd.Index(read_ids(path)).get_indexer(wanted)
     if (position < 0).any():
         missing = [wanted[i] for i in np.flatnonzero(position < 0)[:5]]
@@ -489,8 +478,6 @@ def write_feature_file(path: str | Path, ids, data, *, dtype=np.float16, dataset
     row-chunked HDF5 layout. Written to a temporary name and renamed, like every cache file.
     The row count must equal ``len(ids)``.
     """
-    import h5py
-
     path = Path(path)
     ids = np.asarray([str(i) for i in ids], dtype=object)
     n = len(ids)

@@ -16,11 +16,13 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import anndata
+import h5py
 import numpy as np
 import pandas as pd
 
 from embedder.errors import DataError
-from embedder.images import read_image_file
+from embedder.images import array_to_rgb_uint8, read_image_file
 
 ID_COLUMN = "ID"
 PATH_COLUMN = "path"
@@ -288,8 +290,6 @@ class HestPatchDataset(PatchDataset):
         return state
 
     def _handle(self, file_index: int):
-        import h5py
-
         if self._handles is None:
             self._handles = {}
         if file_index not in self._handles:
@@ -297,8 +297,6 @@ class HestPatchDataset(PatchDataset):
         return self._handles[file_index]
 
     def read_image(self, i: int) -> np.ndarray:
-        from embedder.images import array_to_rgb_uint8
-
         file_index, row = self.rows[i]
         try:
             return array_to_rgb_uint8(self._handle(int(file_index))["img"][int(row)])
@@ -329,8 +327,6 @@ class HestPatchDataset(PatchDataset):
 
 
 def _read_patch_file(path: Path) -> tuple[list[str], np.ndarray | None, int]:
-    import h5py
-
     try:
         with h5py.File(path, "r") as f:
             missing = [k for k in ("img", "barcode") if k not in f]
@@ -359,8 +355,6 @@ def _find_expression(patch_file: Path) -> Path | None:
 
 
 def _read_expression(path: Path) -> tuple[pd.DataFrame, pd.Series | None]:
-    import anndata
-
     try:
         adata = anndata.read_h5ad(path)
     except Exception as exc:  # noqa: BLE001

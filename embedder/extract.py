@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from embedder.backbones import BackboneSpec, LoadedBackbone, Preprocess, create_backbone
 from embedder.cache import DEFAULT_CACHE_DIR, CacheEntry, cache_key, describe_partials, locked_entries, partial_folders
@@ -74,8 +76,6 @@ def distributed_ranks() -> _Ranks:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return _Ranks()
-    import torch.distributed as dist
-
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
     return _Ranks(dist.get_rank(), dist.get_world_size(), dist)
@@ -156,8 +156,6 @@ def _forward(backbone: LoadedBackbone, batch_uint8: torch.Tensor, device: torch.
 
 
 def _progress_bar(enabled: bool):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
     return Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
         TextColumn("{task.fields[rate]:>7.1f} img/s"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
@@ -189,8 +187,6 @@ def embed_dataset(
     ``max_chunks`` stops after that many chunks (for tests of interruption and resume).
     ``distributed=False``: embed alone even under torchrun (each rank embeds its own slides).
     """
-    from pathlib import Path
-
     if len(dataset) == 0:
         raise DatasetError(f"{dataset.source}: the dataset is empty")
     ranks = distributed_ranks() if distributed else _Ranks()

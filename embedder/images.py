@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import tifffile
 from PIL import Image
 
 Image.MAX_IMAGE_PIXELS = None  # whole-slide JPEGs are large; patches are read by id, not blindly
@@ -70,8 +71,6 @@ def read_image_file(path: str | Path) -> np.ndarray:
     """Read an image file as (H, W, 3) uint8 RGB. Raises OSError/ValueError on bad files."""
     path = Path(path)
     if path.suffix.lower() in _TIFF_SUFFIXES:
-        import tifffile
-
         arr = tifffile.imread(path)
         if arr.ndim == 3 and arr.shape[0] in (1, 3, 4) and arr.shape[2] not in (1, 2, 3, 4):
             arr = np.moveaxis(arr, 0, -1)  # planar (C, H, W) -> (H, W, C)

@@ -8,10 +8,11 @@ Used by the importers (patches cut at spot centres) and by ``predict-slide`` (ti
 * A :class:`SlideImage` gives white-padded integer regions of the full-resolution (level 0) image
   (``region(x0, y0, x1, y1)``), thumbnails reduced by an integer factor (``thumbnail(f)``) and
   :func:`read_square` resamples a square of any size in slide pixels to ``size`` pixels (Lanczos).
-* Readers: JPEG/PNG and small TIFFs are decoded once and kept in memory; large TIFFs (pyramidal
-  or not) are read by region through tifffile's zarr store with a bounded cache of decoded tiles,
-  never whole; NDPI/MRXS/SCN/VMS/BIF (and any slide tifffile cannot read) go through OpenSlide
-  (``pip install openslide-python openslide-bin``).
+* Readers: :data:`SLIDE_READERS` is the one table of formats (file suffix -> readers tried in
+  order), used by ``hexpr import`` and ``predict-slide`` alike.  JPEG/PNG and small TIFFs are
+  decoded once and kept in memory; large TIFFs (pyramidal or not) are read by region through
+  tifffile's zarr store with a bounded cache of decoded tiles, never whole; MRXS/VMS/BIF (and the
+  NDPI/SCN files tifffile cannot map) go through OpenSlide (``pip install openslide-python openslide-bin``).
 
 Pixel convention: pixel ``i`` spans ``[i, i + 1)``; coordinates are level-0 pixels, x = column.
 """
@@ -23,9 +24,10 @@ import re
 import warnings
 from collections import OrderedDict
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
+import tifffile
 from PIL import Image
 
 from embedder.errors import DataError
@@ -39,11 +41,6 @@ THUMBNAIL_MAX_SIDE = 2048               # longest side of thumbnails, at most
 THUMBNAIL_BAND_BYTES = 16 << 20         # full-res rows read at a time when reducing by region
 THUMBNAIL_LEVEL_MAX_BYTES = 512 << 20   # a pyramid level larger than this is not read whole
 
-TIFF_SUFFIXES = (".tif", ".tiff", ".btf", ".svs", ".ndpi", ".scn", ".qptiff")
-PIL_SUFFIXES = (".jpg", ".jpeg", ".png")
-OPENSLIDE_SUFFIXES = (".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide")
-IMAGE_SUFFIXES = TIFF_SUFFIXES + PIL_SUFFIXES
-SLIDE_SUFFIXES = tuple(dict.fromkeys(IMAGE_SUFFIXES + OPENSLIDE_SUFFIXES))
 
 
 class SlideError(DataError):
@@ -81,6 +78,12 @@ class SlideImage:
     def order(self, coords: np.ndarray) -> np.ndarray:
         """Visiting order of spots that makes region reads cache-friendly."""
         return np.arange(len(coords))
+
+    def recorded_um_per_px(self) -> tuple[float | None, str]:
+        """µm per level-0 pixel from the file's own metadata and where it came from ((None, "") if absent).
+
+        Generic version: the TIFF tags of ``path`` (any file tifffile can parse)."""
+        return _tiff_um_per_px(self.path)
 
     def thumbnail(self, factor: int) -> np.ndarray:
         """The slide reduced ``factor`` times: (ceil(H/f), ceil(W/f), 3) uint8, block means.
@@ -174,6 +177,9 @@ class PILSlide(SlideImage):
     def thumbnail(self, factor: int) -> np.ndarray:
         f = max(1, int(factor))
         return np.asarray(self._load().reduce(f) if f > 1 else self._load(), dtype=np.uint8)
+
+    def recorded_um_per_px(self) -> tuple[float | None, str]:
+        return None, ""          # JPEG/PNG DPI is a print setting, not a microscope scale
 
     def region(self, x0, y0, x1, y1):
         im = self._load()
@@ -399,8 +405,6 @@ def _decode_error(path: Path, e: Exception) -> SlideError:
 
 
 def _open_tiff(path: Path, messages: list[str] | None, max_inmemory_bytes: int | None) -> SlideImage:
-    import tifffile
-
     try:
         tif = tifffile.TiffFile(path)
     except Exception as e:  # noqa: BLE001
@@ -475,6 +479,10 @@ class OpenSlideSlide(SlideImage):
         self.width, self.height = self._osr.dimensions
         self.properties = dict(self._osr.properties)
 
+    def recorded_um_per_px(self) -> tuple[float | None, str]:
+        v = _positive(self.properties.get("openslide.mpp-x"))
+        return (v, "OpenSlide openslide.mpp-x") if v else (None, "")
+
     def region(self, x0, y0, x1, y1):
         w, h = int(x1 - x0), int(y1 - y0)
         try:
@@ -507,33 +515,63 @@ class OpenSlideSlide(SlideImage):
 
 
 # --------------------------------------------------------------------------------------------
-# opening and scale
+# the reader table: one row per file suffix
 # --------------------------------------------------------------------------------------------
+Opener = Callable[[Path, "list[str] | None", "int | None"], SlideImage]
+
+
+def _open_pil(path: Path, messages: list[str] | None, max_inmemory_bytes: int | None) -> SlideImage:
+    return PILSlide(path)
+
+
+def _open_openslide(path: Path, messages: list[str] | None, max_inmemory_bytes: int | None) -> SlideImage:
+    return OpenSlideSlide(path)
+
+
+# suffix -> readers tried in order (the first that opens the file wins; when all fail, the first
+# one's error is raised).  Adding a slide format is adding a row; `hexpr import` (finding and
+# reading the full-resolution image of Visium / HEST / legacy ST samples) and `predict-slide`
+# both read slides through this table.  Row order is the preference order when a folder holds
+# one slide under several suffixes (HEST wsis/<id>.*).
+SLIDE_READERS: dict[str, tuple[Opener, ...]] = {
+    ".tif": (_open_tiff,),
+    ".tiff": (_open_tiff,),
+    ".btf": (_open_tiff,),
+    ".svs": (_open_tiff,),
+    ".ndpi": (_open_tiff, _open_openslide),     # NDPI/SCN variants tifffile cannot map
+    ".scn": (_open_tiff, _open_openslide),
+    ".qptiff": (_open_tiff,),
+    ".jpg": (_open_pil,),
+    ".jpeg": (_open_pil,),
+    ".png": (_open_pil,),
+    ".mrxs": (_open_openslide,),
+    ".vms": (_open_openslide,),
+    ".vmu": (_open_openslide,),
+    ".bif": (_open_openslide,),
+    ".svslide": (_open_openslide,),
+}
+UNKNOWN_SUFFIX_READERS: tuple[Opener, ...] = (_open_tiff, _open_pil)
+SLIDE_SUFFIXES = tuple(SLIDE_READERS)
+
+
 def open_image(path: Path | str, messages: list[str] | None = None,
                max_inmemory_bytes: int | None = None) -> SlideImage:
-    """Open a full-resolution slide (TIFF / pyramidal TIFF / OpenSlide formats / JPEG / PNG)."""
+    """Open a full-resolution slide with the readers of its suffix's row of :data:`SLIDE_READERS`."""
     path = Path(path)
     if not path.is_file():
         raise SlideError(f"image file not found: {path}")
-    suf = path.suffix.lower()
-    if suf in OPENSLIDE_SUFFIXES and suf not in TIFF_SUFFIXES:
-        return OpenSlideSlide(path)
-    if suf in TIFF_SUFFIXES:
+    suffix = path.suffix.lower()
+    readers = SLIDE_READERS.get(suffix, UNKNOWN_SUFFIX_READERS)
+    errors: list[SlideError] = []
+    for reader in readers:
         try:
-            return _open_tiff(path, messages, max_inmemory_bytes)
-        except SlideError as tiff_error:
-            if suf in OPENSLIDE_SUFFIXES:   # NDPI/SCN variants tifffile cannot map
-                try:
-                    return OpenSlideSlide(path)
-                except SlideError:
-                    pass
-            raise tiff_error
-    if suf in PIL_SUFFIXES:
-        return PILSlide(path)
-    try:
-        return _open_tiff(path, messages, max_inmemory_bytes)
-    except SlideError:
-        return PILSlide(path)
+            return reader(path, messages, max_inmemory_bytes)
+        except SlideError as e:
+            errors.append(e)
+    if suffix in SLIDE_READERS:
+        raise errors[0]
+    raise SlideError(f"{path}: unknown slide format {suffix!r} that neither tifffile nor Pillow reads "
+                     f"({errors[-1]}); known formats: {', '.join(SLIDE_SUFFIXES)}")
 
 
 _SVS_MPP = re.compile(r"MPP\s*=\s*([0-9.eE+-]+)")
@@ -551,8 +589,6 @@ def _positive(v) -> float | None:
 
 
 def _tiff_um_per_px(path: Path) -> tuple[float | None, str]:
-    import tifffile
-
     try:
         with tifffile.TiffFile(path) as tif:
             page = tif.pages[0]
@@ -584,14 +620,7 @@ def _tiff_um_per_px(path: Path) -> tuple[float | None, str]:
 
 def slide_um_per_px(image: SlideImage) -> tuple[float | None, str]:
     """µm per level-0 pixel from the slide's own metadata, with where it came from (None if absent)."""
-    if isinstance(image, OpenSlideSlide):
-        v = _positive(image.properties.get("openslide.mpp-x"))
-        if v:
-            return v, "OpenSlide openslide.mpp-x"
-        return None, ""
-    if image.path.suffix.lower() in PIL_SUFFIXES:
-        return None, ""
-    return _tiff_um_per_px(image.path)
+    return image.recorded_um_per_px()
 
 
 def open_slide(path: Path | str, um_per_px: float | None = None, max_inmemory_bytes: int | None = None) -> SlideImage:

@@ -16,7 +16,7 @@ import scipy.sparse as sp
 import tifffile
 from PIL import Image
 
-import embedder.importers.common as common
+import embedder.importers.thumbnails as thumbnails
 import embedder.slides as slides
 from embedder.importers import (
     ImporterError,
@@ -28,7 +28,7 @@ from embedder.importers import (
     open_image,
 )
 
-pytestmark = pytest.mark.filterwarnings("ignore::embedder.importers.common.ImporterWarning")
+pytestmark = pytest.mark.filterwarnings("ignore::embedder.importers.ImporterWarning")
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 HER2ST = SHARED / "data" / "her2st"
@@ -212,6 +212,26 @@ def test_pyramidal_tiff_region_reader_same_patches(tmp_path, visium_import, monk
     with pytest.warns(ImporterWarning):
         s = import_dataset(v["root"], tmp_path / "out", target_um_per_px=1.0, progress=False)
     assert s["samples"]["sampleA"]["image_read"] == "region"
+    img2, bc2, *_ = _read_out(tmp_path / "out", "sampleA")
+    img1, bc1, *_ = _read_out(visium_import[0], "sampleA")
+    assert bc1 == bc2
+    np.testing.assert_array_equal(img1, img2)
+
+
+def test_openslide_format_is_found_and_read_through_the_reader_table(tmp_path, visium_import):
+    """A Visium folder whose slide has an OpenSlide-only suffix (.bif, here a generic tiled TIFF that
+    OpenSlide reads): the importer finds it, reads it through the table's OpenSlide row, and cuts the
+    same patches as from the plain TIFF."""
+    pytest.importorskip("openslide")
+    assert slides.SLIDE_READERS[".bif"] == (slides._open_openslide,)
+    v = make_visium(tmp_path / "sampleA")
+    v["image"].unlink()
+    tifffile.imwrite(v["root"] / "slide.bif", _image(), tile=(128, 128), photometric="rgb")
+    with pytest.warns(ImporterWarning):
+        s = import_dataset(v["root"], tmp_path / "out", target_um_per_px=1.0, progress=False)
+    smp = s["samples"]["sampleA"]
+    assert smp["image_read"] == "openslide" and smp["image_size"] == [W, H]
+    assert Path(s["samples"]["sampleA"]["thumbnail"]).is_file()
     img2, bc2, *_ = _read_out(tmp_path / "out", "sampleA")
     img1, bc1, *_ = _read_out(visium_import[0], "sampleA")
     assert bc1 == bc2
@@ -471,7 +491,7 @@ def _thumb_red_centroid(t: np.ndarray):
 ])
 def test_thumbnail_written_with_scale(tmp_path, monkeypatch, fmt, pyramidal, region, max_side):
     v = make_visium(tmp_path / "S", image_fmt=fmt, pyramidal=pyramidal)
-    monkeypatch.setattr(common, "THUMBNAIL_MAX_SIDE", max_side)
+    monkeypatch.setattr(thumbnails, "THUMBNAIL_MAX_SIDE", max_side)
     if region:
         monkeypatch.setattr(slides, "MAX_INMEMORY_IMAGE_BYTES", 0)
         monkeypatch.setattr(slides, "SUPER_TILE_PX", 256)

@@ -13,7 +13,7 @@ from embedder.cache import DEFAULT_CACHE_DIR
 from embedder.datasets import DatasetError
 from embedder.errors import OutputExistsError
 from embedder.files import atomic_dir
-from embedder.importers.common import safe_name
+from embedder.importers.names import safe_name
 from embedder.slides import SlideError, find_slides, open_slide, slide_thumbnail
 from embedder.tiling import tile_dataset, tile_grid, tissue_fraction, tissue_mask
 from workflow.outputs.anndata import write_anndata

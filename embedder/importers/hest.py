@@ -17,15 +17,23 @@ WSI when present, else the ready patches resampled / centre-cropped.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
+import anndata as ad
+import h5py
 import numpy as np
 import pandas as pd
 
-from embedder.slides import IMAGE_SUFFIXES, TIFF_SUFFIXES
+from embedder.slides import SLIDE_SUFFIXES
 
-from .common import ImporterError, SampleData, SampleSpec, counts_to_csr, make_unique, match_ids, patch_size_px, run_import, warn
+from .errors import ImporterError, warn
+from .expression import counts_to_csr
+from .names import make_unique, match_ids
+from .patches import patch_size_px
+from .run import run_import
+from .sample import SampleData, SampleSpec
 
 HEST_PATCH_UM_PER_PX = 0.5       # HEST-1k patches/<id>.h5 convention (224 px = 112 µm)
 _PIXEL_KEYS = ("pixel_size_um_estimated", "pixel_size_um_embedded", "pixel_size_um", "pixel_size",
@@ -48,7 +56,7 @@ def _find_wsi(root: Path, sid: str) -> Path | None:
     d = root / "wsis"
     if not d.is_dir():
         return None
-    for suf in TIFF_SUFFIXES + tuple(s for s in IMAGE_SUFFIXES if s not in TIFF_SUFFIXES):
+    for suf in SLIDE_SUFFIXES:        # the reader table's order: TIFF-like first
         p = d / f"{sid}{suf}"
         if p.is_file():
             return p
@@ -56,8 +64,6 @@ def _find_wsi(root: Path, sid: str) -> Path | None:
 
 
 def _read_var_names(path: Path) -> list[str]:
-    import h5py
-
     try:
         with h5py.File(path, "r") as f:
             var = f["var"]
@@ -69,8 +75,6 @@ def _read_var_names(path: Path) -> list[str]:
     except ImporterError:
         raise
     except Exception:  # noqa: BLE001  (unusual encoding: let anndata read it)
-        import anndata as ad
-
         try:
             a = ad.read_h5ad(path, backed="r")
             names = [str(n) for n in a.var_names]
@@ -121,8 +125,6 @@ def _pos(v) -> bool:
 
 
 def _patch_file_info(path: Path) -> tuple[list[str], int, float, dict]:
-    import h5py
-
     try:
         with h5py.File(path, "r") as f:
             for k in ("img", "barcode"):
@@ -151,26 +153,31 @@ def _patch_file_info(path: Path) -> tuple[list[str], int, float, dict]:
     return bc, size, mpp, info
 
 
-def load_hest_sample(root: Path | str, sid: str, *, source_um_per_px: float | None = None,
-                     prefer: str = "auto", patch_um: float = 112.0, target_um_per_px: float = 0.5,
-                     normalize: str = "log1p_cp10k") -> SampleData:
-    import anndata as ad
+@dataclass
+class _Expression:
+    """What st/<id>.h5ad holds: the AnnData, spot centres, raw counts and where they came from."""
 
-    root = Path(root)
-    st = root / "st" / f"{sid}.h5ad"
+    adata: Any
+    coords: np.ndarray
+    counts: Any
+    counts_source: str
+    genes: list[str]
+    obs_ids: list[str]
+    uns: dict
+
+
+def _read_expression(st: Path, normalize: str, msgs: list[str]) -> _Expression:
     if not st.is_file():
         raise ImporterError(f"expression file not found: {st}")
-    msgs: list[str] = []
     try:
         adata = ad.read_h5ad(st)
     except Exception as e:  # noqa: BLE001
         raise ImporterError(f"cannot read {st}: {e}") from e
     if "spatial" not in adata.obsm:
         raise ImporterError(f"{st}: obsm['spatial'] (spot centres in full-resolution pixels) is missing")
-    coords_all = np.asarray(adata.obsm["spatial"], dtype=np.float64)
-    if coords_all.ndim != 2 or coords_all.shape[1] < 2:
-        raise ImporterError(f"{st}: obsm['spatial'] has shape {coords_all.shape}; (N, 2) is needed")
-    coords_all = coords_all[:, :2]
+    coords = np.asarray(adata.obsm["spatial"], dtype=np.float64)
+    if coords.ndim != 2 or coords.shape[1] < 2:
+        raise ImporterError(f"{st}: obsm['spatial'] has shape {coords.shape}; (N, 2) is needed")
     if "counts" in adata.layers:
         raw, src = adata.layers["counts"], "layers['counts']"
     else:
@@ -186,14 +193,12 @@ def load_hest_sample(root: Path | str, sid: str, *, source_um_per_px: float | No
     if len(set(obs_ids)) != len(obs_ids):
         raise ImporterError(f"{st}: duplicated obs names (barcodes)")
     uns = dict(adata.uns) if adata.uns is not None else {}
+    return _Expression(adata, coords[:, :2], counts, src, genes, obs_ids, uns)
 
-    if source_um_per_px is not None:
-        mpp, scale = float(source_um_per_px), {"method": "given", "um_per_px": float(source_um_per_px)}
-    else:
-        mpp, scale = _metadata_pixel_size(root, sid, uns)
 
-    wsi = _find_wsi(root, sid)
-    pfile = root / "patches" / f"{sid}.h5"
+def _choose_route(root: Path, sid: str, prefer: str, wsi: Path | None, pfile: Path, patch_um: float,
+                  target_um_per_px: float) -> tuple[str, tuple | None]:
+    """'wsi' or 'patches', and the ready patches' (barcodes, size, µm/px, info) when there are some."""
     has_p = pfile.is_file()
     if prefer not in ("auto", "patches", "wsi"):
         raise ImporterError(f"prefer={prefer!r}; use 'auto', 'patches' or 'wsi'")
@@ -203,54 +208,75 @@ def load_hest_sample(root: Path | str, sid: str, *, source_um_per_px: float | No
         raise ImporterError(f"{sid}: no ready patches {pfile}")
     if wsi is None and not has_p:
         raise ImporterError(f"{sid}: neither wsis/{sid}.tif nor patches/{sid}.h5 in {root}; one is needed")
-
+    ready = _patch_file_info(pfile) if has_p else None
     route = prefer
-    pinfo: dict = {}
-    if has_p:
-        p_bc, p_size, p_mpp, pinfo = _patch_file_info(pfile)
     if route == "auto":
-        if has_p:
-            size = patch_size_px(patch_um, target_um_per_px)
-            matches = p_size == size and abs(p_mpp - target_um_per_px) < 1e-6
+        if ready is not None:
+            _, p_size, p_mpp, _ = ready
+            matches = p_size == patch_size_px(patch_um, target_um_per_px) and abs(p_mpp - target_um_per_px) < 1e-6
             route = "patches" if (matches or wsi is None) else "wsi"
         else:
             route = "wsi"
+    return route, ready
 
+
+def _ready_patch_sample(sid: str, st: Path, e: _Expression, pfile: Path, ready: tuple, mpp: float | None,
+                        scale: dict, msgs: list[str]) -> tuple[SampleData, np.ndarray]:
+    """The sample cut from HEST's ready patches: spots joined to patch rows by barcode."""
+    p_bc, _, p_mpp, pinfo = ready
+    common = match_ids(e.obs_ids, p_bc, st, pfile, msgs, "barcode")
+    r_of = {b: i for i, b in enumerate(e.obs_ids)}
+    p_of = {b: i for i, b in enumerate(p_bc)}
+    rows = np.array([r_of[b] for b in common], np.int64)
+    prow = np.array([p_of[b] for b in common], np.int64)
+    h5c = pinfo.pop("h5_coords", None)
+    if h5c is not None and len(h5c) == len(p_bc):
+        d = np.median(e.coords[rows] - h5c[prow], axis=0)
+        pinfo["h5_coords_minus_centre_px"] = [float(-d[0]), float(-d[1])]
+        pinfo["h5_coords_convention"] = "centre" if np.all(np.abs(d) < 2) else "offset (HEST: top-left)"
+    scale = dict(scale) if scale else {"method": "unknown (not needed for ready patches)"}
+    data = SampleData(sample_id=sid, barcodes=list(common), genes=e.genes, counts=e.counts[rows],
+                      coords=e.coords[rows], source_um_per_px=mpp, scale_info=scale,
+                      patches_h5=pfile, patches_rows=prow, patches_um_per_px=p_mpp)
+    return data, rows
+
+
+def load_hest_sample(root: Path | str, sid: str, *, source_um_per_px: float | None = None,
+                     prefer: str = "auto", patch_um: float = 112.0, target_um_per_px: float = 0.5,
+                     normalize: str = "log1p_cp10k") -> SampleData:
+    root = Path(root)
+    st = root / "st" / f"{sid}.h5ad"
+    msgs: list[str] = []
+    e = _read_expression(st, normalize, msgs)
+    if source_um_per_px is not None:
+        mpp, scale = float(source_um_per_px), {"method": "given", "um_per_px": float(source_um_per_px)}
+    else:
+        mpp, scale = _metadata_pixel_size(root, sid, e.uns)
+    wsi = _find_wsi(root, sid)
+    pfile = root / "patches" / f"{sid}.h5"
+    route, ready = _choose_route(root, sid, prefer, wsi, pfile, patch_um, target_um_per_px)
+    pinfo = ready[3] if ready is not None else {}
     files = {"st": st}
-    obs_cols = [c for c in ("array_row", "array_col", "in_tissue") if c in adata.obs.columns]
     if route == "wsi":
         if mpp is None:
             raise ImporterError(f"{sid}: the slide's µm/px is unknown (no {root / 'metadata' / (sid + '.json')} "
                                 f"with pixel_size_um_estimated, nothing in the h5ad uns); pass "
                                 f"source_um_per_px=... (µm per full-resolution pixel)")
         files["image"] = wsi
-        keep_ids = obs_ids
-        rows = np.arange(len(obs_ids))
-        data = SampleData(sample_id=sid, barcodes=keep_ids, genes=genes, counts=counts, coords=coords_all,
+        rows = np.arange(len(e.obs_ids))
+        data = SampleData(sample_id=sid, barcodes=e.obs_ids, genes=e.genes, counts=e.counts, coords=e.coords,
                           source_um_per_px=mpp, scale_info=scale, image_path=wsi)
     else:
         files["patches"] = pfile
-        common = match_ids(obs_ids, p_bc, st, pfile, msgs, "barcode")
-        r_of = {b: i for i, b in enumerate(obs_ids)}
-        p_of = {b: i for i, b in enumerate(p_bc)}
-        rows = np.array([r_of[b] for b in common], np.int64)
-        prow = np.array([p_of[b] for b in common], np.int64)
-        h5c = pinfo.pop("h5_coords", None)
-        if h5c is not None and len(h5c) == len(p_bc):
-            d = np.median(coords_all[rows] - h5c[prow], axis=0)
-            pinfo["h5_coords_minus_centre_px"] = [float(-d[0]), float(-d[1])]
-            pinfo["h5_coords_convention"] = "centre" if np.all(np.abs(d) < 2) else "offset (HEST: top-left)"
-        scale = dict(scale) if scale else {"method": "unknown (not needed for ready patches)"}
-        data = SampleData(sample_id=sid, barcodes=list(common), genes=genes, counts=counts[rows],
-                          coords=coords_all[rows], source_um_per_px=mpp, scale_info=scale,
-                          patches_h5=pfile, patches_rows=prow, patches_um_per_px=p_mpp)
+        data, rows = _ready_patch_sample(sid, st, e, pfile, ready, mpp, scale, msgs)
     pinfo.pop("h5_coords", None)
-    data.obs = adata.obs.iloc[rows][obs_cols].reset_index(drop=True) if obs_cols else None
+    obs_cols = [c for c in ("array_row", "array_col", "in_tissue") if c in e.adata.obs.columns]
+    data.obs = e.adata.obs.iloc[rows][obs_cols].reset_index(drop=True) if obs_cols else None
     data.source_files = {k: str(v) for k, v in files.items()}
-    data.provenance = {"technology": str(uns.get("technology", "")) or "HEST-1k sample", "route": route,
-                       "counts_source": src, **pinfo}
+    data.provenance = {"technology": str(e.uns.get("technology", "")) or "HEST-1k sample", "route": route,
+                       "counts_source": e.counts_source, **pinfo}
     data.warnings = msgs
-    data.counts_info = {"n_spots": len(obs_ids), "n_genes": len(genes), "source": src}
+    data.counts_info = {"n_spots": len(e.obs_ids), "n_genes": len(e.genes), "source": e.counts_source}
     return data
 
 

@@ -19,9 +19,13 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from embedder.slides import IMAGE_SUFFIXES
+from embedder.slides import SLIDE_SUFFIXES
 
-from .common import ImporterError, SampleData, SampleSpec, counts_to_csr, make_unique, match_ids, run_import, warn
+from .errors import ImporterError, warn
+from .expression import counts_to_csr
+from .names import make_unique, match_ids
+from .run import run_import
+from .sample import SampleData, SampleSpec
 
 ARRAY_SPACING_UM = 200.0
 SPOT_DIAMETER_UM = 100.0
@@ -76,12 +80,12 @@ def section_files(root: Path | str, section: str, image: Path | str | None = Non
         cands: list[Path] = []
         for d in (root / "ST-imgs" / section, root / "ST-imgs" / section[:1] / section):
             if d.is_dir():
-                cands = sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES
+                cands = sorted(p for p in d.iterdir() if p.suffix.lower() in SLIDE_SUFFIXES
                                and not p.name.startswith("."))
                 if cands:
                     break
         if not cands:
-            raise ImporterError(f"no H&E image for section {section!r}: expected one .jpg/.tif in "
+            raise ImporterError(f"no H&E image for section {section!r}: expected one slide image (.jpg/.tif/.ndpi/...) in "
                                 f"{root / 'ST-imgs' / section}/ (or pass image=...)")
         if len(cands) > 1:
             raise ImporterError(f"several images for section {section!r}: {[str(c) for c in cands]}; "

@@ -20,13 +20,19 @@ import json
 from pathlib import Path
 from typing import Sequence
 
+import h5py
 import numpy as np
 import pandas as pd
+import scipy.io
 import scipy.sparse as sp
 
-from embedder.slides import IMAGE_SUFFIXES
+from embedder.slides import SLIDE_SUFFIXES
 
-from .common import ImporterError, SampleData, SampleSpec, counts_to_csr, make_unique, match_ids, run_import, warn
+from .errors import ImporterError, warn
+from .expression import counts_to_csr
+from .names import make_unique, match_ids
+from .run import run_import
+from .sample import SampleData, SampleSpec
 
 VISIUM_SPOT_DIAMETER_UM = 55.0
 POSITION_COLUMNS = ["barcode", "in_tissue", "array_row", "array_col", "pxl_row_in_fullres", "pxl_col_in_fullres"]
@@ -90,8 +96,6 @@ def _decode(a) -> list[str]:
 
 def read_10x_h5(path: Path | str, messages: list[str] | None = None) -> tuple[list[str], list[str], sp.csr_matrix]:
     """(barcodes, gene symbols (unique), counts barcodes x genes CSR) of a 10x HDF5 matrix."""
-    import h5py
-
     path = Path(path)
     try:
         f = h5py.File(path, "r")
@@ -124,8 +128,6 @@ def read_10x_h5(path: Path | str, messages: list[str] | None = None) -> tuple[li
 
 def read_10x_mtx(folder: Path | str, messages: list[str] | None = None) -> tuple[list[str], list[str], sp.csr_matrix]:
     """Same as :func:`read_10x_h5` for a matrix.mtx(.gz) + barcodes + features/genes folder."""
-    import scipy.io
-
     folder = Path(folder)
 
     def pick(*names):
@@ -174,8 +176,6 @@ def _finish_matrix(path, barcodes, names, ftype, m, messages):
 def read_matrix_genes(path: Path, fmt: str) -> list[str]:
     """Gene symbols only (cheap) — same names and order as the full readers."""
     if fmt == "h5":
-        import h5py
-
         with h5py.File(path, "r") as f:
             if "matrix" in f and "features" in f["matrix"]:
                 feats = f["matrix"]["features"]
@@ -236,7 +236,7 @@ def find_fullres_image(folder: Path) -> Path:
     if folder.name == "outs":
         dirs.append(folder.parent)
     for d in dirs:
-        cands = sorted(p for p in d.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+        cands = sorted(p for p in d.iterdir() if p.is_file() and p.suffix.lower() in SLIDE_SUFFIXES
                        and p.name not in _SPACERANGER_IMAGES and not p.name.startswith("."))
         if len(cands) == 1:
             return cands[0]
@@ -278,6 +278,36 @@ def _read_scalefactors(path: Path) -> dict:
         raise ImporterError(f"cannot read {path}: {e}") from e
 
 
+def _visium_scale(files: dict, root: Path, sid: str, source_um_per_px: float | None,
+                  msgs: list[str]) -> tuple[float, dict]:
+    """Slide µm/px: given, else 55 µm / spot_diameter_fullres of scalefactors_json.json."""
+    scale: dict
+    sf = _read_scalefactors(files["scalefactors"]) if "scalefactors" in files else None
+    from_sf = None
+    if sf is not None:
+        d = sf.get("spot_diameter_fullres")
+        if d is not None and float(d) > 0:
+            from_sf = VISIUM_SPOT_DIAMETER_UM / float(d)
+    if source_um_per_px is not None:
+        mpp = float(source_um_per_px)
+        scale = {"method": "given", "um_per_px": mpp}
+        if from_sf is not None:
+            scale["scalefactors_um_per_px"] = from_sf
+            if abs(from_sf - mpp) > 0.15 * mpp:
+                warn(msgs, f"{sid}: given source_um_per_px={mpp} differs from 55 µm / "
+                           f"spot_diameter_fullres = {from_sf:.4f} by more than 15%")
+    elif from_sf is not None:
+        mpp = from_sf
+        scale = {"method": "scalefactors spot_diameter_fullres (55 µm spots)", "um_per_px": mpp,
+                 "spot_diameter_fullres": float(sf["spot_diameter_fullres"]), "spot_diameter_um": 55.0}
+    else:
+        where = files.get("scalefactors", root / "spatial" / "scalefactors_json.json")
+        raise ImporterError(f"{sid}: the image scale is unknown: {where} is missing or has no "
+                            f"spot_diameter_fullres; pass source_um_per_px=... (µm per full-resolution "
+                            f"pixel, e.g. --source-um-per-px 0.2738) or add spatial/scalefactors_json.json")
+    return mpp, scale
+
+
 def load_visium(folder: Path | str, image: Path | str | None = None, sample_id: str | None = None,
                 source_um_per_px: float | None = None) -> SampleData:
     files = _visium_files(folder, image)
@@ -303,30 +333,7 @@ def load_visium(folder: Path | str, image: Path | str | None = None, sample_id: 
     coords = np.c_[pd.to_numeric(p["pxl_col_in_fullres"], errors="coerce").to_numpy(float),
                    pd.to_numeric(p["pxl_row_in_fullres"], errors="coerce").to_numpy(float)]
 
-    scale: dict
-    sf = _read_scalefactors(files["scalefactors"]) if "scalefactors" in files else None
-    from_sf = None
-    if sf is not None:
-        d = sf.get("spot_diameter_fullres")
-        if d is not None and float(d) > 0:
-            from_sf = VISIUM_SPOT_DIAMETER_UM / float(d)
-    if source_um_per_px is not None:
-        mpp = float(source_um_per_px)
-        scale = {"method": "given", "um_per_px": mpp}
-        if from_sf is not None:
-            scale["scalefactors_um_per_px"] = from_sf
-            if abs(from_sf - mpp) > 0.15 * mpp:
-                warn(msgs, f"{sid}: given source_um_per_px={mpp} differs from 55 µm / "
-                           f"spot_diameter_fullres = {from_sf:.4f} by more than 15%")
-    elif from_sf is not None:
-        mpp = from_sf
-        scale = {"method": "scalefactors spot_diameter_fullres (55 µm spots)", "um_per_px": mpp,
-                 "spot_diameter_fullres": float(sf["spot_diameter_fullres"]), "spot_diameter_um": 55.0}
-    else:
-        where = files.get("scalefactors", root / "spatial" / "scalefactors_json.json")
-        raise ImporterError(f"{sid}: the image scale is unknown: {where} is missing or has no "
-                            f"spot_diameter_fullres; pass source_um_per_px=... (µm per full-resolution "
-                            f"pixel, e.g. --source-um-per-px 0.2738) or add spatial/scalefactors_json.json")
+    mpp, scale = _visium_scale(files, root, sid, source_um_per_px, msgs)
     obs = pd.DataFrame({"array_row": pd.to_numeric(p["array_row"], errors="coerce").to_numpy(),
                         "array_col": pd.to_numeric(p["array_col"], errors="coerce").to_numpy()})
     return SampleData(
