@@ -11,7 +11,7 @@ pyplot, no display, no global backend switch.  Each function writes one PNG atom
 name in the same folder, then rename) and returns its path.  Sizes are fixed by ``figsize * dpi``
 (no tight bounding box), so a caller knows the pixel size in advance.
 
-Spatial convention (the importers' one, see embedder/importers/common.py): a coordinate ``(x, y)``
+Spatial convention (the importers' one, see embedder/importers/patches.py): a coordinate ``(x, y)``
 names full-resolution pixel ``img[y, x]``, whose centre is at continuous position
 ``(x + 0.5, y + 0.5)``; a thumbnail with ``thumbnail_scale = s`` (thumbnail px per full-res px)
 is drawn with thumbnail pixel ``j`` spanning ``[j, j + 1)``, so a spot lies at
