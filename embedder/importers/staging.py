@@ -8,6 +8,8 @@ import shutil
 import uuid
 from pathlib import Path
 
+from embedder.files import swap_in_dir
+
 
 class Staging:
     """Temporary outputs, renamed into place only by commit()."""
@@ -41,18 +43,11 @@ class Staging:
         return d
 
     def commit(self) -> None:
-        old: list[Path] = []
         for src, dst in self.moves:
             if src.is_dir():
-                if dst.exists():
-                    aside = dst.with_name(f".{dst.name}.old-{self.token}")
-                    os.replace(dst, aside)
-                    old.append(aside)
-                os.replace(src, dst)
+                swap_in_dir(src, dst)  # the one folder swap of embedder.files
             else:
                 os.replace(src, dst)
-        for o in old:
-            shutil.rmtree(o, ignore_errors=True)
         if self.stage_dir is not None:
             shutil.rmtree(self.stage_dir, ignore_errors=True)
 
