@@ -396,7 +396,12 @@ def load_finetuned(path) -> FinetunedModel:
         path = path / FINETUNED_FILE
     if not path.is_file():
         raise MissingInputError(f"no fine-tuned model at {path}; run `hexpr finetune` first")
-    payload = torch.load(path, map_location="cpu", weights_only=False)  # holds a fitted target transform
+    try:  # holds a fitted target transform; a truncated or foreign file fails in many ways
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001 - every unreadable file is the same user problem
+        raise FinetuneError(f"{path}: not a readable hexpr fine-tuned model ({type(exc).__name__}: {exc}); "
+                            "fine-tune again with hexpr finetune") from exc
     if not isinstance(payload, dict) or "state_dict" not in payload:
-        raise FinetuneError(f"{path} is not a hexpr fine-tuned model")
+        raise FinetuneError(f"{path}: not a readable hexpr fine-tuned model (no state_dict); "
+                            "fine-tune again with hexpr finetune")
     return FinetunedModel(payload, path)

@@ -11,12 +11,15 @@ import pandas as pd
 from embedder.backbones import BackboneSpec
 from embedder.cache import DEFAULT_CACHE_DIR
 from embedder.datasets import DatasetError, open_dataset
+from embedder.errors import UsageError
+from embedder.extract import check_embed_options
 from embedder.features import FeatureSet, ensure_features, with_dataset_context
 from heads.base import HeadError
 from heads.fitting import check_config, read_model_info
 from heads.fitting import fit_head as fit_head_on_features
 from heads.metrics import top_genes
 from heads.sweep import AUTO_NEIGHBOURS
+from workflow.options import WHOLE_NON_NEGATIVE, Int, check_option
 
 DEFAULT_MODELS_DIR = Path(DEFAULT_CACHE_DIR) / "models"
 
@@ -122,6 +125,17 @@ def _auto_feature_sets(features: FeatureSet, dataset, neighbours: int = 0) -> tu
     return X, meta
 
 
+def check_fit_options(*, folds: int = 5, seed: int = 0, n_jobs: int = -1, neighbours: int = 0, **embed_options) -> None:
+    """Refuse a bad fit-head option before any work (one UsageError naming the option)."""
+    check_option("--folds", folds, Int(2))
+    check_option("--seed", seed, WHOLE_NON_NEGATIVE)
+    check_option("--neighbours", neighbours, WHOLE_NON_NEGATIVE)
+    check_option("--jobs", n_jobs, Int())
+    if n_jobs == 0:
+        raise UsageError("--jobs must be a number of parallel configs >= 1, or -1 for all cores (-2: all but one), got 0")
+    check_embed_options(**embed_options)
+
+
 def fit_head(data, specs: list[BackboneSpec], *, head: str = "ridge", params: dict | None = None,
              transform: str = "none", folds: int = 5, sweep=None, trials: int | None = None,
              sweep_backbones: bool = False, seed: int = 0, n_jobs: int = -1, out_dir=None,
@@ -135,8 +149,9 @@ def fit_head(data, specs: list[BackboneSpec], *, head: str = "ridge", params: di
     over ``bag`` (default 5) seeds, each without and with neighbour context (k = ``neighbours``, or 6),
     by grouped CV on this training data; refit the best (see ``_auto_feature_sets``).
     """
-    # a bad head name, parameter, transform or sweep value fails before any embedding
+    # a bad head name, parameter, transform, sweep or option value fails before any embedding
     space = check_config(head, params, transform, sweep, trials, bag)
+    check_fit_options(folds=folds, seed=seed, n_jobs=n_jobs, neighbours=neighbours, **embed_options)
     sweep = sweep if space is None else space
     if head == "auto" and sweep_backbones:
         raise HeadError("head 'auto' and --sweep-backbones do not combine; pick the backbones, then run auto")
