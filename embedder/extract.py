@@ -47,7 +47,9 @@ def check_device(device: str = "auto") -> torch.device | None:
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise UsageError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s) "
                              f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
-    elif dev.type != "cpu":
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"--device {device}: no MPS device is available here; use --device cpu or auto")
+    elif dev.type not in ("cpu", "mps"):
         raise UsageError(f"--device {device!r} is not supported; use {DEVICE_CHOICES}")
     return dev
 

@@ -14,11 +14,12 @@ from embedder.datasets import DatasetError, open_dataset
 from embedder.errors import UsageError
 from embedder.extract import check_embed_options
 from embedder.features import FeatureSet, ensure_features, with_dataset_context
-from heads.base import HeadError
-from heads.fitting import check_config, read_model_info
+from heads.base import HEAD_MODULES, HEADS, HeadError
+from heads.fitting import AUTO, check_config, read_model_info
 from heads.fitting import fit_head as fit_head_on_features
 from heads.metrics import top_genes
 from heads.sweep import AUTO_NEIGHBOURS
+from heads.targets import make_transform
 from workflow.options import WHOLE_NON_NEGATIVE, Int, check_option
 
 DEFAULT_MODELS_DIR = Path(DEFAULT_CACHE_DIR) / "models"
@@ -123,6 +124,24 @@ def _auto_feature_sets(features: FeatureSet, dataset, neighbours: int = 0) -> tu
     X = {name: f.X for name, (f, _) in named.items()}
     meta = {name: {**f.meta(), "neighbours": kk} for name, (f, kk) in named.items()}
     return X, meta
+
+
+def head_names() -> list[str]:
+    """The names ``--head`` accepts: every registered head, and "auto"."""
+    return sorted(set(HEAD_MODULES) | set(HEADS)) + [AUTO]
+
+
+def check_head(name: str) -> str:
+    """``name`` if it names a head (see ``head_names``), else a HeadError listing them."""
+    if name not in head_names():
+        raise HeadError(f"unknown head {name!r}; choose one of: {', '.join(head_names())}")
+    return name
+
+
+def check_transform(spec: str) -> str:
+    """``spec`` if it is a target transform or a '+' chain of them (each part checked), else a HeadError."""
+    make_transform(spec)
+    return spec
 
 
 def check_fit_options(*, folds: int = 5, seed: int = 0, n_jobs: int = -1, neighbours: int = 0, **embed_options) -> None:
