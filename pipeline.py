@@ -66,7 +66,7 @@ BackboneOpt = Annotated[Optional[list[str]], typer.Option(
     "--backbone", "-b",
     help="Backbone, repeatable: a timm model NAME, optionally followed by :KEY=VALUE pairs joined by commas, "
          "e.g. resnet18:weights=none,size=48. Keys: weights = PATH | pretrained | none; mean = a/b/c; std = a/b/c; "
-         "size = N (input px); interpolation = bicubic | bilinear | ...; crop_pct = 0.875; any other key is passed "
+         "size = N (input px); interpolation = bicubic | bilinear | nearest; crop_pct = 0.875; any other key is passed "
          "to timm.create_model. Default: efficientnet_b1 and vit_small_patch16_224.augreg_in1k.")]
 BackboneConfigOpt = Annotated[Optional[Path], typer.Option("--backbone-config", help="JSON/YAML list of backbone specs.")]
 NoPretrainedOpt = Annotated[bool, typer.Option("--no-pretrained", help="Random-init weights (testing only; recorded in the cache).")]
@@ -240,7 +240,7 @@ def fit_head(
     sweep_backbones: Annotated[bool, typer.Option("--sweep-backbones", help="Rank each backbone and their concatenation by CV.")] = False,
     genes: Annotated[Optional[str], typer.Option(help="Gene panel from the training data: hvg:N, heg:N, or a file of names.")] = None,
     neighbours: Annotated[int, typer.Option(help="Append the mean embedding of the k nearest spots (needs coordinates); 0: none.")] = 0,
-    bag: Annotated[Optional[int], typer.Option(help="Average the head over N seeds (seed, seed+1, ...); 1: no bagging "
+    bag: Annotated[Optional[int], typer.Option(help="Average the head over N seeds (seed, seed+1 and so on); 1: no bagging "
                                                     "(auto's mlp: 5).")] = None,
     seed: Annotated[int, typer.Option(help="Random seed (>= 0) of the folds and the head.")] = 0,
     jobs: Annotated[int, typer.Option(help="Parallel sweep configs, >= 1 (-1: all cores).")] = -1,
