@@ -153,7 +153,9 @@ def test_python_callers_get_the_same_checks(work):
         workflow.predict(work / "model", work / "data" / "test.csv", out=work / "a-folder")
     with pytest.raises(ModelError, match="not a readable hexpr model"):
         workflow.load_predictor(work / "truncated")
-    assert not (work / "cache").exists() and not (work / "maps").exists()
+    with pytest.raises(ModelError, match="unknown loss 'mse\\+pearsn'"):
+        workflow.finetune(work / "data" / "train.csv", [], work / "ft", loss="mse+pearsn")
+    assert not (work / "cache").exists() and not (work / "maps").exists() and not (work / "ft").exists()
 
 
 def commands() -> dict[str, click.Command]:
