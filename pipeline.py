@@ -6,7 +6,7 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Literal, Optional
 
 import typer
 from rich.console import Console
@@ -23,21 +23,61 @@ app = typer.Typer(
 console = Console(stderr=True)
 out = Console()
 
+# ----------------------------------------------------------------------------- choices
+# Fixed choices are typed here, so typer lists them in --help and refuses others before any work;
+# tests/test_cli_options.py checks each list against the library's own. Heads and target transforms
+# are checked by workflow (registry names) in an option callback.
+Precision = Literal["auto", "fp32", "bf16"]
+PredictionFormat = Literal["csv", "h5ad"]
+MapMethod = Literal["pca", "tsne"]
+ImportKind = Literal["auto", "legacy_st", "visium", "hest"]
+Normalization = Literal["log1p_cp10k", "none"]
+ImportOutput = Literal["hest", "challenge"]
+FinetuneLoss = Literal["mse", "huber", "logcosh", "pearson", "mse+pearson", "weighted_mse"]
+Schedule = Literal["cosine", "plateau", "constant"]
+
+
+def _library_check(check):
+    """An option callback: the workflow check ``check`` (a HexprError) as typer's usage error."""
+    def callback(value):
+        if value is None:
+            return value
+        try:
+            return check(value)
+        except HexprError as exc:
+            raise typer.BadParameter(str(exc)) from None
+    return callback
+
+
+def _check_head(name):
+    return workflow.check_head(name)
+
+
+def _check_transform(spec):
+    return workflow.check_transform(spec)
+
+
+HEAD_HELP = ("Head: mean | ridge | hest | mlp | gbm | knn | bleep | ensemble | bagged | ridge_streamed | mlp_streamed | "
+             "auto (ridge or bagged mlp, with or without neighbour context, picked by grouped CV).")
+TRANSFORM_HELP = "none | log1p | standardize | robust | minmax, or a chain of them joined by '+' (e.g. log1p+standardize)."
+
 # ----------------------------------------------------------------------------- shared options
 BackboneOpt = Annotated[Optional[list[str]], typer.Option(
     "--backbone", "-b",
-    help="timm model, repeatable: NAME[:weights=PATH|pretrained|none,mean=a/b/c,std=a/b/c,size=N,"
-         "interpolation=bicubic,crop_pct=0.875,<timm kwarg>=value]. Default: efficientnet_b1 and "
-         "vit_small_patch16_224.augreg_in1k.")]
+    help="Backbone, repeatable: a timm model NAME, optionally followed by :KEY=VALUE pairs joined by commas, "
+         "e.g. resnet18:weights=none,size=48. Keys: weights = PATH | pretrained | none; mean = a/b/c; std = a/b/c; "
+         "size = N (input px); interpolation = bicubic | bilinear | nearest; crop_pct = 0.875; any other key is passed "
+         "to timm.create_model. Default: efficientnet_b1 and vit_small_patch16_224.augreg_in1k.")]
 BackboneConfigOpt = Annotated[Optional[Path], typer.Option("--backbone-config", help="JSON/YAML list of backbone specs.")]
 NoPretrainedOpt = Annotated[bool, typer.Option("--no-pretrained", help="Random-init weights (testing only; recorded in the cache).")]
 CacheDirOpt = Annotated[Path, typer.Option("--cache-dir", help="Where embeddings are cached.")]
 TtaOpt = Annotated[bool, typer.Option("--tta", help="Average features over the 8 dihedral flips/rotations.")]
-BatchOpt = Annotated[Optional[int], typer.Option("--batch-size", help="Images per forward pass (default: 16 on CPU, 128 on CUDA).")]
-WorkersOpt = Annotated[Optional[int], typer.Option("--workers", help="DataLoader workers (default: CPUs - 1, at most 8).")]
-DeviceOpt = Annotated[str, typer.Option("--device", help="auto | cpu | cuda | cuda:N")]
-PrecisionOpt = Annotated[str, typer.Option("--precision", help="auto (bf16 on CUDA and bf16-capable CPUs) | fp32 | bf16")]
-ChunkOpt = Annotated[int, typer.Option("--chunk-size", help="Rows per resumable chunk written to disk.")]
+BatchOpt = Annotated[Optional[int], typer.Option("--batch-size", help="Images per forward pass, >= 1 (default: 16 on CPU, 128 on CUDA).")]
+WorkersOpt = Annotated[Optional[int], typer.Option("--workers", help="DataLoader workers, >= 0; 0 decodes in the main process "
+                                                                     "(default: CPUs - 1, at most 8; on CPU at most 4).")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto | cpu | cuda | cuda:N (auto: the GPU when there is one).")]
+PrecisionOpt = Annotated[Precision, typer.Option("--precision", help="auto (bf16 on CUDA and bf16-capable CPUs) | fp32 | bf16.")]
+ChunkOpt = Annotated[int, typer.Option("--chunk-size", help="Rows per resumable chunk written to disk, >= 1.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 
 
@@ -54,7 +94,7 @@ def _friendly_errors(func):
         try:
             return func(*args, **kwargs)
         except HexprError as exc:
-            console.print(f"[bold red]Error:[/bold red] {escape(str(exc))}", highlight=False)
+            console.print(f"[bold red]Error:[/bold red] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
     return wrapper
 
@@ -75,8 +115,12 @@ def _print_mapping(title: str, rows: dict) -> None:
 @_friendly_errors
 def demo_data(
     out_dir: Annotated[Path, typer.Argument(help="Folder to create (must be empty or absent).")],
-    n_train: int = 600, n_test: int = 200, n_genes: int = 200, size: int = 224, seed: int = 0,
-    overwrite: bool = False,
+    n_train: Annotated[int, typer.Option(help="Training spots (>= 4).")] = 600,
+    n_test: Annotated[int, typer.Option(help="Test spots (>= 1).")] = 200,
+    n_genes: Annotated[int, typer.Option(help="Genes (>= 2).")] = 200,
+    size: Annotated[int, typer.Option(help="Patch side in pixels (>= 16).")] = 224,
+    seed: Annotated[int, typer.Option(help="Random seed (>= 0); the same seed writes the same data.")] = 0,
+    overwrite: Annotated[bool, typer.Option(help="Replace a non-empty OUT_DIR.")] = False,
 ):
     """Write a synthetic H&E-like dataset in the challenge layout (train.csv, test.csv, test_truth.csv, sample_submission.csv)."""
     paths = workflow.write_demo_dataset(out_dir, n_train=n_train, n_test=n_test, n_genes=n_genes, size=size, seed=seed, overwrite=overwrite)
@@ -119,7 +163,7 @@ def clean_cache(cache_dir: CacheDirOpt = Path("cache")):
 def evaluate(
     predictions: Annotated[Path, typer.Argument(help="CSV (ID + genes) or .h5ad of predictions, e.g. from predict or oof_predictions.csv.")],
     truth: Annotated[Path, typer.Argument(help="Truth: CSV (ID + genes), a training dataset, or an .h5ad.")],
-    n_top: Annotated[int, typer.Option(help="Genes in the HEG/HVG panels.")] = 50,
+    n_top: Annotated[int, typer.Option(help="Genes in the HEG/HVG panels (>= 1).")] = 50,
     genes: Annotated[Optional[Path], typer.Option(help="File of gene names (one per line): also report mean Pearson over them.")] = None,
     out_dir: Annotated[Optional[Path], typer.Option(help="Where to write scores JSON and per-gene CSV (default: beside predictions).")] = None,
     plots: Annotated[bool, typer.Option("--plots", help="Also write the plots of `hexpr plot` into the output folder.")] = False,
@@ -186,20 +230,20 @@ def _random_init_notice(names: list[str]) -> None:
 @_friendly_errors
 def fit_head(
     data: Annotated[Path, typer.Argument(help="Training data: challenge CSV with gene columns, or HEST .h5/folder with .h5ad.")],
-    head: Annotated[str, typer.Option("--head", help="mean | ridge | hest | mlp | gbm | knn | bleep | ensemble | "
-                                                                "auto (ridge or bagged mlp, with or without neighbour context, picked by grouped CV)")] = "ridge",
+    head: Annotated[str, typer.Option("--head", help=HEAD_HELP, callback=_library_check(_check_head))] = "ridge",
     param: Annotated[Optional[list[str]], typer.Option("--param", "-p", help="Head hyper-parameter key=value (JSON values), repeatable.")] = None,
-    transform: Annotated[str, typer.Option(help="Target transform: none | log1p | standardize | robust | minmax (chain with '+').")] = "none",
-    folds: Annotated[int, typer.Option(help="Cross-validation folds (GroupKFold when the data has groups).")] = 5,
+    transform: Annotated[str, typer.Option(help="Target transform: " + TRANSFORM_HELP,
+                                           callback=_library_check(_check_transform))] = "none",
+    folds: Annotated[int, typer.Option(help="Cross-validation folds, >= 2 (GroupKFold when the data has groups).")] = 5,
     sweep: Annotated[Optional[Path], typer.Option(help="YAML/JSON grid: {param: [values]} (use 'features' to sweep backbones).")] = None,
-    trials: Annotated[Optional[int], typer.Option(help="Random search: this many configs from the head's default space.")] = None,
+    trials: Annotated[Optional[int], typer.Option(help="Random search: this many configs (>= 1) from the head's default space.")] = None,
     sweep_backbones: Annotated[bool, typer.Option("--sweep-backbones", help="Rank each backbone and their concatenation by CV.")] = False,
     genes: Annotated[Optional[str], typer.Option(help="Gene panel from the training data: hvg:N, heg:N, or a file of names.")] = None,
-    neighbours: Annotated[int, typer.Option(help="Append the mean embedding of the k nearest spots (needs coordinates).")] = 0,
-    bag: Annotated[Optional[int], typer.Option(help="Average the head over N seeds (seed, seed+1, ...); 1: no bagging "
+    neighbours: Annotated[int, typer.Option(help="Append the mean embedding of the k nearest spots (needs coordinates); 0: none.")] = 0,
+    bag: Annotated[Optional[int], typer.Option(help="Average the head over N seeds (seed, seed+1 and so on); 1: no bagging "
                                                     "(auto's mlp: 5).")] = None,
-    seed: int = 0,
-    jobs: Annotated[int, typer.Option(help="Parallel sweep configs (-1: all cores).")] = -1,
+    seed: Annotated[int, typer.Option(help="Random seed (>= 0) of the folds and the head.")] = 0,
+    jobs: Annotated[int, typer.Option(help="Parallel sweep configs, >= 1 (-1: all cores).")] = -1,
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="Model folder, replaced as a whole (default cache/models/<data>__<head>, "
                                                                       "plus __sweep or __backbone-sweep for sweeps).")] = None,
     backbone: BackboneOpt = None, backbone_config: BackboneConfigOpt = None, no_pretrained: NoPretrainedOpt = False,
@@ -222,7 +266,7 @@ def predict(
     model: Annotated[Path, typer.Argument(help="Model folder (or model.joblib) written by fit-head.")],
     data: Annotated[Path, typer.Argument(help="Patches to predict: challenge CSV (ID, path) or HEST .h5/folder.")],
     out_path: Annotated[Optional[Path], typer.Option("--out", help="Output .csv or .h5ad (default <model>/predictions/<data>.csv).")] = None,
-    fmt: Annotated[Optional[str], typer.Option("--format", help="csv | h5ad (default from --out's suffix).")] = None,
+    fmt: Annotated[Optional[PredictionFormat], typer.Option("--format", help="csv | h5ad (default from --out's suffix).")] = None,
     template: Annotated[Optional[Path], typer.Option(help="sample_submission.csv fixing ids/columns (default: the one beside DATA).")] = None,
     cache_dir: CacheDirOpt = Path("cache"), batch_size: BatchOpt = None, workers: WorkersOpt = None,
     device: DeviceOpt = "auto", quiet: QuietOpt = False,
@@ -239,11 +283,11 @@ def predict_slide(
     model: Annotated[Path, typer.Argument(help="Model folder (or model.joblib) written by fit-head.")],
     slides: Annotated[list[Path], typer.Argument(help="Slide files (TIFF/SVS, NDPI/MRXS/SCN via OpenSlide, JPEG/PNG) or folders of them.")],
     out_dir: Annotated[Path, typer.Option("--out", help="Output folder: one <slide>/ folder per slide.")] = Path("slide-predictions"),
-    um_per_px: Annotated[Optional[float], typer.Option("--um-per-px", help="Slide µm per pixel (needed when the slide does not record it, e.g. JPEG/PNG).")] = None,
-    tile_um: Annotated[Optional[float], typer.Option("--tile-um", help="Tile side in µm (default: the model's training patch, else 112).")] = None,
-    tile_um_per_px: Annotated[Optional[float], typer.Option("--tile-um-per-px", help="Tile pixel size for the model (default: the model's, else 0.5).")] = None,
-    stride_um: Annotated[Optional[float], typer.Option("--stride-um", help="Tile step in µm (default: the tile side; smaller = overlap).")] = None,
-    min_tissue: Annotated[float, typer.Option("--min-tissue", help="Keep tiles with at least this share of tissue.")] = 0.25,
+    um_per_px: Annotated[Optional[float], typer.Option("--um-per-px", help="Slide µm per pixel, > 0 (needed when the slide does not record it, e.g. JPEG/PNG).")] = None,
+    tile_um: Annotated[Optional[float], typer.Option("--tile-um", help="Tile side in µm, > 0 (default: the model's training patch, else 112).")] = None,
+    tile_um_per_px: Annotated[Optional[float], typer.Option("--tile-um-per-px", help="Tile pixel size in µm for the model, > 0 (default: the model's, else 0.5).")] = None,
+    stride_um: Annotated[Optional[float], typer.Option("--stride-um", help="Tile step in µm, > 0 (default: the tile side; smaller = overlap).")] = None,
+    min_tissue: Annotated[float, typer.Option("--min-tissue", help="Keep tiles with at least this share of tissue, 0 to 1.")] = 0.25,
     gene: Annotated[Optional[list[str]], typer.Option("--gene", help="Gene to draw a heatmap of, repeatable (default: the 3 most variable predicted).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing <out>/<slide> folders.")] = False,
     cache_dir: CacheDirOpt = Path("cache"), batch_size: BatchOpt = None, workers: WorkersOpt = None,
@@ -273,8 +317,12 @@ def predict_slide(
 @_friendly_errors
 def demo(
     workdir: Annotated[Path, typer.Option(help="Folder for the demo's data, cache, model and outputs.")] = Path("hexpr-demo"),
-    n_train: int = 600, n_test: int = 200, n_genes: int = 200, size: int = 224,
-    head: Annotated[str, typer.Option("--head")] = "ridge", folds: int = 3,
+    n_train: Annotated[int, typer.Option(help="Generated training spots (>= 4).")] = 600,
+    n_test: Annotated[int, typer.Option(help="Generated test spots (>= 1).")] = 200,
+    n_genes: Annotated[int, typer.Option(help="Generated genes (>= 2).")] = 200,
+    size: Annotated[int, typer.Option(help="Generated patch side in pixels (>= 16).")] = 224,
+    head: Annotated[str, typer.Option("--head", help=HEAD_HELP, callback=_library_check(_check_head))] = "ridge",
+    folds: Annotated[int, typer.Option(help="Cross-validation folds, >= 2.")] = 3,
     backbone: BackboneOpt = None, quiet: QuietOpt = False,
 ):
     """Run the whole pipeline offline on a generated dataset and print the score beside the training-mean baseline."""
@@ -299,7 +347,7 @@ def plot(
     truth: Annotated[Path, typer.Argument(help="Truth: CSV, a dataset (HEST folder/.h5 gives coordinates and thumbnails) or .h5ad.")],
     out_dir: Annotated[Path, typer.Option("--out", help="Folder for the PNG files.")] = Path("plots"),
     gene: Annotated[Optional[list[str]], typer.Option("--gene", help="Genes to map (repeatable; default: best-predicted of the top HVG).")] = None,
-    n_genes: Annotated[int, typer.Option(help="Genes to map when --gene is not given.")] = 4,
+    n_genes: Annotated[int, typer.Option(help="Genes to map when --gene is not given (>= 1).")] = 4,
 ):
     """Per-gene Pearson distribution, predicted-vs-measured scatter, and spatial maps over the slide thumbnail."""
     made = workflow.plot(predictions, truth, out_dir, genes=gene, n_genes=n_genes)
@@ -316,8 +364,8 @@ def plot(
 def inspect(
     data: Annotated[Path, typer.Argument(help="Training data with expression (challenge CSV, HEST folder/.h5, or .h5ad).")],
     out_dir: Annotated[Path, typer.Option("--out", help="Folder for summary.json and the PNG views.")] = Path("inspect"),
-    n_top: Annotated[int, typer.Option(help="Top genes for the heatmap / highlights.")] = 50,
-    method: Annotated[str, typer.Option(help="2-D map of spots: pca | tsne")] = "pca",
+    n_top: Annotated[int, typer.Option(help="Top genes for the heatmap / highlights (>= 1).")] = 50,
+    method: Annotated[MapMethod, typer.Option(help="2-D map of spots: pca | tsne.")] = "pca",
 ):
     """Dataset summary (spots, genes, groups, ranges, constant genes, outlier spots) and exploratory plots."""
     result = workflow.inspect_dataset(data, out_dir, n_top=n_top, method=method)
@@ -342,15 +390,15 @@ def inspect(
 def import_(
     source: Annotated[list[Path], typer.Argument(help="her2st-style legacy ST root, Space Ranger output folder(s), or HEST-1k root.")],
     out_dir: Annotated[Path, typer.Option("--out", help="Dataset folder to write (patches/ + st/, or PNG + dataset.csv).")],
-    kind: Annotated[str, typer.Option(help="auto | legacy_st | visium | hest")] = "auto",
-    patch_um: Annotated[float, typer.Option(help="Patch side in micrometres.")] = 112.0,
-    um_per_px: Annotated[float, typer.Option(help="Patch resolution in µm/px (0.5 -> 112 µm = 224 px, HEST's convention).")] = 0.5,
-    source_um_per_px: Annotated[Optional[float], typer.Option(help="Slide µm/px when it cannot be derived (scalefactors or spot grid).")] = None,
+    kind: Annotated[ImportKind, typer.Option(help="Source layout: auto (detected) | legacy_st | visium | hest.")] = "auto",
+    patch_um: Annotated[float, typer.Option(help="Patch side in micrometres, > 0.")] = 112.0,
+    um_per_px: Annotated[float, typer.Option(help="Patch resolution in µm/px, > 0 (0.5 -> 112 µm = 224 px, HEST's convention).")] = 0.5,
+    source_um_per_px: Annotated[Optional[float], typer.Option(help="Slide µm/px, > 0, when it cannot be derived (scalefactors or spot grid).")] = None,
     image: Annotated[Optional[Path], typer.Option(help="Full-resolution slide image when not found in the folder.")] = None,
     sample: Annotated[Optional[list[str]], typer.Option(help="Only these sample ids (legacy ST/HEST) or names (Visium), repeatable.")] = None,
-    normalize: Annotated[str, typer.Option(help="log1p_cp10k | none (raw counts are kept in layers['counts']).")] = "log1p_cp10k",
+    normalize: Annotated[Normalization, typer.Option(help="log1p_cp10k | none (raw counts are kept in layers['counts']).")] = "log1p_cp10k",
     filter_background: Annotated[bool, typer.Option(help="Drop mostly-white patches.")] = False,
-    output: Annotated[str, typer.Option(help="hest (patch .h5 + .h5ad) | challenge (PNG + CSV)")] = "hest",
+    output: Annotated[ImportOutput, typer.Option(help="hest (patch .h5 + .h5ad) | challenge (PNG + CSV).")] = "hest",
     quiet: QuietOpt = False,
 ):
     """Cut spot-centred patches from slides at a fixed µm size and write a dataset hexpr trains on."""
@@ -376,15 +424,24 @@ def finetune(
     data: Annotated[Path, typer.Argument(help="Training data with targets (challenge CSV or HEST).")],
     out_dir: Annotated[Path, typer.Option("--out", help="Folder for checkpoints and the exported model.")] = Path("cache/finetuned"),
     head_init: Annotated[Optional[Path], typer.Option(help="Start the head from a fitted mlp head (fit-head model folder).")] = None,
-    loss: Annotated[str, typer.Option(help="mse | huber | logcosh | pearson | mse+pearson | weighted_mse")] = "mse",
-    transform: Annotated[str, typer.Option(help="Target transform (minmax, the challenge's choice).")] = "minmax",
-    epochs: int = 10, batch_size: Annotated[int, typer.Option("--batch-size", help="Images per training step.")] = 32, lr: float = 1e-4, head_lr: float = 1e-3, weight_decay: float = 0.05,
-    warmup_epochs: int = 1, schedule: Annotated[str, typer.Option(help="cosine | plateau | constant")] = "cosine",
+    loss: Annotated[FinetuneLoss, typer.Option(help="Training loss: mse | huber | logcosh | pearson | mse+pearson | weighted_mse.")] = "mse",
+    transform: Annotated[str, typer.Option(help="Target transform (minmax, the challenge's choice): " + TRANSFORM_HELP,
+                                           callback=_library_check(_check_transform))] = "minmax",
+    epochs: Annotated[int, typer.Option(help="Training epochs, >= 0 (0: export the starting model, e.g. --head-init, untrained).")] = 10,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per training step, >= 1.")] = 32,
+    lr: Annotated[float, typer.Option(help="Backbone learning rate, > 0.")] = 1e-4,
+    head_lr: Annotated[float, typer.Option(help="Head learning rate, > 0.")] = 1e-3,
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay, >= 0.")] = 0.05,
+    warmup_epochs: Annotated[int, typer.Option(help="Epochs of linear learning-rate warmup, >= 0.")] = 1,
+    schedule: Annotated[Schedule, typer.Option(help="Learning-rate schedule after warmup: cosine | plateau | constant.")] = "cosine",
     freeze_epochs: Annotated[int, typer.Option(help="Epochs training the head only before unfreezing the backbones.")] = 1,
     layer_decay: Annotated[Optional[float], typer.Option(help="Layer-wise learning-rate decay (e.g. 0.75).")] = None,
-    accum_steps: Annotated[int, typer.Option(help="Gradient accumulation steps.")] = 1,
-    folds: int = 5, val_fold: Annotated[int, typer.Option(help="Which fold (grouped when groups exist) validates; -1: none, train on all.")] = 0,
-    patience: int = 3, augment: Annotated[bool, typer.Option(help="H&E augmentations.")] = True, seed: int = 0,
+    accum_steps: Annotated[int, typer.Option(help="Gradient accumulation steps, >= 1.")] = 1,
+    folds: Annotated[int, typer.Option(help="Folds the data is split into (>= 2); --val-fold picks the validation one.")] = 5,
+    val_fold: Annotated[int, typer.Option(help="Which fold (grouped when groups exist) validates, 0 to folds-1; -1: none, train on all.")] = 0,
+    patience: Annotated[int, typer.Option(help="Stop after this many epochs (>= 1) without a better validation score.")] = 3,
+    augment: Annotated[bool, typer.Option(help="H&E augmentations.")] = True,
+    seed: Annotated[int, typer.Option(help="Random seed (>= 0) of folds, batches and augmentations.")] = 0,
     resume: Annotated[bool, typer.Option(help="Continue from the last checkpoint in --out.")] = False,
     backbone: BackboneOpt = None, backbone_config: BackboneConfigOpt = None, no_pretrained: NoPretrainedOpt = False,
     workers: WorkersOpt = None, device: DeviceOpt = "auto", quiet: QuietOpt = False,
@@ -402,7 +459,7 @@ def finetune(
     report = workflow.finetune(data, specs, out_dir, head_init=head_init, loss=loss, transform=transform, epochs=epochs,
                           batch_size=batch_size, lr=lr, head_lr=head_lr, weight_decay=weight_decay,
                           warmup_epochs=warmup_epochs, schedule=schedule, freeze_epochs=freeze_epochs,
-                          layer_decay=layer_decay, accum_steps=accum_steps, folds=folds, val_fold=None if val_fold < 0 else val_fold,
+                          layer_decay=layer_decay, accum_steps=accum_steps, folds=folds, val_fold=None if val_fold == -1 else val_fold,
                           patience=patience, augment=augment, seed=seed, device=device, num_workers=workers,
                           resume=resume, progress=not quiet, on_epoch=on_epoch)
     chosen = (f"best epoch {report.get('best_epoch')}: validation score {report['best_score']:.4f}" if "best_score" in report

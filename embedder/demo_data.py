@@ -320,6 +320,7 @@ def write_demo_dataset(
         ("n_genes", n_genes, 2),
         ("size", size, 16),
         ("n_groups", n_groups, 1),
+        ("seed", seed, 0),
     ):
         if isinstance(v, bool) or int(v) != v or v < lo:
             raise DatasetError(f"demo data: {name} (--{name.replace('_', '-')}) must be an integer >= {lo}, got {v!r}")

@@ -31,3 +31,10 @@ class OutputExistsError(HexprError, FileExistsError):
 
 class MissingInputError(DataError, FileNotFoundError):
     """An input path (data, model, slide) does not exist."""
+
+
+def brief(exc: BaseException, limit: int = 120) -> str:
+    """``Type: first line of the message``, cut at ``limit`` characters: a low-level cause in one line."""
+    lines = str(exc).strip().splitlines()
+    text = f"{type(exc).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+    return text if len(text) <= limit else text[:limit - 3].rstrip() + "..."

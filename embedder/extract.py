@@ -23,21 +23,68 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from embedder.backbones import BackboneSpec, LoadedBackbone, Preprocess, create_backbone
 from embedder.cache import DEFAULT_CACHE_DIR, CacheEntry, cache_key, describe_partials, locked_entries, partial_folders
 from embedder.datasets import DatasetError, PatchDataset
+from embedder.errors import UsageError
 
 DEFAULT_CHUNK_SIZE = 512
 CPU_BATCH_SIZE = 16   # measured best on CPU (benchmarks/embed_throughput.py: 16 > 32 > 64)
 GPU_BATCH_SIZE = 128
 
 
-def resolve_device(device: str = "auto") -> torch.device:
+DEVICE_CHOICES = "auto, cpu, cuda or cuda:N"
+
+
+def check_device(device: str = "auto") -> torch.device | None:
+    """The torch device ``device`` names (None for "auto"); UsageError for a name torch does not know
+    or a CUDA device this machine does not have."""
     if device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
-        return torch.device("cpu")
-    return torch.device(device)
+        return None
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise UsageError(f"--device {device!r} is not a device; use {DEVICE_CHOICES}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {device}: no CUDA device is available here (torch.cuda.is_available() is False); "
+                             "use --device cpu or auto")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s) "
+                             f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"--device {device}: no MPS device is available here; use --device cpu or auto")
+    elif dev.type not in ("cpu", "mps"):
+        raise UsageError(f"--device {device!r} is not supported; use {DEVICE_CHOICES}")
+    return dev
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    dev = check_device(device)
+    if dev is not None:
+        return dev
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+    return torch.device("cpu")
 
 
 PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def _whole(value, low: int) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, np.integer)) and value >= low
+
+
+def check_embed_options(*, batch_size: int | None = None, num_workers: int | None = None, device: str = "auto",
+                        precision: str = "auto", chunk_size: int = DEFAULT_CHUNK_SIZE, **_other) -> None:
+    """Refuse a bad embedding option before any work (one UsageError naming the option); the
+    other keyword arguments of ``embed_dataset`` are accepted and ignored."""
+    if batch_size is not None and not _whole(batch_size, 1):
+        raise UsageError(f"--batch-size must be a whole number >= 1 (images per forward pass), got {batch_size!r}")
+    if num_workers is not None and not _whole(num_workers, 0):
+        raise UsageError(f"--workers must be a whole number >= 0 (0: decode in the main process), got {num_workers!r}")
+    if not _whole(chunk_size, 1):
+        raise UsageError(f"--chunk-size must be a whole number >= 1 (rows per resumable chunk), got {chunk_size!r}")
+    if precision not in PRECISIONS:
+        raise UsageError(f"--precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+    check_device(device)
 
 
 def cpu_supports_bf16() -> bool:
@@ -50,7 +97,7 @@ def cpu_supports_bf16() -> bool:
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype: bf16 on CUDA and on CPUs with native bf16 (AMX/AVX512-BF16), else fp32 (None)."""
     if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        raise UsageError(f"--precision {precision!r} is not one of {', '.join(PRECISIONS)}")
     if precision == "fp32":
         return None
     if precision == "bf16" or device.type == "cuda" or (device.type == "cpu" and cpu_supports_bf16()):
@@ -187,12 +234,14 @@ def embed_dataset(
     ``max_chunks`` stops after that many chunks (for tests of interruption and resume).
     ``distributed=False``: embed alone even under torchrun (each rank embeds its own slides).
     """
+    check_embed_options(batch_size=batch_size, num_workers=num_workers, device=device, precision=precision,
+                        chunk_size=chunk_size)
     if len(dataset) == 0:
         raise DatasetError(f"{dataset.source}: the dataset is empty")
     ranks = distributed_ranks() if distributed else _Ranks()
     torch_device = resolve_device(device)
     autocast_dtype = resolve_precision(precision, torch_device)
-    batch_size = batch_size or default_batch_size(torch_device)
+    batch_size = default_batch_size(torch_device) if batch_size is None else batch_size
     fingerprint = dataset.fingerprint()
     precision_used = "bf16-autocast" if autocast_dtype is not None else "fp32"
     entries = [CacheEntry(Path(cache_dir), dataset.name, spec, cache_key(fingerprint, spec, tta, precision_used))

@@ -47,7 +47,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from embedder.augment import DEFAULT_AUGMENT, augmented_views, plain_views, sample_rng
 from embedder.backbones import BackboneError, BackboneSpec, resolve_specs
 from embedder.datasets import DatasetError, PatchDataset, open_dataset
-from embedder.extract import _collate, default_num_workers
+from embedder.errors import OutputExistsError
+from embedder.extract import _collate, check_embed_options, default_num_workers
 from embedder.files import json_ready, write_json
 from heads.base import FeaturePCA
 from heads.cv import make_folds, score_with_panels, training_panels
@@ -336,6 +337,12 @@ def finetune(data, specs: list[BackboneSpec], out_dir, *, head_init=None, loss: 
                    freeze_epochs=freeze_epochs, warmup_epochs=warmup_epochs, lr=lr, head_lr=head_lr,
                    weight_decay=weight_decay, dropout=dropout, layer_decay=layer_decay, patience=patience,
                    folds=folds, val_fold=val_fold, max_train_batches=max_train_batches)
+    check_embed_options(device=device, num_workers=num_workers)
+    make_transform(transform)  # a bad --transform fails before the folder is made
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise FinetuneError(f"seed={seed!r} is not accepted; seed must be an integer >= 0")
+    if Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise OutputExistsError(f"--out {out_dir} is an existing file, not a folder; choose another path")
     dataset = data if isinstance(data, PatchDataset) else open_dataset(data)
     if dataset.targets is None:
         raise DatasetError(f"{dataset.source}: no expression targets; fine-tuning needs training data with gene columns")

@@ -23,7 +23,7 @@ from torch import nn
 
 from embedder.backbones import RANDOM_INIT, BackboneSpec, LoadedBackbone, Preprocess, RandomInitWarning, create_backbone
 from embedder.datasets import ID_COLUMN, DatasetError, PatchDataset
-from embedder.errors import MissingInputError, ModelError
+from embedder.errors import MissingInputError, ModelError, brief
 from embedder.extract import _collate, _progress_bar, _ResizedPatches, default_num_workers
 from embedder.files import atomic_write, write_json
 from heads.mlp import build_mlp, resolve_device
@@ -393,7 +393,12 @@ def load_finetuned(path) -> FinetunedModel:
         path = path / FINETUNED_FILE
     if not path.is_file():
         raise MissingInputError(f"no fine-tuned model at {path}; run `hexpr finetune` first")
-    payload = torch.load(path, map_location="cpu", weights_only=False)  # holds a fitted target transform
+    try:  # holds a fitted target transform; a truncated or foreign file fails in many ways
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001 - every unreadable file is the same user problem
+        raise FinetuneError(f"{path}: not a readable hexpr fine-tuned model ({brief(exc)}); "
+                            "fine-tune again with hexpr finetune") from exc
     if not isinstance(payload, dict) or "state_dict" not in payload:
-        raise FinetuneError(f"{path} is not a hexpr fine-tuned model")
+        raise FinetuneError(f"{path}: not a readable hexpr fine-tuned model (no state_dict); "
+                            "fine-tune again with hexpr finetune")
     return FinetunedModel(payload, path)

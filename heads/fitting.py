@@ -23,7 +23,7 @@ import joblib
 import numpy as np
 import pandas as pd
 
-from embedder.errors import MissingInputError, OutputExistsError
+from embedder.errors import MissingInputError, ModelError, OutputExistsError, brief
 from embedder.files import CSV_FLOAT_FORMAT, atomic_dir, atomic_write, json_ready, write_json
 from heads.bagging import check_baggable
 from heads.base import HeadError, as_matrix, atomic_dump, default_search_space, fit_with_supported, head_param_names, make_head
@@ -104,9 +104,13 @@ def load_model(path) -> FittedModel:
         path = path / MODEL_FILE
     if not path.exists():
         raise MissingInputError(f"no fitted model at {path}; run the fit step first")
-    obj = joblib.load(path)
+    try:  # a truncated, foreign or incompatible file can fail in many ways inside unpickling
+        obj = joblib.load(path)
+    except Exception as exc:  # noqa: BLE001 - every unreadable file is the same user problem
+        raise ModelError(f"{path}: not a readable hexpr model ({brief(exc)}); "
+                         "refit with hexpr fit-head") from exc
     if not isinstance(obj, FittedModel):
-        raise TypeError(f"{path} holds a {type(obj).__name__}, not a hexpr FittedModel")
+        raise ModelError(f"{path}: not a readable hexpr model (it holds a {type(obj).__name__}); refit with hexpr fit-head")
     return obj
 
 

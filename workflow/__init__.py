@@ -5,7 +5,8 @@ name, then rename) and returns a plain dict report. Names are loaded on first us
 ``import workflow`` (and ``hexpr --help``) stays fast; ``workflow.<name>`` is the public API:
 
     embed, clean_cache, backbone_specs      workflow.embedding
-    fit_head                                workflow.fit
+    fit_head, head_names, check_head,
+    check_transform                         workflow.fit
     predict, load_predictor, predict_with   workflow.prediction
     predict_slide                           workflow.slides
     evaluate, plot                          workflow.scoring
@@ -21,7 +22,8 @@ import importlib
 
 _PUBLIC = {
     "embed": "workflow.embedding", "clean_cache": "workflow.embedding", "backbone_specs": "workflow.embedding",
-    "fit_head": "workflow.fit",
+    "fit_head": "workflow.fit", "head_names": "workflow.fit", "check_head": "workflow.fit",
+    "check_transform": "workflow.fit",
     "predict": "workflow.prediction", "load_predictor": "workflow.prediction", "predict_with": "workflow.prediction",
     "predictor_meta": "workflow.prediction",
     "predict_slide": "workflow.slides",

@@ -9,8 +9,10 @@ import pandas as pd
 
 from embedder.backbones import BackboneSpec, resolve_specs
 from embedder.demo_data import write_demo_dataset
+from heads.fitting import check_config
 from workflow.expression_tables import evaluate_tables, read_expression_table
-from workflow.fit import fit_head
+from workflow.fit import check_fit_options, fit_head
+from workflow.options import check_output_folder
 from workflow.prediction import predict
 from workflow.scoring import evaluate
 
@@ -20,6 +22,9 @@ def demo(workdir="hexpr-demo", *, n_train: int = 600, n_test: int = 200, n_genes
          progress: bool = True, **embed_options) -> dict:
     """The whole pipeline offline on a generated dataset: demo-data, embed, fit-head, predict, evaluate."""
     started = time.perf_counter()
+    check_config(head)  # a bad head or option fails before the data is written
+    check_fit_options(folds=folds, seed=seed, **embed_options)
+    check_output_folder("--workdir", workdir)
     workdir = Path(workdir)
     data_dir = workdir / "data"
     if not (data_dir / "train.csv").is_file():

@@ -7,6 +7,7 @@ from embedder.backbones import BackboneSpec
 from embedder.backbones import resolve_specs as backbone_specs
 from embedder.cache import DEFAULT_CACHE_DIR, clean_partials
 from embedder.datasets import open_dataset
+from embedder.extract import check_embed_options
 from embedder.features import FeatureSet, ensure_features
 
 __all__ = ["backbone_specs", "clean_cache", "embed"]
@@ -14,6 +15,7 @@ __all__ = ["backbone_specs", "clean_cache", "embed"]
 
 def embed(data: str | Path, specs: list[BackboneSpec], cache_dir=DEFAULT_CACHE_DIR, **options) -> FeatureSet:
     """Open a dataset and make sure every backbone's features are cached; returns the aligned features."""
+    check_embed_options(**options)
     return ensure_features(open_dataset(data), specs, cache_dir, **options)
 
 

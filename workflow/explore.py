@@ -20,6 +20,7 @@ import pandas as pd
 
 from embedder.files import write_json
 from heads.metrics import top_genes
+from workflow.options import WHOLE_POSITIVE, check_choice, check_option, check_output_folder
 from workflow.outputs.plots import (
     DPI,
     SPOT_FILL,
@@ -469,6 +470,9 @@ def plot_spatial_qc(samples, stat: pd.Series, z: pd.Series, threshold: float, st
     return save_png(fig, out_png)
 
 
+MAP_METHODS = ("pca", "tsne")
+
+
 def inspect_dataset(path: str | Path, out_dir: str | Path, n_top: int = 50, method: str = "pca",
                     z_threshold: float = Z_THRESHOLD, seed: int = 0, dpi: int = DPI) -> dict:
     """Summary JSON and exploratory PNGs of a dataset's expression (no image is read).
@@ -478,8 +482,9 @@ def inspect_dataset(path: str | Path, out_dir: str | Path, n_top: int = 50, meth
     gene_stats.png, heatmap.png (top-``n_top`` HVG), spot_qc.png and, with spot coordinates,
     spatial_qc.png.  Returns {"summary": dict, "files": {name: path}, "notes": [...]}.
     """
-    if method not in ("pca", "tsne"):
-        raise ValueError(f"method={method!r}; use 'pca' or 'tsne'")
+    check_choice("--method", method, MAP_METHODS)
+    check_option("--n-top", n_top, WHOLE_POSITIVE)
+    check_output_folder("--out", out_dir)
     source = load_truth(path)
     targets = source.targets
     targets.index = targets.index.astype(str)

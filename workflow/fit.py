@@ -11,12 +11,16 @@ import pandas as pd
 from embedder.backbones import BackboneSpec
 from embedder.cache import DEFAULT_CACHE_DIR
 from embedder.datasets import DatasetError, open_dataset
+from embedder.errors import UsageError
+from embedder.extract import check_embed_options
 from embedder.features import FeatureSet, ensure_features, with_dataset_context
-from heads.base import HeadError
-from heads.fitting import check_config, read_model_info
+from heads.base import HEAD_MODULES, HEADS, HeadError
+from heads.fitting import AUTO, check_config, read_model_info
 from heads.fitting import fit_head as fit_head_on_features
 from heads.metrics import top_genes
 from heads.sweep import AUTO_NEIGHBOURS
+from heads.targets import make_transform
+from workflow.options import WHOLE_NON_NEGATIVE, Int, check_option
 
 DEFAULT_MODELS_DIR = Path(DEFAULT_CACHE_DIR) / "models"
 
@@ -122,6 +126,35 @@ def _auto_feature_sets(features: FeatureSet, dataset, neighbours: int = 0) -> tu
     return X, meta
 
 
+def head_names() -> list[str]:
+    """The names ``--head`` accepts: every registered head, and "auto"."""
+    return sorted(set(HEAD_MODULES) | set(HEADS)) + [AUTO]
+
+
+def check_head(name: str) -> str:
+    """``name`` if it names a head (see ``head_names``), else a HeadError listing them."""
+    if name not in head_names():
+        raise HeadError(f"unknown head {name!r}; choose one of: {', '.join(head_names())}")
+    return name
+
+
+def check_transform(spec: str) -> str:
+    """``spec`` if it is a target transform or a '+' chain of them (each part checked), else a HeadError."""
+    make_transform(spec)
+    return spec
+
+
+def check_fit_options(*, folds: int = 5, seed: int = 0, n_jobs: int = -1, neighbours: int = 0, **embed_options) -> None:
+    """Refuse a bad fit-head option before any work (one UsageError naming the option)."""
+    check_option("--folds", folds, Int(2))
+    check_option("--seed", seed, WHOLE_NON_NEGATIVE)
+    check_option("--neighbours", neighbours, WHOLE_NON_NEGATIVE)
+    check_option("--jobs", n_jobs, Int())
+    if n_jobs == 0:
+        raise UsageError("--jobs must be a number of parallel configs >= 1, or -1 for all cores (-2: all but one), got 0")
+    check_embed_options(**embed_options)
+
+
 def fit_head(data, specs: list[BackboneSpec], *, head: str = "ridge", params: dict | None = None,
              transform: str = "none", folds: int = 5, sweep=None, trials: int | None = None,
              sweep_backbones: bool = False, seed: int = 0, n_jobs: int = -1, out_dir=None,
@@ -135,8 +168,9 @@ def fit_head(data, specs: list[BackboneSpec], *, head: str = "ridge", params: di
     over ``bag`` (default 5) seeds, each without and with neighbour context (k = ``neighbours``, or 6),
     by grouped CV on this training data; refit the best (see ``_auto_feature_sets``).
     """
-    # a bad head name, parameter, transform or sweep value fails before any embedding
+    # a bad head name, parameter, transform, sweep or option value fails before any embedding
     space = check_config(head, params, transform, sweep, trials, bag)
+    check_fit_options(folds=folds, seed=seed, n_jobs=n_jobs, neighbours=neighbours, **embed_options)
     sweep = sweep if space is None else space
     if head == "auto" and sweep_backbones:
         raise HeadError("head 'auto' and --sweep-backbones do not combine; pick the backbones, then run auto")

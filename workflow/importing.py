@@ -1,6 +1,15 @@
 """import: raw spatial transcriptomics (legacy ST, 10x Visium, HEST-1k) -> a dataset hexpr trains on."""
 from __future__ import annotations
 
-from embedder.importers import import_dataset
+from pathlib import Path
+
+from embedder.importers import import_dataset as import_sources
+from workflow.options import check_output_folder
 
 __all__ = ["import_dataset"]
+
+
+def import_dataset(source, out_dir: str | Path, **options) -> dict:
+    """``embedder.importers.import_dataset``, refusing an ``out_dir`` that names an existing file first."""
+    check_output_folder("--out", out_dir)
+    return import_sources(source, out_dir, **options)

@@ -7,12 +7,15 @@ import pandas as pd
 
 from embedder.cache import DEFAULT_CACHE_DIR
 from embedder.datasets import check_genes_match, open_dataset
-from embedder.errors import UsageError
+from embedder.extract import check_embed_options
 from embedder.features import check_features_match, ensure_features, specs_from_meta, with_dataset_context
 from heads.finetune import load_finetuned
 from heads.fitting import load_model
+from workflow.options import check_choice, check_output_file
 from workflow.outputs.anndata import write_anndata
 from workflow.outputs.tables import write_table
+
+PREDICTION_FORMATS = ("csv", "h5ad")
 
 
 def load_predictor(model_path):
@@ -38,7 +41,8 @@ def predict_with(model, dataset, *, cache_dir=DEFAULT_CACHE_DIR, progress: bool 
     patch of ``dataset``: a fitted head embeds through the cache (with its TTA and neighbour
     context), a fine-tuned network embeds on the fly."""
     if not hasattr(model, "feature_meta"):
-        frame = model.predict_dataset(dataset, progress=progress, batch_size=embed_options.get("batch_size") or 64,
+        batch_size = embed_options.get("batch_size")
+        frame = model.predict_dataset(dataset, progress=progress, batch_size=64 if batch_size is None else batch_size,
                                       device=embed_options.get("device", "auto"),
                                       num_workers=embed_options.get("num_workers"))
         return frame, {"finetuned": str(model.path.parent)}, []
@@ -53,6 +57,10 @@ def predict_with(model, dataset, *, cache_dir=DEFAULT_CACHE_DIR, progress: bool 
 def predict(model_path, data, *, out=None, fmt: str | None = None, cache_dir=DEFAULT_CACHE_DIR,
             template=None, progress: bool = True, **embed_options) -> dict:
     """Embed ``data`` with exactly the model's backbones, predict, write CSV (or .h5ad)."""
+    if fmt is not None:
+        check_choice("--format", fmt, PREDICTION_FORMATS)
+    check_output_file("--out", out)
+    check_embed_options(**embed_options)
     model_dir = Path(model_path) if Path(model_path).is_dir() else Path(model_path).parent
     dataset = open_dataset(data, template=template)
     model = load_predictor(model_path)
@@ -71,8 +79,6 @@ def predict(model_path, data, *, out=None, fmt: str | None = None, cache_dir=DEF
                       "dataset": str(dataset.source), "dataset_fingerprint": dataset.fingerprint(),
                       "cache_files": cache_files}
         write_anndata(out, frame, dataset.coords, None if dataset.groups is None else dataset.groups.to_numpy(), provenance)
-    elif fmt == "csv":
-        write_table(out, frame)
     else:
-        raise UsageError(f"--format {fmt!r} is not an output format: use csv or h5ad")
+        write_table(out, frame)
     return {"out": str(out), "n_spots": frame.shape[0], "n_genes": frame.shape[1], "format": fmt}

@@ -12,6 +12,7 @@ import pandas as pd
 from embedder.cache import DEFAULT_CACHE_DIR
 from embedder.datasets import DatasetError
 from embedder.errors import OutputExistsError
+from embedder.extract import check_embed_options
 from embedder.files import atomic_dir
 from embedder.importers.names import safe_name
 from embedder.slides import SlideError, find_slides, open_slide, slide_thumbnail
@@ -19,6 +20,7 @@ from embedder.tiling import tile_dataset, tile_grid, tissue_fraction, tissue_mas
 from workflow.outputs.anndata import write_anndata
 from workflow.outputs.geojson import write_tile_geojson
 from workflow.outputs.plots import plot_tile_map, safe_filename
+from workflow.options import POSITIVE, SHARE, WHOLE_NON_NEGATIVE, check_option, check_output_folder
 from workflow.prediction import load_predictor, predict_with, predictor_meta
 
 DEFAULT_TILE_UM = 112.0          # HEST's patch: 224 px at 0.5 µm/px
@@ -33,18 +35,21 @@ def tile_scale(meta: dict, tile_um: float | None = None, tile_um_per_px: float |
     at fit time (``feature_meta['patch']``), else 112 µm at 0.5 µm/px (with a warning)."""
     recorded = meta.get("patch") or {}
     if not recorded and (tile_um is None or tile_um_per_px is None):
-        warnings.warn(f"the model does not record its training patch size; tiles of {tile_um or DEFAULT_TILE_UM:g} µm at "
-                      f"{tile_um_per_px or DEFAULT_TILE_UM_PER_PX:g} µm/px are used (set --tile-um / --tile-um-per-px "
+        warnings.warn(f"the model does not record its training patch size; tiles of "
+                      f"{DEFAULT_TILE_UM if tile_um is None else tile_um:g} µm at "
+                      f"{DEFAULT_TILE_UM_PER_PX if tile_um_per_px is None else tile_um_per_px:g} µm/px are used (set --tile-um / --tile-um-per-px "
                       "to the patch size the model was trained on)", stacklevel=2)
-    um = float(tile_um or recorded.get("patch_um") or DEFAULT_TILE_UM)
-    mpp = float(tile_um_per_px or recorded.get("um_per_px") or DEFAULT_TILE_UM_PER_PX)
+    check_option("--tile-um", tile_um, POSITIVE, optional=True)
+    check_option("--tile-um-per-px", tile_um_per_px, POSITIVE, optional=True)
+    um = float(tile_um if tile_um is not None else recorded.get("patch_um") or DEFAULT_TILE_UM)
+    mpp = float(tile_um_per_px if tile_um_per_px is not None else recorded.get("um_per_px") or DEFAULT_TILE_UM_PER_PX)
     if um <= 0 or mpp <= 0:
         raise DatasetError(f"tile size {um} µm at {mpp} µm/px: both must be positive")
     px = int(round(um / mpp))
     if px < 8:
         raise DatasetError(f"tiles of {um} µm at {mpp} µm/px are only {px} px; increase --tile-um or lower --tile-um-per-px")
     return {"tile_um": um, "tile_um_per_px": mpp, "tile_px": px,
-            "source": "options" if tile_um or tile_um_per_px else ("model" if recorded else "default")}
+            "source": "options" if tile_um is not None or tile_um_per_px is not None else ("model" if recorded else "default")}
 
 
 def rank_share(items: list, rank: int | None = None, world: int | None = None) -> list:
@@ -95,10 +100,14 @@ def predict_slide(model_path, slides, out_dir, *, um_per_px: float | None = None
     Writes ``out_dir/<slide>/`` atomically: predictions.h5ad (obsm['spatial'] = tile centres in
     level-0 px), tiles.geojson (QuPath), heatmap_<gene>.png. An existing slide folder needs ``overwrite``.
     """
-    if not 0 <= min_tissue <= 1:
-        raise DatasetError(f"--min-tissue must be between 0 and 1, got {min_tissue}")
-    if stride_um is not None and stride_um <= 0:
-        raise DatasetError(f"--stride-um must be positive, got {stride_um}")
+    check_option("--min-tissue", min_tissue, SHARE)
+    check_option("--stride-um", stride_um, POSITIVE, optional=True)
+    check_option("--um-per-px", um_per_px, POSITIVE, optional=True)
+    check_option("--tile-um", tile_um, POSITIVE, optional=True)
+    check_option("--tile-um-per-px", tile_um_per_px, POSITIVE, optional=True)
+    check_option("n_heatmap_genes", n_heatmap_genes, WHOLE_NON_NEGATIVE)
+    check_output_folder("--out", out_dir)
+    check_embed_options(**embed_options)
     fitted = load_predictor(model_path)
     scale = tile_scale(predictor_meta(fitted), tile_um, tile_um_per_px)
     if genes:  # an unknown --gene fails before any work
