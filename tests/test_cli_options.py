@@ -183,7 +183,7 @@ def test_help_reads_whole(name, monkeypatch):
 def test_cli_choices_are_the_librarys():
     from embedder.extract import PRECISIONS
     from embedder.importers import KINDS
-    from embedder.importers.common import NORMALIZATIONS, OUTPUTS
+    from embedder.importers.options import NORMALIZATIONS, OUTPUTS
     from heads.finetune_model import LRSchedule
     from heads.mlp import LOSSES
     from heads.targets import TRANSFORMS

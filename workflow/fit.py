@@ -14,7 +14,7 @@ from embedder.datasets import DatasetError, open_dataset
 from embedder.errors import UsageError
 from embedder.extract import check_embed_options
 from embedder.features import FeatureSet, ensure_features, with_dataset_context
-from heads.base import HEAD_MODULES, HEADS, HeadError
+from heads.base import HEAD_CLASSES, HeadError
 from heads.fitting import AUTO, check_config, read_model_info
 from heads.fitting import fit_head as fit_head_on_features
 from heads.metrics import top_genes
@@ -128,7 +128,7 @@ def _auto_feature_sets(features: FeatureSet, dataset, neighbours: int = 0) -> tu
 
 def head_names() -> list[str]:
     """The names ``--head`` accepts: every registered head, and "auto"."""
-    return sorted(set(HEAD_MODULES) | set(HEADS)) + [AUTO]
+    return sorted(HEAD_CLASSES) + [AUTO]
 
 
 def check_head(name: str) -> str:
