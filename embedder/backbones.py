@@ -533,6 +533,14 @@ def _load_timm_file(spec: BackboneSpec, kwargs: dict) -> torch.nn.Module:
     return model
 
 
+def build_architecture(spec: BackboneSpec) -> torch.nn.Module:
+    """The model a spec describes, unloaded and unpooled (build under ``torch.device("meta")`` to count parameters)."""
+    preset = get_preset(spec.preset) if spec.preset else None
+    build = _BUILDERS[preset.backend if preset else "timm"]
+    model, _ = build(spec, constructor_kwargs(spec.model_kwargs), None)
+    return model
+
+
 def _random_init_warning(spec: BackboneSpec) -> None:
     warnings.warn(
         f"{spec.label}: randomly initialised weights (no pretrained weights) - features are for testing, "

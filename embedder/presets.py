@@ -213,13 +213,13 @@ PRESETS: tuple[Preset, ...] = (
     Preset("conch", "conch", "ViT-B-16",
            _kw(img_size=448, patch_size=16, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0,
                dynamic_img_size=True, pool_dim=512, pool_heads=8),
-           448, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, "bicubic", None, 512, "90M", "CC-BY-NC-ND-4.0", True,
+           448, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, "bicubic", None, 512, None, "CC-BY-NC-ND-4.0", True,
            "MahmoodLab/CONCH", ("pytorch_model.bin",), "https://huggingface.co/MahmoodLab/CONCH",
            "image encoder only, as the card's encode_image(proj_contrast=False, normalize=False): timm ViT-B/16 "
            "trunk at 448 px + attention pooler (1 query, 8 heads, 512-d) + LayerNorm; built by hexpr (CONCH's "
-           "package is not on PyPI); the text tower's tensors are ignored",
-           ignore_prefixes=("text.", "text_decoder.", "logit_scale", "visual.attn_pool_caption.",
-                            "visual.ln_caption.", "visual.proj_contrast")),
+           "package is not on PyPI); the text tower's tensors are ignored. Card gives the vision encoder as ViT-B/16 "
+           "(~90M); the caption pooler hexpr drops is part of that, 87.6M as built",
+           ignore_prefixes=("attn_pool_caption.", "ln_caption.", "proj_contrast")),  # after "visual." is stripped
 )
 
 _BY_NAME = {p.name: p for p in PRESETS}
