@@ -196,3 +196,49 @@ def test_presets_table_is_consistent():
         assert p.pool in (None, "cls", "mean", "cls+mean") and p.source.startswith("https://")
         assert get_preset(p.name.upper()) is p
     assert np.all([p.hub_repo for p in EXPANDING])
+
+
+@pytest.mark.slow  # ~40 s on the shared 2-core CPU
+def test_hexpr_embed_with_a_preset_and_a_local_file_gives_the_card_models_features(tmp_path):
+    import h5py
+    import pandas as pd
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from embedder.demo_data import write_demo_dataset
+    from pipeline import app
+
+    paths = write_demo_dataset(tmp_path / "demo", n_train=4, n_test=2, n_genes=3, size=224)
+    torch.manual_seed(11)
+    reference = _card_virchow2(2).eval()
+    weights = tmp_path / "virchow2.safetensors"
+    save_file(reference.state_dict(), str(weights))
+    result = CliRunner().invoke(app, ["embed", str(paths["train_csv"]), "-b", f"virchow2:weights={weights},depth=2",
+                                      "--cache-dir", str(tmp_path / "cache"), "--precision", "fp32", "--workers", "0",
+                                      "--quiet"])
+    assert result.exit_code == 0, result.output
+    (cache_file,) = (tmp_path / "cache" / "embeddings").glob("*virchow2*.h5")
+    with h5py.File(cache_file) as f:
+        ids = [i.decode() if isinstance(i, bytes) else i for i in f["ids"][:]]
+        features = f["features"][:]
+    table = pd.read_csv(paths["train_csv"]).set_index("ID")
+    images = np.stack([np.asarray(Image.open(paths["root"] / table.loc[i, "path"]).convert("RGB")) for i in ids])
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255  # card: ToTensor + Normalize(ImageNet)
+    x = (x - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        expected = _virchow2_embedding(reference(x)).numpy()
+    assert features.shape == (4, 2560)
+    np.testing.assert_allclose(features, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_presets_train_end_to_end_with_layerwise_ids():
+    from embedder.finetune_model import build_backbones, layer_ids
+
+    (backbone,) = build_backbones([parse_backbone("virchow2:weights=none,depth=1")], torch.device("cpu"), random_init=True)
+    model = backbone.model.train()
+    loss = model(torch.rand(2, 3, 224, 224)).square().mean()
+    loss.backward()
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    assert named and all(p.grad is not None for n, p in named if ".blocks." in n)
+    ids, top = layer_ids([n for n, _ in named])
+    assert top >= 2  # stem, block, final norm: distinct depth ids under the pooling wrapper
