@@ -242,3 +242,11 @@ def test_presets_train_end_to_end_with_layerwise_ids():
     assert named and all(p.grad is not None for n, p in named if ".blocks." in n)
     ids, top = layer_ids([n for n, _ in named])
     assert top >= 2  # stem, block, final norm: distinct depth ids under the pooling wrapper
+
+
+def test_missing_transformers_extra_is_named(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import fails as if not installed
+    with pytest.raises(BackboneError, match=r"pip install 'hexpr\[transformers\]'"):
+        _random("phikon:weights=none,num_hidden_layers=1")
