@@ -148,6 +148,25 @@ def embed(
     out.print(table)
 
 
+@app.command()
+@_friendly_errors
+def backbones(
+    local_only: Annotated[bool, typer.Option("--local", help="Only presets whose weights were found on this machine.")] = False,
+):
+    """List the named backbone presets (pathology foundation models and the ImageNet defaults): width, input size,
+    parameters, token pooling, licence, and where their weights were found locally (no network calls)."""
+    rows = workflow.backbone_presets()
+    table = Table(title="backbone presets (use as -b NAME or -b NAME:weights=PATH)")
+    for column in ("name", "dim", "input", "params", "pooling", "licence", "weights here"):
+        table.add_column(column, overflow="fold")
+    for r in rows:
+        if local_only and not r["weights_local"]:
+            continue
+        table.add_row(r["name"], str(r["dim"]), r["input"], str(r["params"]), r["pooling"], r["licence"],
+                      r["weights_local"] or f"no ({r['hub_repo']})")
+    out.print(table)
+
+
 @app.command("clean-cache")
 @_friendly_errors
 def clean_cache(cache_dir: CacheDirOpt = Path("cache")):

@@ -8,6 +8,10 @@ Weights, per spec:
 * ``"pretrained"``: timm's pretrained weights (Hugging Face hub or the local hub cache);
 * ``"none"``: random initialisation (seeded, so features are reproducible); a warning is printed;
 * a path to a ``.safetensors`` / ``.pth`` / ``.bin`` file: loaded offline, checked key by key.
+
+Named presets (``embedder.presets``: ``uni``, ``virchow2``, ``phikon``, ``conch`` ...) expand to a full
+spec (architecture, exact kwargs, input size, mean/std, pooling); their weights may also be a
+downloaded folder or sit in the local hub cache. ViT specs take ``pool=cls|mean|cls+mean``.
 """
 from __future__ import annotations
 
@@ -26,13 +30,17 @@ import torch
 
 from embedder.errors import ModelError
 from embedder.files import read_config
+from embedder.presets import POOLINGS, Preset, get_preset, preset_names
 
 DEFAULT_BACKBONES = ("efficientnet_b1", "vit_small_patch16_224.augreg_in1k")
 PRETRAINED = "pretrained"
 RANDOM_INIT = "none"
 RANDOM_INIT_SEED = 0
 _HUB_PREFIXES = ("hf-hub:", "hf_hub:", "timm/")
-_SPEC_KEYS = {"weights", "mean", "std", "size", "interpolation", "crop_pct"}
+_SPEC_KEYS = {"weights", "mean", "std", "size", "interpolation", "crop_pct", "pool", "preset"}
+_OPTIONAL_KEYS = ("pool", "preset")  # left out of the spec's dict when unset, so older cache keys stay
+# constructor kwargs whose string values name a class (timm.layers first, then torch.nn)
+_CLASS_KWARGS = ("mlp_layer", "act_layer", "norm_layer", "embed_layer", "block_fn")
 
 
 class BackboneError(ModelError):
@@ -55,6 +63,8 @@ class BackboneSpec:
     size: int | None = None  # square input side; None = the model's own input size
     interpolation: str | None = None
     crop_pct: float | None = None  # None = resize the whole patch (default); 0.875 = centre crop like timm eval
+    pool: str | None = None  # ViT token pooling: cls | mean | cls+mean; None = the model's own output
+    preset: str | None = None  # the preset this spec was expanded from (its backend and weights location)
 
     def __hash__(self):
         return hash(self.to_json())
@@ -62,7 +72,7 @@ class BackboneSpec:
     @property
     def label(self) -> str:
         """Short, file-name-safe label."""
-        base = self.name.split("/")[-1].replace(":", "_")
+        base = (self.preset or self.name).split("/")[-1].replace(":", "_")
         return "".join(c if c.isalnum() or c in "._-" else "_" for c in base)
 
     @property
@@ -77,6 +87,9 @@ class BackboneSpec:
         d = asdict(self)
         d["mean"] = list(self.mean) if self.mean is not None else None
         d["std"] = list(self.std) if self.std is not None else None
+        for key in _OPTIONAL_KEYS:
+            if d[key] is None:
+                del d[key]
         return d
 
     def to_json(self) -> str:
@@ -92,16 +105,32 @@ class BackboneSpec:
             if d.get(key) is not None:
                 d[key] = tuple(float(v) for v in d[key])
         d["model_kwargs"] = dict(d.get("model_kwargs") or {})
+        if d.get("pool") is not None and d["pool"] not in POOLINGS:
+            raise BackboneError(f"backbone {d.get('name')!r}: pool={d['pool']!r}; use one of {', '.join(POOLINGS)}")
+        if d.get("preset") is not None and get_preset(d["preset"]) is None:
+            raise BackboneError(f"unknown backbone preset {d['preset']!r}; presets: {', '.join(preset_names())}")
         return cls(**d)
 
     def identity(self) -> dict:
         """What a fitted head must match: the spec with the weights replaced by their content id."""
         d = self.to_dict()
-        d["weights"] = weights_identity(self.weights)
+        d["weights"] = weights_identity(self.weights, self.preset)
         return d
 
 
-def weights_identity(weights: str) -> str:
+def weights_identity(weights: str, preset: str | None = None) -> str:
+    row = get_preset(preset) if preset else None
+    if row is not None and row.hub_repo and weights == PRETRAINED:
+        return f"hub:{row.hub_repo}"
+    if weights not in (PRETRAINED, RANDOM_INIT) and Path(weights).is_dir():
+        from embedder.weights import WeightsError, locate_preset_weights
+
+        if row is None:
+            raise BackboneError(f"weights {weights} is a folder: only presets take a folder; give the weights file")
+        try:
+            weights = str(locate_preset_weights(row, weights, online=False, spec_text=preset))
+        except WeightsError as exc:
+            raise BackboneError(str(exc)) from exc
     if weights in (PRETRAINED, RANDOM_INIT):
         return f"random-init(seed={RANDOM_INIT_SEED})" if weights == RANDOM_INIT else "timm-pretrained"
     return "sha256:" + file_sha256(weights)
@@ -119,7 +148,7 @@ def _sha256_cached(path: str, size: int, mtime: float) -> str:
 def file_sha256(path: str | Path) -> str:
     p = Path(path)
     if not p.is_file():
-        raise BackboneError(f"weights file {p} not found. Give an existing .safetensors/.pth file, 'pretrained' or 'none'.")
+        raise BackboneError(f"weights file {p} not found. Give an existing .safetensors/.pth/.bin file, 'pretrained' or 'none'.")
     st = p.stat()
     return _sha256_cached(str(p.resolve()), st.st_size, st.st_mtime)
 
@@ -137,7 +166,10 @@ def parse_backbone(text: str, default_weights: str = PRETRAINED) -> BackboneSpec
     Keys: ``weights`` (pretrained | none | path), ``mean``/``std`` (``0.5/0.5/0.5``), ``size``,
     ``interpolation``, ``crop_pct``; any other key is passed to ``timm.create_model`` (values are
     read as JSON when they parse, e.g. ``drop_rate=0.1``, else as strings, e.g. ``pad_type=same``).
-    Hub names keep their colon: ``hf-hub:MahmoodLab/UNI:weights=none``.
+    ``pool`` (cls | mean | cls+mean) pools a ViT's tokens. Hub names keep their colon:
+    ``hf-hub:MahmoodLab/UNI:weights=none``. A preset name (``uni``, ``virchow2``, see
+    ``embedder.presets``) expands to its card's full spec; options then override single values
+    (``uni:weights=/models/uni.bin``, ``uni:depth=2``).
     """
     text = text.strip()
     prefix = next((p for p in _HUB_PREFIXES if text.startswith(p) and p.endswith(":")), "")
@@ -147,6 +179,11 @@ def parse_backbone(text: str, default_weights: str = PRETRAINED) -> BackboneSpec
     if not name or name == prefix:
         raise BackboneError(f"backbone {text!r}: empty model name")
     fields: dict = {"name": name, "weights": default_weights, "model_kwargs": {}}
+    preset = get_preset(name) if not prefix else None
+    if preset is not None and not preset.is_plain_timm_name:
+        fields.update(name=preset.architecture, preset=preset.name, model_kwargs=preset.model_kwargs,
+                      mean=preset.mean, std=preset.std, size=preset.size, interpolation=preset.interpolation,
+                      pool=preset.pool)
     for item in filter(None, (s.strip() for s in options.split(","))):
         key, eq, value = item.partition("=")
         if not eq:
@@ -163,6 +200,8 @@ def parse_backbone(text: str, default_weights: str = PRETRAINED) -> BackboneSpec
             fields[key] = float(value)
         elif key in ("weights", "interpolation"):
             fields[key] = value
+        elif key == "pool":
+            fields[key] = None if value in ("", "none", "model") else value
         else:
             fields["model_kwargs"][key] = _parse_value(value)
     return BackboneSpec.from_dict(fields)
@@ -290,50 +329,252 @@ def _offline_message(spec: BackboneSpec, cause: Exception | None) -> str:
     )
 
 
-def _unwrap_state_dict(obj) -> dict:
-    if isinstance(obj, dict):
-        for key in ("state_dict", "model", "module"):
-            if key in obj and isinstance(obj[key], dict):
-                return _unwrap_state_dict(obj[key])
-    return {k.removeprefix("module."): v for k, v in obj.items()}
+def _class_by_name(key: str, name: str):
+    import timm.layers
+
+    for module in (timm.layers, torch.nn):
+        obj = getattr(module, name, None)
+        if callable(obj):  # a class, or a partial of one (timm.layers.SwiGLUPacked)
+            return obj
+    raise BackboneError(f"{key}={name!r}: no class of that name in timm.layers or torch.nn (e.g. SwiGLUPacked, SiLU, GELU)")
 
 
-def _load_weights_file(model: torch.nn.Module, spec: BackboneSpec) -> None:
-    import timm.models
+def constructor_kwargs(model_kwargs: dict) -> dict:
+    """Spec kwargs -> constructor kwargs: class-valued ones ("SwiGLUPacked", "SiLU") resolved by name."""
+    return {k: _class_by_name(k, v) if k in _CLASS_KWARGS and isinstance(v, str) else v for k, v in model_kwargs.items()}
 
+
+def pool_tokens(tokens: torch.Tensor, pool: str, num_prefix_tokens: int) -> torch.Tensor:
+    """(B, N, D) tokens -> (B, D) or (B, 2D): CLS, mean of patch tokens (prefix/register tokens excluded), or both."""
+    cls = tokens[:, 0]
+    if pool == "cls":
+        return cls
+    mean = tokens[:, num_prefix_tokens:].mean(dim=1)
+    return mean if pool == "mean" else torch.cat([cls, mean], dim=1)
+
+
+class TimmTokenPool(torch.nn.Module):
+    """A timm ViT whose tokens (``forward_features``) are pooled as the spec says."""
+
+    def __init__(self, model: torch.nn.Module, pool: str):
+        super().__init__()
+        self.model, self.pool = model, pool
+        self.fc_norm = getattr(model, "fc_norm", None) or torch.nn.Identity()
+
+    def forward(self, x):
+        tokens = self.model.forward_features(x)
+        pooled = pool_tokens(tokens, self.pool, int(self.model.num_prefix_tokens))
+        if isinstance(self.fc_norm, torch.nn.Identity):
+            return pooled
+        return torch.cat([self.fc_norm(part) for part in pooled.split(self.model.num_features, dim=1)], dim=1)
+
+
+class HFTokenPool(torch.nn.Module):
+    """A Hugging Face transformers vision model whose ``last_hidden_state`` is pooled as the spec says."""
+
+    def __init__(self, model: torch.nn.Module, pool: str):
+        super().__init__()
+        self.model, self.pool = model, pool
+        self.num_prefix_tokens = 1 + int(getattr(model.config, "num_register_tokens", 0) or 0)
+
+    def forward(self, x):
+        return pool_tokens(self.model(pixel_values=x).last_hidden_state, self.pool, self.num_prefix_tokens)
+
+
+class AttentionPooler(torch.nn.Module):
+    """Learned queries attending over the tokens (CONCH's contrastive pooler; same tensor names)."""
+
+    def __init__(self, dim: int, context_dim: int, heads: int, queries: int = 1):
+        super().__init__()
+        self.query = torch.nn.Parameter(torch.randn(queries, dim))
+        self.attn = torch.nn.MultiheadAttention(dim, heads, kdim=context_dim, vdim=context_dim)
+        self.ln_q = torch.nn.LayerNorm(dim)
+        self.ln_k = torch.nn.LayerNorm(context_dim)
+
+    def forward(self, tokens):
+        keys = self.ln_k(tokens).permute(1, 0, 2)  # (N, B, C): sequence first
+        query = self.ln_q(self.query).unsqueeze(1).expand(-1, keys.shape[1], -1)
+        return self.attn(query, keys, keys, need_weights=False)[0].permute(1, 0, 2)
+
+
+class ConchImageEncoder(torch.nn.Module):
+    """CONCH's image embedding without the contrastive projection: ViT trunk -> attention pooler -> LayerNorm."""
+
+    def __init__(self, pool_dim: int = 512, pool_heads: int = 8, **trunk_kwargs):
+        super().__init__()
+        from timm.models.vision_transformer import VisionTransformer
+
+        self.trunk = VisionTransformer(num_classes=0, **trunk_kwargs)
+        self.attn_pool_contrast = AttentionPooler(pool_dim, self.trunk.num_features, pool_heads)
+        self.ln_contrast = torch.nn.LayerNorm(pool_dim)
+        self.num_features = pool_dim
+
+    def forward(self, x):
+        return self.ln_contrast(self.attn_pool_contrast(self.trunk.forward_features(x))[:, 0])
+
+
+def _width(spec: BackboneSpec, base: int) -> int:
+    return 2 * base if spec.pool == "cls+mean" else base
+
+
+def _pooled_timm(model: torch.nn.Module, spec: BackboneSpec) -> tuple[torch.nn.Module, int]:
+    """Wrap a timm model for ``spec.pool``; refuse outputs that are not one vector per image."""
+    if spec.pool is None:
+        if getattr(model, "global_pool", None) == "":
+            raise BackboneError(
+                f"backbone {spec.name!r}: global_pool='' makes the model return one vector per token, not per image; "
+                f"add pool=cls, pool=mean or pool=cls+mean (e.g. '{spec.name}:global_pool=,pool=cls+mean')")
+        return model, int(model.num_features)
+    if not hasattr(model, "num_prefix_tokens") or not hasattr(model, "forward_features"):
+        raise BackboneError(f"backbone {spec.name!r}: pool={spec.pool} needs a ViT (token outputs); this model pools "
+                            "itself: drop pool=")
+    return TimmTokenPool(model, spec.pool), _width(spec, int(model.num_features))
+
+
+def _build_timm(spec: BackboneSpec, kwargs: dict, config: dict | None):
+    import timm
+
+    model = timm.create_model(spec.name, pretrained=False, **kwargs, num_classes=0)
+    return model, (lambda state: state)
+
+
+def _build_transformers(spec: BackboneSpec, kwargs: dict, config: dict | None):
+    try:
+        import transformers
+    except ImportError as exc:
+        raise BackboneError(f"backbone {spec.label!r} needs Hugging Face transformers: pip install 'hexpr[transformers]'") from exc
+    model_class = getattr(transformers, spec.name, None)
+    if model_class is None:
+        raise BackboneError(f"backbone {spec.label!r}: transformers {transformers.__version__} has no {spec.name}; "
+                            "upgrade transformers")
+    init_kwargs = {k: kwargs.pop(k) for k in ("add_pooling_layer",) if k in kwargs}
+    preset = get_preset(spec.preset)
+    if config:  # a downloaded snapshot's own config wins over the table; the user's overrides win over both
+        overrides = {k: v for k, v in kwargs.items() if preset.model_kwargs.get(k) != v}
+        config = {k: v for k, v in config.items() if k not in ("architectures", "auto_map", "model_type", "transformers_version")}
+        kwargs = {**config, **overrides}
+    model = model_class(model_class.config_class(**kwargs), **init_kwargs)
+    prefix = getattr(model, "base_model_prefix", "") + "."
+
+    def adapt(state):
+        return {k.removeprefix(prefix) if prefix != "." else k: v for k, v in state.items()}
+
+    return model, adapt
+
+
+def _build_conch(spec: BackboneSpec, kwargs: dict, config: dict | None):
+    model = ConchImageEncoder(**kwargs)
+    return model, (lambda state: {k.removeprefix("visual."): v for k, v in state.items() if k.startswith("visual.")})
+
+
+_BUILDERS = {"timm": _build_timm, "transformers": _build_transformers, "conch": _build_conch}
+
+
+def _wrap(model: torch.nn.Module, spec: BackboneSpec, backend: str) -> tuple[torch.nn.Module, int]:
+    if backend == "timm":
+        return _pooled_timm(model, spec)
+    if backend == "transformers":
+        pool = spec.pool or "cls"
+        return HFTokenPool(model, pool), _width(spec, int(model.config.hidden_size)) if spec.pool else int(model.config.hidden_size)
+    if spec.pool is not None:
+        raise BackboneError(f"backbone {spec.label!r}: CONCH pools with its own attention pooler; drop pool=")
+    return model, int(model.num_features)
+
+
+def _read_and_assign(build, spec: BackboneSpec, kwargs: dict, path: Path, ignore_prefixes: tuple, config=None):
+    """Build on the meta device and assign the file's tensors: one copy of the weights in memory."""
+    from embedder.weights import WeightsError, assign_state_dict, read_state_dict
+
+    try:
+        state = read_state_dict(path)
+    except Exception as exc:  # noqa: BLE001
+        raise BackboneError(f"backbone {spec.label!r}: cannot read weights file {path}: {exc}") from exc
+    with torch.device("meta"):
+        model, adapt = build(spec, dict(kwargs), config)
+    try:
+        assign_state_dict(model, adapt(state), ignore_prefixes)
+    except WeightsError as exc:
+        raise BackboneError(f"backbone {spec.label!r}: weights in {path} do not match the model: {exc}. "
+                            "Check the model name and kwargs (e.g. img_size, depth) the weights were trained with.") from exc
+    return model
+
+
+def _timm_classifier_prefixes(spec: BackboneSpec, kwargs: dict) -> tuple:
+    import timm
+
+    with torch.device("meta"):
+        probe = timm.create_model(spec.name, pretrained=False, **kwargs)
+    classifier = getattr(probe, "pretrained_cfg", {}).get("classifier") or "head"
+    return tuple(c + "." for c in ([classifier] if isinstance(classifier, str) else classifier))
+
+
+def _load_timm_file(spec: BackboneSpec, kwargs: dict) -> torch.nn.Module:
+    """A plain timm spec with a weights file (as before, but built on the meta device)."""
     path = Path(spec.weights)
     if not path.is_file():
         raise BackboneError(f"backbone {spec.name!r}: weights file {path} not found")
+    ignore = _timm_classifier_prefixes(spec, kwargs)
     try:
-        state = _unwrap_state_dict(timm.models.load_state_dict(str(path), use_ema=True))
-    except Exception as exc:  # noqa: BLE001
-        raise BackboneError(f"backbone {spec.name!r}: cannot read weights file {path}: {exc}") from exc
+        return _read_and_assign(_build_timm, spec, kwargs, path, ignore)
+    except BackboneError as exc:
+        if "not computable" not in str(exc):
+            raise
+    # models with computed (non-persistent) buffers: build for real and copy the weights in
+    from embedder.weights import read_state_dict
+
+    model, _ = _build_timm(spec, kwargs, None)
+    state = {k: v for k, v in read_state_dict(path).items() if not k.startswith(ignore)}
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def build_architecture(spec: BackboneSpec) -> torch.nn.Module:
+    """The model a spec describes, unloaded and unpooled (build under ``torch.device("meta")`` to count parameters)."""
+    preset = get_preset(spec.preset) if spec.preset else None
+    build = _BUILDERS[preset.backend if preset else "timm"]
+    model, _ = build(spec, constructor_kwargs(spec.model_kwargs), None)
+    return model
+
+
+def _random_init_warning(spec: BackboneSpec) -> None:
+    warnings.warn(
+        f"{spec.label}: randomly initialised weights (no pretrained weights) - features are for testing, "
+        "not for accuracy", RandomInitWarning, stacklevel=3,
+    )
+
+
+def _create_preset(spec: BackboneSpec, preset: Preset):
+    """(model, weights source, sha256) for a preset spec: weights from a file, folder, hub cache or the hub."""
+    from embedder.weights import WeightsError, config_json_beside, locate_preset_weights
+
+    build = _BUILDERS[preset.backend]
+    kwargs = constructor_kwargs(spec.model_kwargs)
+    if spec.is_random_init:
+        torch.manual_seed(RANDOM_INIT_SEED)
+        model, _ = build(spec, dict(kwargs), None)
+        _random_init_warning(spec)
+        return model, f"random-init(seed={RANDOM_INIT_SEED})", None
+    online = spec.weights == PRETRAINED and hub_reachable(1.0)
     try:
-        result = model.load_state_dict(state, strict=False)
-    except RuntimeError as exc:
-        raise BackboneError(
-            f"backbone {spec.name!r}: weights in {path} do not fit the model ({str(exc).splitlines()[1:3]}). "
-            "Check the model name and model kwargs (e.g. img_size, pad_type) the weights were trained with."
-        ) from exc
-    classifier = getattr(model, "pretrained_cfg", {}).get("classifier") or "head"
-    classifier_prefixes = tuple(c + "." for c in ([classifier] if isinstance(classifier, str) else classifier))
-    unexpected = [k for k in result.unexpected_keys if not k.startswith(classifier_prefixes)]
-    if result.missing_keys or unexpected:
-        raise BackboneError(
-            f"backbone {spec.name!r}: weights in {path} do not match the model: {len(result.missing_keys)} model "
-            f"tensors missing from the file (e.g. {result.missing_keys[:3]}), {len(unexpected)} unexpected tensors "
-            f"(e.g. {unexpected[:3]}). Check the model name and kwargs."
-        )
+        path = locate_preset_weights(preset, spec.weights, online, spec.label)
+    except WeightsError as exc:
+        raise BackboneError(str(exc)) from exc
+    config = config_json_beside(path) if preset.backend == "transformers" else None
+    model = _read_and_assign(build, spec, kwargs, path, preset.ignore_prefixes, config)
+    return model, f"file:{path.resolve()}", file_sha256(path)
 
 
 def create_backbone(spec: BackboneSpec, device: str | torch.device = "cpu") -> LoadedBackbone:
-    """Create the frozen, pooled (``num_classes=0``) feature extractor for ``spec``."""
+    """Create the frozen feature extractor for ``spec``: one vector per image (pooled)."""
     import timm
 
-    kwargs = {**spec.model_kwargs, "num_classes": 0}
+    preset = get_preset(spec.preset) if spec.preset else None
     sha = None
     try:
-        if spec.weights == PRETRAINED:
+        if preset is not None:
+            model, source, sha = _create_preset(spec, preset)
+        elif spec.weights == PRETRAINED:
+            kwargs = {**constructor_kwargs(spec.model_kwargs), "num_classes": 0}
             if not hub_reachable():
                 _go_offline()
             try:
@@ -341,31 +582,32 @@ def create_backbone(spec: BackboneSpec, device: str | torch.device = "cpu") -> L
             except (OSError, ValueError) as exc:  # LocalEntryNotFound, connection errors, hub errors
                 raise BackboneError(_offline_message(spec, exc)) from exc
             source = "timm-pretrained:" + str(getattr(model, "pretrained_cfg", {}).get("hf_hub_id") or spec.name)
-        else:
+        elif spec.is_random_init:
             torch.manual_seed(RANDOM_INIT_SEED)
-            model = timm.create_model(spec.name, pretrained=False, **kwargs)
-            if spec.is_random_init:
-                source = f"random-init(seed={RANDOM_INIT_SEED})"
-                warnings.warn(
-                    f"{spec.name}: randomly initialised weights (no pretrained weights) - features are for testing, "
-                    "not for accuracy", RandomInitWarning, stacklevel=2,
-                )
-            else:
-                _load_weights_file(model, spec)
-                sha = file_sha256(spec.weights)
-                source = f"file:{Path(spec.weights).resolve()}"
+            model, _ = _build_timm(spec, constructor_kwargs(spec.model_kwargs), None)
+            source = f"random-init(seed={RANDOM_INIT_SEED})"
+            _random_init_warning(spec)
+        else:
+            model = _load_timm_file(spec, constructor_kwargs(spec.model_kwargs))
+            sha = file_sha256(spec.weights)
+            source = f"file:{Path(spec.weights).resolve()}"
     except RuntimeError as exc:
         if isinstance(exc, BackboneError):
             raise
         if "Unknown model" in str(exc) or "unknown model" in str(exc).lower():
             raise BackboneError(f"{spec.name!r} is not a timm model name (see timm.list_models())") from exc
         raise BackboneError(f"backbone {spec.name!r}: {exc}") from exc
-    except TypeError as exc:
-        raise BackboneError(f"backbone {spec.name!r}: bad model kwargs {spec.model_kwargs}: {exc}") from exc
+    except (TypeError, KeyError, AssertionError) as exc:
+        raise BackboneError(f"backbone {spec.name!r}: bad model kwargs {spec.model_kwargs}: {type(exc).__name__}: {exc}") from exc
+    preprocess = _preset_preprocess(spec) if preset is not None else resolve_preprocess(model, spec)
+    model, num_features = _wrap(model, spec, preset.backend if preset else "timm")
     model.eval().requires_grad_(False)
-    preprocess = resolve_preprocess(model, spec)
     model = model.to(device).to(memory_format=torch.channels_last)
-    return LoadedBackbone(spec, model, preprocess, int(model.num_features), source, sha)
+    return LoadedBackbone(spec, model, preprocess, num_features, source, sha)
+
+
+def _preset_preprocess(spec: BackboneSpec) -> Preprocess:
+    return Preprocess(int(spec.size), int(spec.size), tuple(spec.mean), tuple(spec.std), spec.interpolation, spec.crop_pct)
 
 
 def resolve_specs(backbones: list[str] | None = None, config: str | Path | None = None, no_pretrained: bool = False) -> list[BackboneSpec]:

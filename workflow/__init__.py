@@ -4,7 +4,8 @@ Each function takes paths and options, does one stage, writes its outputs atomic
 name, then rename) and returns a plain dict report. Names are loaded on first use, so that
 ``import workflow`` (and ``hexpr --help``) stays fast; ``workflow.<name>`` is the public API:
 
-    embed, clean_cache, backbone_specs      workflow.embedding
+    embed, clean_cache, backbone_specs,     workflow.embedding
+    backbone_presets
     fit_head, head_names, check_head,
     check_transform                         workflow.fit
     predict, load_predictor, predict_with   workflow.prediction
@@ -22,6 +23,7 @@ import importlib
 
 _PUBLIC = {
     "embed": "workflow.embedding", "clean_cache": "workflow.embedding", "backbone_specs": "workflow.embedding",
+    "backbone_presets": "workflow.embedding",
     "fit_head": "workflow.fit", "head_names": "workflow.fit", "check_head": "workflow.fit",
     "check_transform": "workflow.fit",
     "predict": "workflow.prediction", "load_predictor": "workflow.prediction", "predict_with": "workflow.prediction",
