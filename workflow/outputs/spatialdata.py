@@ -23,7 +23,7 @@ EXTRA = "spatialdata"
 IMAGE, SHAPES, TABLE = "slide", "tiles", "table"
 COORDINATE_SYSTEM = "global"
 REGION_KEY, INSTANCE_KEY = "region", "instance_id"
-MIN_LEVEL_SIDE = 256     # pyramid levels halve until the shorter side would drop below this
+MIN_LEVEL_SIDE = 64      # pyramid levels halve until the shorter side would drop below this
 CHUNK_PX = 1024
 
 
