@@ -51,7 +51,7 @@ def main() -> None:
     image = next((HER2ST / "ST-imgs" / args.section).glob("*.jpg"))
     spec = parse_backbone(MOBILENET_SPEC + ",size=64")
     import_dataset(HER2ST, work / "train", sample_ids=["C2", "C4"], target_um_per_px=112.0 / 64, progress=False)
-    opts = dict(cache_dir=work / "cache", progress=False, precision="fp32")
+    opts = {"cache_dir": work / "cache", "progress": False, "precision": "fp32"}
     fit_head(work / "train", [spec], head="ridge", folds=2, out_dir=work / "model", n_jobs=1, **opts)
     t = time.perf_counter()
     predict_slide(work / "model", [image], work / "maps", um_per_px=UM_PER_PX, outputs=list(SLIDE_OUTPUTS), **opts)
