@@ -309,12 +309,16 @@ def predict_slide(
     min_tissue: Annotated[float, typer.Option("--min-tissue", help="Keep tiles with at least this share of tissue, 0 to 1.")] = 0.25,
     gene: Annotated[Optional[list[str]], typer.Option("--gene", help="Gene to draw a heatmap of, repeatable (default: the 3 most variable predicted).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing <out>/<slide> folders.")] = False,
+    outputs: Annotated[Optional[str], typer.Option("--outputs", help="Comma-separated outputs per slide: h5ad, geojson, heatmaps, spatialdata (needs hexpr[spatialdata]) (default: h5ad,geojson,heatmaps).")] = None,
+    geojson_genes: Annotated[Optional[str], typer.Option("--geojson-genes", help="Genes in tiles.geojson: this many most variable predicted (+ every --gene), or 'all' (default: 50).")] = None,
+    gene_sets: Annotated[Optional[Path], typer.Option("--gene-sets", help="Gene programs to score per tile: .gmt, or a CSV/TSV of set,gene rows.")] = None,
     cache_dir: CacheDirOpt = Path("cache"), batch_size: BatchOpt = None, workers: WorkersOpt = None,
     device: DeviceOpt = "auto", precision: PrecisionOpt = "auto", quiet: QuietOpt = False,
 ):
-    """Predict expression over whole H&E slides: tissue tiles -> .h5ad, QuPath GeoJSON, per-gene heatmaps."""
+    """Predict expression over whole H&E slides: tissue tiles -> .h5ad, QuPath GeoJSON, heatmaps, SpatialData."""
     result = workflow.predict_slide(model, slides, out_dir, um_per_px=um_per_px, tile_um=tile_um, tile_um_per_px=tile_um_per_px,
                                     stride_um=stride_um, min_tissue=min_tissue, genes=gene, overwrite=overwrite,
+                                    outputs=outputs, geojson_genes=geojson_genes, gene_sets=gene_sets,
                                     cache_dir=cache_dir, progress=not quiet, batch_size=batch_size, num_workers=workers,
                                     device=device, precision=precision)
     tile = result["tile"]

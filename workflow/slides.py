@@ -17,10 +17,9 @@ from embedder.files import atomic_dir
 from embedder.importers.names import safe_name
 from embedder.slides import SlideError, find_slides, open_slide, slide_thumbnail
 from embedder.tiling import tile_dataset, tile_grid, tissue_fraction, tissue_mask
-from workflow.outputs.anndata import write_anndata
-from workflow.outputs.geojson import write_tile_geojson
-from workflow.outputs.plots import plot_tile_map, safe_filename
 from workflow.options import POSITIVE, SHARE, WHOLE_NON_NEGATIVE, check_option, check_output_folder
+from workflow.outputs.gene_sets import SCORE_METHOD, read_gene_sets, score_gene_sets
+from workflow.outputs.slide_maps import SlideMap, parse_geojson_genes, parse_outputs, write_slide_outputs
 from workflow.prediction import load_predictor, predict_with, predictor_meta
 
 DEFAULT_TILE_UM = 112.0          # HEST's patch: 224 px at 0.5 µm/px
@@ -90,7 +89,8 @@ def predict_slide(model_path, slides, out_dir, *, um_per_px: float | None = None
                   tile_um_per_px: float | None = None, stride_um: float | None = None,
                   min_tissue: float = DEFAULT_MIN_TISSUE, genes: list[str] | None = None,
                   n_heatmap_genes: int = DEFAULT_HEATMAP_GENES, cache_dir=DEFAULT_CACHE_DIR, overwrite: bool = False,
-                  progress: bool = True, **embed_options) -> dict:
+                  progress: bool = True, outputs: str | list[str] | None = None, geojson_genes: str | int | None = None,
+                  gene_sets=None, **embed_options) -> dict:
     """Whole slides in, expression maps out: tissue tiles embedded and predicted with a fitted head
     or a fine-tuned model (see ``load_predictor``).
 
@@ -98,7 +98,11 @@ def predict_slide(model_path, slides, out_dir, *, um_per_px: float | None = None
     A slide that cannot be read or tiled is skipped with a warning and listed in ``report['failed']``
     (the others are still written); when it is the only slide, or every slide fails, its error is raised.
     Writes ``out_dir/<slide>/`` atomically: predictions.h5ad (obsm['spatial'] = tile centres in
-    level-0 px), tiles.geojson (QuPath), heatmap_<gene>.png. An existing slide folder needs ``overwrite``.
+    level-0 px), tiles.geojson (QuPath), heatmap_<gene>.png; ``outputs`` chooses among them and
+    spatialdata.zarr (see workflow.outputs.slide_maps). ``geojson_genes``: the GeoJSON's measurements,
+    a count of the most variable predicted genes (default 50; ``genes`` are always in) or 'all'.
+    ``gene_sets``: a .gmt or set,gene CSV; each set's score (workflow.outputs.gene_sets) joins every output.
+    An existing slide folder needs ``overwrite``.
     """
     check_option("--min-tissue", min_tissue, SHARE)
     check_option("--stride-um", stride_um, POSITIVE, optional=True)
@@ -108,7 +112,9 @@ def predict_slide(model_path, slides, out_dir, *, um_per_px: float | None = None
     check_option("n_heatmap_genes", n_heatmap_genes, WHOLE_NON_NEGATIVE)
     check_output_folder("--out", out_dir)
     check_embed_options(**embed_options)
+    writing = {"outputs": parse_outputs(outputs), "n_geojson_genes": parse_geojson_genes(geojson_genes)}
     fitted = load_predictor(model_path)
+    writing["gene_sets"] = read_gene_sets(gene_sets, fitted.genes) if gene_sets else {}
     scale = tile_scale(predictor_meta(fitted), tile_um, tile_um_per_px)
     if genes:  # an unknown --gene fails before any work
         _heatmap_genes(pd.DataFrame(columns=fitted.genes), genes, 0)
@@ -129,7 +135,7 @@ def predict_slide(model_path, slides, out_dir, *, um_per_px: float | None = None
             report["slides"][str(path)] = _predict_one_slide(
                 fitted, model_path, path, slide_out_dir(out_dir, path), scale, um_per_px=um_per_px, stride_um=stride_um,
                 min_tissue=min_tissue, genes=genes, n_heatmap_genes=n_heatmap_genes, cache_dir=cache_dir,
-                progress=progress, **embed_options)
+                progress=progress, writing=writing, **embed_options)
         except (SlideError, DatasetError) as exc:  # this slide's own problem: the others still get their maps
             if len(mine) == 1:
                 raise
@@ -141,7 +147,7 @@ def predict_slide(model_path, slides, out_dir, *, um_per_px: float | None = None
 
 
 def _predict_one_slide(fitted, model_path, path: Path, final_dir: Path, scale: dict, *, um_per_px, stride_um, min_tissue,
-                       genes, n_heatmap_genes, cache_dir, progress, **embed_options) -> dict:
+                       genes, n_heatmap_genes, cache_dir, progress, writing: dict, **embed_options) -> dict:
     started = time.perf_counter()
     slide = open_slide(path, um_per_px)
     try:
@@ -170,19 +176,21 @@ def _predict_one_slide(fitted, model_path, path: Path, final_dir: Path, scale: d
                       "n_grid_tiles": len(grid), "grid_shape": [grid.n_rows, grid.n_cols],
                       "coordinates": "obsm['spatial'] = tile centres (x, y) in level-0 slide pixels",
                       "cache_files": cache_files}
-        spatial = {"spatial": {path.stem: {
-            "images": {"hires": thumbnail},
-            "scalefactors": {"tissue_hires_scalef": thumb_scale, "spot_diameter_fullres": tile_px}}}}
+        if writing["gene_sets"]:
+            provenance["gene_sets"] = {"method": SCORE_METHOD, "genes": writing["gene_sets"]}
+        n_geojson = writing["n_geojson_genes"]
+        geojson_genes = None if n_geojson is None else list(dict.fromkeys(_heatmap_genes(frame, None, n_geojson) + (genes or [])))
+        slide_map = SlideMap(path.stem, frame, tiles.centres, tile_px, stride_px, thumbnail, thumb_scale, obs, provenance,
+                             scores=score_gene_sets(frame, writing["gene_sets"]), heatmap_genes=chosen,
+                             geojson_genes=geojson_genes)
         with atomic_dir(final_dir) as tmp:
-            write_anndata(tmp / "predictions.h5ad", frame, tiles.centres, None, provenance, obs=obs, uns=spatial)
-            write_tile_geojson(tmp / "tiles.geojson", frame, tiles.centres, tile_px)
-            heatmaps = {g: str(final_dir / plot_tile_map(
-                frame[g].to_numpy(), tiles.centres, stride_px, thumbnail, thumb_scale,
-                tmp / f"heatmap_{safe_filename(g)}.png", title=f"{path.stem}: predicted {g}").name) for g in chosen}
+            written = write_slide_outputs(slide_map, tmp, writing["outputs"])
+        heatmaps = {g: str(final_dir / name) for g, name in written.get("heatmaps", {}).items()}
     finally:
         slide.close()
     seconds = time.perf_counter() - started
     return {"out_dir": str(final_dir), "n_grid_tiles": len(grid), "n_tiles": int(keep.sum()),
             "um_per_px": slide.um_per_px, "um_per_px_source": slide.um_per_px_source, "heatmaps": heatmaps,
+            "outputs": {name: sorted(files.values()) for name, files in written.items()},
             "tissue_seconds": round(tissue_s, 2), "seconds": round(seconds, 1),
             "tiles_per_second": round(int(keep.sum()) / max(seconds, 1e-9), 2)}

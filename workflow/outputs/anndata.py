@@ -23,10 +23,16 @@ def _h5ad_safe(value):
     return value
 
 
+def provenance_uns(provenance: dict) -> dict:
+    """``provenance`` as AnnData can store it in ``uns`` (JSON types, no None, no mixed lists)."""
+    return _h5ad_safe(json.loads(json.dumps(provenance, default=str)))
+
+
 def write_anndata(path, predictions: pd.DataFrame, coords, groups, provenance: dict,
-                  obs: pd.DataFrame | None = None, uns: dict | None = None) -> Path:
+                  obs: pd.DataFrame | None = None, uns: dict | None = None, compression: str | None = None) -> Path:
     """Predictions as AnnData: X = predicted expression, obs = spots, obsm['spatial'] when known.
-    ``obs``: extra per-row columns (same row order); ``uns``: extra entries (e.g. scanpy's 'spatial')."""
+    ``obs``: extra per-row columns (same row order); ``uns``: extra entries (e.g. scanpy's 'spatial');
+    ``compression``: h5py compression of every array (e.g. "gzip"), none by default."""
     import anndata
 
     obs = pd.DataFrame(index=predictions.index.astype(str)) if obs is None else obs.set_axis(predictions.index.astype(str))
@@ -35,10 +41,10 @@ def write_anndata(path, predictions: pd.DataFrame, coords, groups, provenance: d
     adata = anndata.AnnData(X=predictions.to_numpy(np.float32), obs=obs, var=pd.DataFrame(index=predictions.columns.astype(str)))
     if coords is not None:
         adata.obsm["spatial"] = np.asarray(coords, dtype=np.float64)
-    adata.uns["hexpr"] = _h5ad_safe(json.loads(json.dumps(provenance, default=str)))
+    adata.uns["hexpr"] = provenance_uns(provenance)
     adata.uns.update(uns or {})
     with atomic_path(path) as tmp:
-        adata.write_h5ad(tmp)
+        adata.write_h5ad(tmp, compression=compression)
     return Path(path)
 
 

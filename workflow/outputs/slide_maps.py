@@ -1,0 +1,130 @@
+"""What predict-slide writes per slide, as one table {output name: writer}.
+
+A ``SlideMap`` holds one slide's tile predictions and geometry; each writer puts one output format
+of it into a folder and returns {key: file name} (key: the format, or the gene for heatmaps). A
+new output format is one row of ``SLIDE_OUTPUTS`` (plus its writer module in workflow/outputs/).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from embedder.errors import UsageError
+from workflow.outputs.anndata import provenance_uns, write_anndata
+from workflow.outputs.geojson import write_tile_geojson
+from workflow.outputs.plots import plot_tile_map, safe_filename
+from workflow.outputs.spatialdata import require_spatialdata, write_spatialdata
+
+DEFAULT_GEOJSON_GENES = 50          # QuPath measurements per tile: the most variable predicted genes
+H5AD_COMPRESSION = "gzip"
+
+
+@dataclass
+class SlideMap:
+    """One slide's tile predictions. Coordinates are level-0 slide pixels (x right, y down)."""
+    name: str                          # the slide's stem: scanpy's library_id
+    predictions: pd.DataFrame          # tiles x genes
+    centres: np.ndarray                # (n, 2) tile centres
+    tile_px: float                     # tile side
+    stride_px: float                   # tile step (the heatmap raster cell)
+    thumbnail: np.ndarray              # (h, w, 3) uint8
+    thumbnail_scale: float             # thumbnail px per level-0 px
+    obs: pd.DataFrame                  # per-tile columns (row, col, tissue_fraction, ...)
+    provenance: dict
+    scores: pd.DataFrame = field(default_factory=pd.DataFrame)   # tiles x score_<set>
+    heatmap_genes: list[str] = field(default_factory=list)
+    geojson_genes: list[str] | None = None                       # None: every gene
+
+    def tile_obs(self) -> pd.DataFrame:
+        """Per-tile columns plus the gene-set scores, indexed like ``predictions``."""
+        obs = self.obs.reset_index(drop=True).set_axis(self.predictions.index.astype(str))
+        return pd.concat([obs, self.scores.set_axis(obs.index)], axis=1) if self.scores.shape[1] else obs
+
+
+def _write_h5ad(m: SlideMap, folder: Path) -> dict[str, str]:
+    spatial = {"spatial": {m.name: {
+        "images": {"hires": np.asarray(m.thumbnail, np.uint8)},
+        "scalefactors": {"tissue_hires_scalef": float(m.thumbnail_scale), "spot_diameter_fullres": float(m.tile_px)}}}}
+    write_anndata(folder / "predictions.h5ad", m.predictions, m.centres, None, m.provenance, obs=m.tile_obs(), uns=spatial,
+                  compression=H5AD_COMPRESSION)
+    return {"h5ad": "predictions.h5ad"}
+
+
+def _write_geojson(m: SlideMap, folder: Path) -> dict[str, str]:
+    genes = m.predictions if m.geojson_genes is None else m.predictions[m.geojson_genes]
+    measurements = pd.concat([genes, m.scores.set_axis(genes.index)], axis=1) if m.scores.shape[1] else genes
+    write_tile_geojson(folder / "tiles.geojson", measurements, m.centres, m.tile_px)
+    return {"geojson": "tiles.geojson"}
+
+
+def _write_spatialdata(m: SlideMap, folder: Path) -> dict[str, str]:
+    write_spatialdata(folder / "spatialdata.zarr", m.predictions, m.centres, m.tile_px, m.thumbnail, m.thumbnail_scale,
+                      obs=m.tile_obs(), uns={"hexpr": provenance_uns(m.provenance)})
+    return {"spatialdata": "spatialdata.zarr"}
+
+
+def _write_heatmaps(m: SlideMap, folder: Path) -> dict[str, str]:
+    maps = [(g, m.predictions[g], f"predicted {g}") for g in m.heatmap_genes]
+    maps += [(s, m.scores[s], f"gene set {s}") for s in m.scores.columns]
+    return {key: plot_tile_map(values.to_numpy(), m.centres, m.stride_px, m.thumbnail, m.thumbnail_scale,
+                               folder / f"heatmap_{safe_filename(key)}.png", title=f"{m.name}: {title}").name
+            for key, values, title in maps}
+
+
+@dataclass(frozen=True)
+class SlideOutput:
+    write: Callable[[SlideMap, Path], dict[str, str]]
+    help: str
+    require: Callable[[], None] | None = None     # raises UsageError when an optional dependency is missing
+
+
+SLIDE_OUTPUTS: dict[str, SlideOutput] = {
+    "h5ad": SlideOutput(_write_h5ad, "predictions.h5ad (AnnData; scanpy's uns['spatial'] layout, sc.pl.spatial draws it)"),
+    "geojson": SlideOutput(_write_geojson, "tiles.geojson (QuPath objects; --geojson-genes chooses the measurements)"),
+    "heatmaps": SlideOutput(_write_heatmaps, "heatmap_<gene>.png and heatmap_score_<set>.png over the thumbnail"),
+    "spatialdata": SlideOutput(_write_spatialdata, "spatialdata.zarr (SpatialData: image, tile shapes, table; "
+                               "needs pip install 'hexpr[spatialdata]')", require_spatialdata),
+}
+DEFAULT_OUTPUTS = ("h5ad", "geojson", "heatmaps")
+
+
+def parse_outputs(outputs: str | list[str] | tuple[str, ...] | None) -> tuple[str, ...]:
+    """Output names from 'h5ad,geojson' or a list of such strings (None: the default); a bad name or a
+    missing optional dependency is a UsageError, raised before any work."""
+    if outputs is None:
+        return DEFAULT_OUTPUTS
+    items = [outputs] if isinstance(outputs, str) else list(outputs)
+    names = list(dict.fromkeys(n.strip().lower() for item in items for n in item.split(",") if n.strip()))
+    if not names:
+        raise UsageError(f"--outputs is empty; choose from {', '.join(SLIDE_OUTPUTS)}")
+    unknown = [n for n in names if n not in SLIDE_OUTPUTS]
+    if unknown:
+        raise UsageError(f"--outputs {unknown[0]!r} is not an output; choose from {', '.join(SLIDE_OUTPUTS)}")
+    for name in names:
+        if SLIDE_OUTPUTS[name].require:
+            SLIDE_OUTPUTS[name].require()
+    return tuple(names)
+
+
+def parse_geojson_genes(value: str | int | None) -> int | None:
+    """--geojson-genes: a count (the most variable predicted genes) or 'all' (None)."""
+    if value is None:
+        return DEFAULT_GEOJSON_GENES
+    if str(value).strip().lower() == "all":
+        return None
+    try:
+        n = int(str(value).strip())
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise UsageError(f"--geojson-genes must be a number of genes (0 or more) or 'all', got {value!r}")
+    return n
+
+
+def write_slide_outputs(m: SlideMap, folder: Path, outputs: tuple[str, ...] = DEFAULT_OUTPUTS) -> dict[str, dict[str, str]]:
+    """Write each chosen output of ``m`` into ``folder``: {output name: {key: file name}}."""
+    return {name: SLIDE_OUTPUTS[name].write(m, Path(folder)) for name in outputs}
