@@ -194,6 +194,7 @@ class TileDataset(PatchDataset):
     """Tiles of one slide as patches: square of ``tile_src_px`` level-0 px around each centre,
     resampled to ``patch_px``. Picklable: each process opens the slide itself on first read."""
 
+    item_noun = "tiles"      # progress and interruption messages count tiles
     slide_path: Path | None = None
     um_per_px: float = 0.0
     tile_src_px: float = 0.0
