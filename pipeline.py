@@ -302,7 +302,8 @@ def predict_slide(
     model: Annotated[Path, typer.Argument(help="Model folder (or model.joblib) written by fit-head.")],
     slides: Annotated[list[Path], typer.Argument(help="Slide files (TIFF/SVS, NDPI/MRXS/SCN via OpenSlide, JPEG/PNG) or folders of them.")],
     out_dir: Annotated[Path, typer.Option("--out", help="Output folder: one <slide>/ folder per slide.")] = Path("slide-predictions"),
-    um_per_px: Annotated[Optional[float], typer.Option("--um-per-px", help="Slide µm per pixel, > 0 (needed when the slide does not record it, e.g. JPEG/PNG).")] = None,
+    um_per_px: Annotated[Optional[float], typer.Option("--um-per-px", help="Slide µm per pixel, > 0 (needed when the slide does not record it, e.g. JPEG/PNG; refused when it differs from the slide's own by > 10% unless --force-um-per-px).")] = None,
+    force_um_per_px: Annotated[bool, typer.Option("--force-um-per-px", help="Use --um-per-px even where it disagrees with the slide's recorded scale by more than 10%.")] = False,
     tile_um: Annotated[Optional[float], typer.Option("--tile-um", help="Tile side in µm, > 0 (default: the model's training patch, else 112).")] = None,
     tile_um_per_px: Annotated[Optional[float], typer.Option("--tile-um-per-px", help="Tile pixel size in µm for the model, > 0 (default: the model's, else 0.5).")] = None,
     stride_um: Annotated[Optional[float], typer.Option("--stride-um", help="Tile step in µm, > 0 (default: the tile side; smaller = overlap).")] = None,
@@ -316,7 +317,8 @@ def predict_slide(
     device: DeviceOpt = "auto", precision: PrecisionOpt = "auto", quiet: QuietOpt = False,
 ):
     """Predict expression over whole H&E slides: tissue tiles -> .h5ad, QuPath GeoJSON, heatmaps, SpatialData."""
-    result = workflow.predict_slide(model, slides, out_dir, um_per_px=um_per_px, tile_um=tile_um, tile_um_per_px=tile_um_per_px,
+    result = workflow.predict_slide(model, slides, out_dir, um_per_px=um_per_px, force_um_per_px=force_um_per_px,
+                                    tile_um=tile_um, tile_um_per_px=tile_um_per_px,
                                     stride_um=stride_um, min_tissue=min_tissue, genes=gene, overwrite=overwrite,
                                     outputs=outputs, geojson_genes=geojson_genes, gene_sets=gene_sets,
                                     cache_dir=cache_dir, progress=not quiet, batch_size=batch_size, num_workers=workers,
@@ -328,7 +330,8 @@ def predict_slide(
     for path, r in result["slides"].items():
         table.add_row(Path(path).name, f"{r['um_per_px']:.4g} ({r['um_per_px_source']})", f"{r['n_tiles']}/{r['n_grid_tiles']}",
                       str(r["seconds"]), str(r["tiles_per_second"]), r["out_dir"])
-    out.print(table)
+    if result["slides"]:   # under torchrun sharing tiles, rank 0 writes and reports
+        out.print(table)
     if result["failed"]:
         n_all = len(result["failed"]) + len(result["slides"])
         console.print(f"[bold red]Error:[/bold red] {len(result['failed'])} of {n_all} slides failed (why: the warnings "

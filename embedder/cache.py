@@ -130,6 +130,25 @@ class CacheEntry:
 
     def write_chunk(self, index: int, features: np.ndarray) -> None:
         _atomic_save_npy(self._chunk_path(index), np.ascontiguousarray(features, dtype=np.float32))
+        self._part_path(index).unlink(missing_ok=True)
+
+    # --- time-based checkpoints: the first rows of an unfinished chunk ------------------------
+    def _part_path(self, index: int) -> Path:
+        return self.partial_dir / f"chunk_{index:06d}.part.npy"
+
+    def write_partial_chunk(self, index: int, features: np.ndarray) -> None:
+        """Keep the first rows of chunk ``index`` (a checkpoint; replaced by ``write_chunk``)."""
+        _atomic_save_npy(self._part_path(index), np.ascontiguousarray(features, dtype=np.float32))
+
+    def read_partial_chunk(self, index: int) -> np.ndarray | None:
+        path = self._part_path(index)
+        return np.load(path) if path.is_file() and not self._chunk_path(index).is_file() else None
+
+    def rows_done(self) -> int:
+        """Rows kept in the in-progress folder (finished chunks and checkpointed first rows)."""
+        if not self.partial_dir.is_dir():
+            return 0
+        return sum(np.load(p, mmap_mode="r").shape[0] for p in self.partial_dir.glob("chunk_*.npy"))
 
     def finalize(self, ids: list[str], n_chunks: int, attrs: dict) -> Path:
         """Assemble the chunks into the final HDF5 file (temp name, then rename) and drop the chunks."""

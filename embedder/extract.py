@@ -26,6 +26,7 @@ from embedder.datasets import DatasetError, PatchDataset
 from embedder.errors import UsageError
 
 DEFAULT_CHUNK_SIZE = 512
+CHECKPOINT_SECONDS = 30.0   # unfinished chunks' first rows are saved at least this often (and on Ctrl-C)
 CPU_BATCH_SIZE = 16   # measured best on CPU (benchmarks/embed_throughput.py: 16 > 32 > 64)
 GPU_BATCH_SIZE = 128
 
@@ -224,6 +225,7 @@ def embed_dataset(
     progress: bool = True,
     max_chunks: int | None = None,
     distributed: bool = True,
+    checkpoint_seconds: float = CHECKPOINT_SECONDS,
 ) -> list[CacheEntry]:
     """Embed ``dataset`` with every spec whose cache is missing; returns the entries in spec order.
 
@@ -233,6 +235,8 @@ def embed_dataset(
     ``precision``: "auto" (bf16 autocast on CUDA and on CPUs with native bf16, else fp32), "fp32" or "bf16".
     ``max_chunks`` stops after that many chunks (for tests of interruption and resume).
     ``distributed=False``: embed alone even under torchrun (each rank embeds its own slides).
+    ``checkpoint_seconds``: the finished rows of an unfinished chunk are saved this often and when
+    interrupted (Ctrl-C included), and a rerun continues after them with the same batches.
     """
     check_embed_options(batch_size=batch_size, num_workers=num_workers, device=device, precision=precision,
                         chunk_size=chunk_size)
@@ -253,7 +257,7 @@ def embed_dataset(
     if ranks.rank == 0:
         _report_partials(Path(cache_dir), {e.key for e in entries})
     args = (ranks, torch_device, autocast_dtype, batch_size, num_workers, tta, chunk_size, progress, max_chunks,
-            fingerprint, precision_used)
+            fingerprint, precision_used, checkpoint_seconds)
     try:
         if ranks.world > 1:  # the ranks share the in-progress folders on purpose
             _embed_missing(dataset, todo, *args)
@@ -267,11 +271,14 @@ def embed_dataset(
                         for entry in todo:  # still holding the lock: no other process writes there
                             entry.drop_if_empty()
                         raise
-    except (Exception, KeyboardInterrupt):
-        kept = [str(e.partial_dir) for e in todo if e.has_chunks() and not e.exists()]
+    except (Exception, KeyboardInterrupt) as exc:
+        kept = [e for e in todo if e.has_chunks() and not e.exists()]
         if kept:
-            warnings.warn(f"embedding stopped; the finished chunks are kept in {', '.join(kept)}: rerun the same "
-                          "command to resume from them", stacklevel=2)
+            what = "interrupted" if isinstance(exc, KeyboardInterrupt) else "embedding stopped"
+            noun = getattr(dataset, "item_noun", "images")
+            rows = min(e.rows_done() for e in kept)
+            warnings.warn(f"{what}: {rows:,} of {len(dataset):,} {noun} kept in {', '.join(str(e.partial_dir) for e in kept)}; "
+                          "rerun the same command to resume", stacklevel=2)
         raise
     return entries
 
@@ -289,9 +296,33 @@ def _report_partials(cache_dir: Path, current_keys: set[str]) -> None:
                       f"with `hexpr clean-cache --cache-dir {cache_dir}`", stacklevel=3)
 
 
+def _resume_offsets(jobs: list[_Job], chunks: list[int], batch: int) -> dict[int, int]:
+    """Rows of each chunk already checkpointed by every job that needs it (whole batches); those
+    rows go back into the jobs' buffers so the chunk is completed with the remaining batches."""
+    offsets = {}
+    for c in chunks:
+        parts = {id(job): job.entry.read_partial_chunk(c) for job in jobs if c in job.missing_chunks}
+        offset = min((0 if p is None else len(p)) for p in parts.values()) if parts else 0
+        offset -= offset % batch
+        if offset:
+            for job in jobs:
+                if c in job.missing_chunks:
+                    job.buffers[c] = [parts[id(job)][:offset]]
+            offsets[c] = offset
+    return offsets
+
+
+def _checkpoint(jobs: list[_Job]) -> None:
+    """Save the finished rows of every unfinished chunk in the jobs' buffers."""
+    for job in jobs:
+        for c, parts in job.buffers.items():
+            if parts:
+                job.entry.write_partial_chunk(c, np.concatenate(parts))
+
+
 def _embed_missing(dataset: PatchDataset, todo: list[CacheEntry], ranks: _Ranks, torch_device, autocast_dtype,
                    batch_size: int, num_workers, tta: bool, chunk_size: int, progress: bool, max_chunks,
-                   fingerprint: str, precision_used: str) -> None:
+                   fingerprint: str, precision_used: str, checkpoint_seconds: float = CHECKPOINT_SECONDS) -> None:
     """Compute the missing chunks of ``todo`` (this rank's share) and finalize complete cache files."""
     n = len(dataset)
     jobs: list[_Job] = []
@@ -316,10 +347,11 @@ def _embed_missing(dataset: PatchDataset, todo: list[CacheEntry], ranks: _Ranks,
     if max_chunks is not None:
         needed_chunks = needed_chunks[:max_chunks]
 
+    resumed = _resume_offsets(jobs, needed_chunks, batch)
     batches = [
         list(range(start, min(start + batch, (c + 1) * chunk, n)))
         for c in needed_chunks
-        for start in range(c * chunk, min((c + 1) * chunk, n), batch)
+        for start in range(c * chunk + resumed.get(c, 0), min((c + 1) * chunk, n), batch)
     ]
     workers = default_num_workers(torch_device) if num_workers is None else num_workers
     loader = torch.utils.data.DataLoader(
@@ -330,24 +362,32 @@ def _embed_missing(dataset: PatchDataset, todo: list[CacheEntry], ranks: _Ranks,
     total_images = sum(len(b) for b in batches)
     done_images = 0
     started = time.perf_counter()
+    last_checkpoint = time.monotonic()
     with _progress_bar(progress and ranks.rank == 0) as bar:
         task = bar.add_task(f"embed {dataset.name} ({', '.join(j.entry.spec.label for j in jobs)})", total=total_images, rate=0.0)
-        for indices, stacks, errors in loader:
-            if errors:
-                raise DatasetError(errors[0] + (f" ({len(errors)} unreadable images in this batch)" if len(errors) > 1 else ""))
-            c = indices[0] // chunk
-            for job in jobs:
-                if c in job.missing_chunks:
-                    feats = _forward(job.backbone, stacks[job.preprocess_index], torch_device, tta, autocast_dtype)
-                    job.buffers.setdefault(c, []).append(feats)
-            chunk_end = min((c + 1) * chunk, n)
-            if indices[-1] + 1 == chunk_end:
+        try:
+            for indices, stacks, errors in loader:
+                if errors:
+                    raise DatasetError(errors[0] + (f" ({len(errors)} unreadable images in this batch)" if len(errors) > 1 else ""))
+                c = indices[0] // chunk
                 for job in jobs:
-                    if c in job.buffers:
-                        job.entry.write_chunk(c, np.concatenate(job.buffers.pop(c)))
-                        job.missing_chunks.discard(c)
-            done_images += len(indices)
-            bar.update(task, advance=len(indices), rate=done_images / max(time.perf_counter() - started, 1e-9))
+                    if c in job.missing_chunks:
+                        feats = _forward(job.backbone, stacks[job.preprocess_index], torch_device, tta, autocast_dtype)
+                        job.buffers.setdefault(c, []).append(feats)
+                chunk_end = min((c + 1) * chunk, n)
+                if indices[-1] + 1 == chunk_end:
+                    for job in jobs:
+                        if c in job.buffers:
+                            job.entry.write_chunk(c, np.concatenate(job.buffers.pop(c)))
+                            job.missing_chunks.discard(c)
+                elif time.monotonic() - last_checkpoint > checkpoint_seconds:
+                    _checkpoint(jobs)
+                    last_checkpoint = time.monotonic()
+                done_images += len(indices)
+                bar.update(task, advance=len(indices), rate=done_images / max(time.perf_counter() - started, 1e-9))
+        except BaseException:
+            _checkpoint(jobs)  # Ctrl-C or an error: keep every finished batch
+            raise
 
     ranks.barrier()  # all ranks' chunks are on disk
     for job in jobs:

@@ -37,6 +37,8 @@ MAX_INMEMORY_IMAGE_BYTES = 1 << 30      # TIFFs larger than this (decoded) are r
 TILE_CACHE_BYTES = 256 << 20            # decoded-tile cache of the region reader
 SUPER_TILE_PX = 1024                    # side of the cached read unit of the region reader
 PIL_MAX_PIXELS = 2_000_000_000          # decompression-bomb limit used for JPEG/PNG slides
+MAX_WHOLE_DECODE_PIXELS = 10_000 * 10_000   # JPEG/PNG larger than this are refused (no region reading)
+SCALE_MISMATCH_TOLERANCE = 0.10         # a given µm/px this far from the slide's own is refused unless forced
 THUMBNAIL_MAX_SIDE = 2048               # longest side of thumbnails, at most
 THUMBNAIL_BAND_BYTES = 16 << 20         # full-res rows read at a time when reducing by region
 THUMBNAIL_LEVEL_MAX_BYTES = 512 << 20   # a pyramid level larger than this is not read whole
@@ -74,6 +76,22 @@ class SlideImage:
 
     def region(self, x0: int, y0: int, x1: int, y1: int) -> Image.Image:
         raise NotImplementedError
+
+    @property
+    def level_downsamples(self) -> list[tuple[float, float]]:
+        """(x, y) level-0 px per level px of each resolution level, finest first (level 0 only by default)."""
+        return [(1.0, 1.0)]
+
+    def level_region(self, level: int, x0: int, y0: int, x1: int, y1: int) -> Image.Image:
+        """White-padded region of resolution ``level`` in that level's pixel coordinates."""
+        if level != 0:
+            raise ValueError(f"{self.path}: no resolution level {level}")
+        return self.region(x0, y0, x1, y1)
+
+    def best_level(self, downsample: float) -> int:
+        """The coarsest level at least as fine as ``downsample`` level-0 px per output px."""
+        fine_enough = [(max(d), i) for i, d in enumerate(self.level_downsamples) if max(d) <= downsample * 1.0001]
+        return max(fine_enough, default=(1.0, 0))[1]
 
     def order(self, coords: np.ndarray) -> np.ndarray:
         """Visiting order of spots that makes region reads cache-friendly."""
@@ -148,6 +166,12 @@ class PILSlide(SlideImage):
             Image.MAX_IMAGE_PIXELS = old
         self.exif_orientation = orient
         self._im: Image.Image | None = None
+        if self.width * self.height > MAX_WHOLE_DECODE_PIXELS:
+            raise SlideError(
+                f"{self.path}: {self.width:,} x {self.height:,} px {self.path.suffix.lstrip('.').upper()} cannot be read "
+                f"by region and is too large to decode whole (limit {MAX_WHOLE_DECODE_PIXELS:,} px); convert it to a "
+                f"tiled pyramidal TIFF, e.g. `vips tiffsave {self.path.name} {self.path.stem}.tif --tile --pyramid "
+                f"--compression jpeg --Q 90` (then pass --um-per-px, or add --xres/--yres in px per mm)")
 
     def _load(self) -> Image.Image:
         if self._im is None:
@@ -175,7 +199,20 @@ class PILSlide(SlideImage):
         return self._im
 
     def thumbnail(self, factor: int) -> np.ndarray:
+        """Reduced ``factor`` times; a JPEG not yet decoded is decoded at reduced scale (DCT scaling)."""
         f = max(1, int(factor))
+        if f > 1 and self._im is None and self.path.suffix.lower() in (".jpg", ".jpeg") and self.exif_orientation == 1:
+            tw, th = -(-self.width // f), -(-self.height // f)
+            try:
+                with Image.open(self.path) as im:
+                    im.draft("RGB", (tw, th))           # decodes at 1/2, 1/4 or 1/8 scale, never smaller than asked
+                    im = im.convert("RGB")
+                    bw, bh = tw * f * im.width / self.width, th * f * im.height / self.height
+                    pad = Image.new("RGB", (max(im.width, math.ceil(bw)), max(im.height, math.ceil(bh))), (WHITE,) * 3)
+                    pad.paste(im, (0, 0))
+                    return np.asarray(pad.resize((tw, th), Image.Resampling.BOX, box=(0, 0, bw, bh)), dtype=np.uint8)
+            except Exception as e:  # noqa: BLE001
+                raise SlideError(f"cannot decode image {self.path}: {e}") from e
         return np.asarray(self._load().reduce(f) if f > 1 else self._load(), dtype=np.uint8)
 
     def recorded_um_per_px(self) -> tuple[float | None, str]:
@@ -279,27 +316,23 @@ class _TiffAxes:
         return out
 
 
-class TiffRegionSlide(SlideImage):
-    """Large TIFF read by region via tifffile's zarr store; decoded super-tiles are LRU-cached."""
+class _ZarrLevel:
+    """One resolution level of a TIFF read by region through tifffile's zarr store; decoded
+    super-tiles (about SUPER_TILE_PX a side) are LRU-cached within TILE_CACHE_BYTES (2x at most)."""
 
-    mode = "region"
-
-    def __init__(self, path: Path, tif, series, ax: _TiffAxes, messages: list[str] | None):
+    def __init__(self, path: Path, series, level: int, ax: _TiffAxes):
         import zarr
 
-        self.path = Path(path)
-        self._tif = tif
-        self._ax = ax
-        self._messages = messages
+        self.path = path
+        self.ax = ax
         self.width, self.height = ax.width, ax.height
-        self._series = series
-        self._store = series.aszarr(level=0)
-        z = zarr.open(self._store, mode="r")
-        if isinstance(z, zarr.Group):      # multiscale group -> full-resolution level
-            z = z["0"]
+        self.store = series.aszarr(level=level)
+        z = zarr.open(self.store, mode="r")
+        if isinstance(z, zarr.Group):      # multiscale group -> this level
+            z = z[str(level)] if str(level) in z else z["0"]
         if tuple(z.shape) != tuple(ax.shape):
             raise SlideError(f"{path}: zarr view {tuple(z.shape)} does not match the TIFF level {ax.shape}")
-        self._z = z
+        self.z = z
         chunks = z.chunks
         cy = chunks[ax.axes.index("Y")]
         cx = chunks[ax.axes.index("X")]
@@ -313,42 +346,95 @@ class TiffRegionSlide(SlideImage):
         tile_bytes = self.tw * self.th * 3
         n_cols = -(-self.width // self.tw)
         # two rows of super-tiles (a patch may straddle a band boundary), within 2x the budget
-        self._cap = max(4, TILE_CACHE_BYTES // tile_bytes, min(2 * n_cols + 2, 2 * TILE_CACHE_BYTES // tile_bytes))
-        self._cache: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+        self.cap = max(4, TILE_CACHE_BYTES // tile_bytes, min(2 * n_cols + 2, 2 * TILE_CACHE_BYTES // tile_bytes))
+        self.cache: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
         self.tiles_decoded = 0
 
-    def _tile(self, ty: int, tx: int) -> np.ndarray:
+    def tile(self, ty: int, tx: int) -> np.ndarray:
         key = (ty, tx)
-        t = self._cache.get(key)
+        t = self.cache.get(key)
         if t is not None:
-            self._cache.move_to_end(key)
+            self.cache.move_to_end(key)
             return t
         y0, x0 = ty * self.th, tx * self.tw
         y1, x1 = min(self.height, y0 + self.th), min(self.width, x0 + self.tw)
-        idx, kept = self._ax.index(y0, y1, x0, x1)
+        idx, kept = self.ax.index(y0, y1, x0, x1)
         try:
-            raw = np.asarray(self._z[idx])
+            raw = np.asarray(self.z[idx])
         except Exception as e:  # noqa: BLE001
             raise _decode_error(self.path, e) from e
-        t = _to_rgb8(self._ax.to_yxc(raw, kept), self.path)
-        self._cache[key] = t
+        t = _to_rgb8(self.ax.to_yxc(raw, kept), self.path)
+        self.cache[key] = t
         self.tiles_decoded += 1
-        while len(self._cache) > self._cap:
-            self._cache.popitem(last=False)
+        while len(self.cache) > self.cap:
+            self.cache.popitem(last=False)
         return t
 
-    def region(self, x0, y0, x1, y1):
+    def region(self, x0, y0, x1, y1) -> np.ndarray:
         out = _white_canvas(x1 - x0, y1 - y0)
         cx0, cy0, cx1, cy1 = max(x0, 0), max(y0, 0), min(x1, self.width), min(y1, self.height)
         if cx1 > cx0 and cy1 > cy0:
             for ty in range(cy0 // self.th, (cy1 - 1) // self.th + 1):
                 for tx in range(cx0 // self.tw, (cx1 - 1) // self.tw + 1):
-                    t = self._tile(ty, tx)
+                    t = self.tile(ty, tx)
                     ty0, tx0 = ty * self.th, tx * self.tw
                     sy0, sy1 = max(cy0, ty0), min(cy1, ty0 + t.shape[0])
                     sx0, sx1 = max(cx0, tx0), min(cx1, tx0 + t.shape[1])
                     out[sy0 - y0:sy1 - y0, sx0 - x0:sx1 - x0] = t[sy0 - ty0:sy1 - ty0, sx0 - tx0:sx1 - tx0]
-        return Image.fromarray(out)
+        return out
+
+    def close(self) -> None:
+        self.cache.clear()
+        try:
+            self.store.close()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+class TiffRegionSlide(SlideImage):
+    """Large TIFF read by region, at any of its pyramid levels, never decoded whole."""
+
+    mode = "region"
+
+    def __init__(self, path: Path, tif, series, ax: _TiffAxes, messages: list[str] | None):
+        self.path = Path(path)
+        self._tif = tif
+        self._ax = ax
+        self._messages = messages
+        self.width, self.height = ax.width, ax.height
+        self._series = series
+        self._levels: dict[int, _ZarrLevel] = {0: _ZarrLevel(self.path, series, 0, ax)}
+        self._downsamples = [(1.0, 1.0)]
+        for lvl in list(getattr(series, "levels", []))[1:]:
+            try:
+                lax = _TiffAxes(lvl.axes, lvl.shape, self.path)
+            except SlideError:
+                break
+            self._downsamples.append((self.width / lax.width, self.height / lax.height))
+
+    @property
+    def level_downsamples(self):
+        return list(self._downsamples)
+
+    def _level(self, level: int) -> _ZarrLevel:
+        if level not in self._levels:
+            lvl = self._series.levels[level]
+            self._levels[level] = _ZarrLevel(self.path, self._series, level, _TiffAxes(lvl.axes, lvl.shape, self.path))
+        return self._levels[level]
+
+    @property
+    def tiles_decoded(self) -> int:
+        return sum(lv.tiles_decoded for lv in self._levels.values())
+
+    @property
+    def th(self) -> int:
+        return self._levels[0].th
+
+    def region(self, x0, y0, x1, y1):
+        return Image.fromarray(self._levels[0].region(x0, y0, x1, y1))
+
+    def level_region(self, level, x0, y0, x1, y1):
+        return Image.fromarray(self._level(level).region(x0, y0, x1, y1))
 
     def order(self, coords):
         band = np.floor(np.asarray(coords)[:, 1] / self.th)
@@ -385,11 +471,8 @@ class TiffRegionSlide(SlideImage):
         return np.asarray(im, dtype=np.uint8)
 
     def close(self):
-        self._cache.clear()
-        try:
-            self._store.close()
-        except Exception:  # noqa: BLE001
-            pass
+        for lv in self._levels.values():
+            lv.close()
         try:
             self._tif.close()
         except Exception:  # noqa: BLE001
@@ -492,6 +575,22 @@ class OpenSlideSlide(SlideImage):
         bg = Image.new("RGBA", rgba.size, (WHITE, WHITE, WHITE, 255))
         return Image.alpha_composite(bg, rgba).convert("RGB")
 
+    @property
+    def level_downsamples(self):
+        return [(self.width / lw, self.height / lh) for lw, lh in self._osr.level_dimensions]
+
+    def level_region(self, level, x0, y0, x1, y1):
+        if level == 0:
+            return self.region(x0, y0, x1, y1)
+        dx, dy = self.level_downsamples[level]
+        w, h = int(x1 - x0), int(y1 - y0)
+        try:
+            rgba = self._osr.read_region((int(round(x0 * dx)), int(round(y0 * dy))), level, (w, h))
+        except Exception as e:  # noqa: BLE001
+            raise SlideError(f"cannot read level {level} region ({x0}, {y0}, {w}x{h}) of {self.path}: {e}") from e
+        bg = Image.new("RGBA", rgba.size, (WHITE, WHITE, WHITE, 255))
+        return Image.alpha_composite(bg, rgba).convert("RGB")
+
     def thumbnail(self, factor: int) -> np.ndarray:
         f = max(1, int(factor))
         tw, th = -(-self.width // f), -(-self.height // f)
@@ -537,7 +636,7 @@ SLIDE_READERS: dict[str, tuple[Opener, ...]] = {
     ".tif": (_open_tiff,),
     ".tiff": (_open_tiff,),
     ".btf": (_open_tiff,),
-    ".svs": (_open_tiff,),
+    ".svs": (_open_openslide, _open_tiff),      # Aperio: OpenSlide when installed, else tifffile
     ".ndpi": (_open_tiff, _open_openslide),     # NDPI/SCN variants tifffile cannot map
     ".scn": (_open_tiff, _open_openslide),
     ".qptiff": (_open_tiff,),
@@ -623,16 +722,25 @@ def slide_um_per_px(image: SlideImage) -> tuple[float | None, str]:
     return image.recorded_um_per_px()
 
 
-def open_slide(path: Path | str, um_per_px: float | None = None, max_inmemory_bytes: int | None = None) -> SlideImage:
-    """Open a slide and set ``image.um_per_px`` / ``image.um_per_px_source``: the given value wins,
-    else the slide's metadata; neither -> :class:`SlideError` asking for ``--um-per-px``."""
+def open_slide(path: Path | str, um_per_px: float | None = None, max_inmemory_bytes: int | None = None,
+               force_um_per_px: bool = False) -> SlideImage:
+    """Open a slide and set ``image.um_per_px`` / ``image.um_per_px_source``: the given value, else the
+    slide's metadata; neither -> :class:`SlideError` asking for ``--um-per-px``. A given value more
+    than 10 % away from the one the slide records is refused unless ``force_um_per_px``."""
     image = open_image(path, max_inmemory_bytes=max_inmemory_bytes)
     found, source = slide_um_per_px(image)
     if um_per_px is not None:
         if not _positive(um_per_px):
             image.close()
             raise SlideError(f"--um-per-px must be a positive number, got {um_per_px}")
-        image.um_per_px, image.um_per_px_source = float(um_per_px), "given"
+        if found and not force_um_per_px and abs(float(um_per_px) / found - 1) > SCALE_MISMATCH_TOLERANCE:
+            image.close()
+            raise SlideError(f"{path}: --um-per-px {float(um_per_px):g} disagrees with the {found:.4g} µm/px the slide "
+                             f"records ({source}); drop --um-per-px to use the slide's scale, or add --force-um-per-px "
+                             f"if the recorded scale is wrong")
+        image.um_per_px, image.um_per_px_source = float(um_per_px), ("given (forced)" if found and force_um_per_px
+                                                                       and abs(float(um_per_px) / found - 1)
+                                                                       > SCALE_MISMATCH_TOLERANCE else "given")
         image.metadata_um_per_px = found
     elif found:
         image.um_per_px, image.um_per_px_source = found, source
@@ -651,16 +759,19 @@ def slide_thumbnail(image: SlideImage, max_side: int = THUMBNAIL_MAX_SIDE) -> tu
 
 def read_square(image: SlideImage, cx: float, cy: float, side_src: float, size: int) -> tuple[np.ndarray, bool]:
     """Square of ``side_src`` level-0 pixels centred at continuous position (cx, cy), resampled to
-    ``size`` x ``size`` (Lanczos). Returns ((size, size, 3) uint8, padded: reached outside the slide)."""
+    ``size`` x ``size`` (Lanczos) from the coarsest pyramid level at least as fine as the output.
+    Returns ((size, size, 3) uint8, padded: reached outside the slide)."""
     h = side_src / 2.0
-    x0, y0, x1, y1 = cx - h, cy - h, cx + h, cy + h
-    m = int(math.ceil(3 * max(1.0, side_src / size))) + 2      # Lanczos support
+    padded = cx - h < 0 or cy - h < 0 or cx + h > image.width or cy + h > image.height
+    level = image.best_level(side_src / size)
+    dx, dy = image.level_downsamples[level]
+    x0, y0, x1, y1 = (cx - h) / dx, (cy - h) / dy, (cx + h) / dx, (cy + h) / dy
+    m = int(math.ceil(3 * max(1.0, (x1 - x0) / size))) + 2      # Lanczos support
     ix0, iy0 = math.floor(x0) - m, math.floor(y0) - m
     ix1, iy1 = math.ceil(x1) + m, math.ceil(y1) + m
-    region = image.region(ix0, iy0, ix1, iy1)
+    region = image.level_region(level, ix0, iy0, ix1, iy1)
     patch = region.resize((size, size), Image.Resampling.LANCZOS,
                           box=(x0 - ix0, y0 - iy0, x1 - ix0, y1 - iy0))
-    padded = x0 < 0 or y0 < 0 or x1 > image.width or y1 > image.height
     return np.asarray(patch, dtype=np.uint8), padded
 
 

@@ -26,6 +26,14 @@ from embedder.slides import SlideImage, open_slide, read_square
 
 MIN_SATURATION_RANGE = 0.02     # a thumbnail flatter than this has no tissue
 MIN_OTSU_SATURATION = 0.05      # never call pixels greyer than this tissue (blank slides)
+PALE_MIN_SATURATION = 0.09      # pale stroma is stained (~0.10-0.15 on her2st); grey smudges and glass are not
+TEXTURE_MIN_STD = 4.0           # glass and haze vary less than this (HSV value, 5x5 window); stroma more
+GLASS_VALUE_PERCENTILE = 95     # the glass's brightness (HSV value): this percentile of the thumbnail
+GLASS_VALUE_MARGIN = 20         # pixels this much darker (HSV value, 0-255) than the glass are tissue
+MIN_GLASS_VALUE = 200           # glass is at least this bright (a crop without glass: assume so)
+BLACK_MAX_VALUE = 40            # black ink / scanner borders
+PEN_BLUE_MIN_RATIO = 1.5        # blue ink: blue > 3x red (hematoxylin stays below ~2.5x at thumbnail scale)
+PEN_MIN_CHROMA = 60             # ink is strongly coloured
 OBJECT_MIN_FRACTION = 0.0005    # tissue pieces smaller than this share of the thumbnail are dropped
 HOLE_MAX_FRACTION = 0.0005      # holes smaller than this share of the thumbnail are filled
 FINGERPRINT_SAMPLE_BYTES = 1 << 20
@@ -44,17 +52,46 @@ def saturation(rgb: np.ndarray) -> np.ndarray:
     return np.divide(mx - mn, mx, out=np.zeros_like(mx), where=mx > 0)
 
 
+def local_std(value: np.ndarray, size: int = 5) -> np.ndarray:
+    """Standard deviation of ``value`` in a ``size`` x ``size`` window around each pixel."""
+    v = value.astype(np.float32)
+    mean = ndimage.uniform_filter(v, size)
+    return np.sqrt(np.maximum(ndimage.uniform_filter(v * v, size) - mean * mean, 0))
+
+
+def pen_mask(rgb: np.ndarray) -> np.ndarray:
+    """Marker ink, never tissue: saturated blue (red far below blue, green above red), green (green
+    the brightest channel by a margin) and black (no channel above BLACK_MAX_VALUE)."""
+    a = rgb.astype(np.int16)
+    r, g, b = a[..., 0], a[..., 1], a[..., 2]
+    blue = (b > 2 * PEN_BLUE_MIN_RATIO * r) & (g > r) & (b - r > PEN_MIN_CHROMA)
+    green = (g > r + PEN_MIN_CHROMA // 2) & (g > b + PEN_MIN_CHROMA // 4)
+    black = a.max(axis=-1) <= BLACK_MAX_VALUE
+    return blue | green | black
+
+
 def tissue_mask(thumbnail: np.ndarray, smooth_px: int | None = None) -> np.ndarray:
-    """Boolean tissue mask of a thumbnail: saturation > Otsu threshold, closed, opened, cleaned."""
+    """Boolean tissue mask of a thumbnail.
+
+    A pixel is tissue when it is not marker ink (:func:`pen_mask`) and is either clearly coloured
+    (HSV saturation above Otsu's threshold: stained tissue against glass, the sopa/HEST "fast mode")
+    or stained and either darker than the glass (value below the glass's by GLASS_VALUE_MARGIN) or
+    textured (fibres and nuclei: local standard deviation of value above TEXTURE_MIN_STD, where glass
+    and eosin haze are smooth), stained meaning saturation above PALE_MIN_SATURATION. The second rule keeps pale stroma when tissue fills the image and
+    Otsu splits pink from purple; it rejects the bright eosin haze and grey smudges on glass. Then
+    closed, opened, and cleaned of small objects and small holes.
+    """
     from skimage.filters import threshold_otsu
 
     sat = saturation(thumbnail)
     value = thumbnail.max(axis=-1)
-    usable = value > 25                     # black borders / pen have no meaningful saturation
+    usable = ~pen_mask(thumbnail)
     if not usable.any() or np.ptp(sat[usable]) < MIN_SATURATION_RANGE:
         return np.zeros(sat.shape, bool)
     threshold = max(float(threshold_otsu(sat[usable])), MIN_OTSU_SATURATION)
-    mask = (sat > threshold) & usable
+    glass_value = max(float(np.percentile(value[usable], GLASS_VALUE_PERCENTILE)), MIN_GLASS_VALUE)
+    pale = (sat > PALE_MIN_SATURATION) & ((value < glass_value - GLASS_VALUE_MARGIN) | (local_std(value) > TEXTURE_MIN_STD))
+    mask = usable & ((sat > threshold) | pale)
     r = smooth_px if smooth_px is not None else max(1, round(max(mask.shape) / 500))
     mask = ndimage.binary_closing(mask, structure=_disk(r), iterations=1, border_value=0)
     mask = ndimage.binary_opening(mask, structure=_disk(r), iterations=1)
@@ -73,7 +110,7 @@ def tissue_mask(thumbnail: np.ndarray, smooth_px: int | None = None) -> np.ndarr
         fill[0] = False
         fill[border] = False
         mask[fill[holes]] = True
-    return mask
+    return mask & usable
 
 
 @dataclass
@@ -157,6 +194,7 @@ class TileDataset(PatchDataset):
     """Tiles of one slide as patches: square of ``tile_src_px`` level-0 px around each centre,
     resampled to ``patch_px``. Picklable: each process opens the slide itself on first read."""
 
+    item_noun = "tiles"      # progress and interruption messages count tiles
     slide_path: Path | None = None
     um_per_px: float = 0.0
     tile_src_px: float = 0.0
@@ -171,7 +209,7 @@ class TileDataset(PatchDataset):
 
     def slide(self) -> SlideImage:
         if self._slide is None or self._pid != os.getpid():
-            self._slide = open_slide(self.slide_path, self.um_per_px)
+            self._slide = open_slide(self.slide_path, self.um_per_px, force_um_per_px=True)  # checked by the caller
             self._pid = os.getpid()
         return self._slide
 
@@ -187,7 +225,7 @@ class TileDataset(PatchDataset):
         if self._fingerprint is None:
             h = hashlib.blake2b(digest_size=16)
             h.update(type(self).__name__.encode() + slide_digest(self.slide_path).encode())
-            h.update(f"{self.um_per_px:.9g}|{self.tile_src_px:.9g}|{self.patch_px}".encode())
+            h.update(f"{self.um_per_px:.9g}|{self.tile_src_px:.9g}|{self.patch_px}|pyramid-levels".encode())
             h.update("\n".join(self.ids).encode())
             h.update(np.ascontiguousarray(self.coords, np.float64).tobytes())
             self._fingerprint = h.hexdigest()

@@ -73,8 +73,12 @@ def test_tiff_scale_from_resolution_tags_pyramid_and_regions(tmp_path):
         assert scale == 0.5 and thumb.shape == (400, 500, 3)
         patch, padded = read_square(s, 500.0, 400.0, 100.0, 50)
         assert patch.shape == (50, 50, 3) and not padded
-    with open_slide(path, um_per_px=0.25) as s:           # given value wins
-        assert s.um_per_px == 0.25 and s.um_per_px_source == "given"
+    with open_slide(path, um_per_px=0.52) as s:           # a given value within 10 % wins
+        assert s.um_per_px == 0.52 and s.um_per_px_source == "given"
+    with pytest.raises(SlideError, match=r"0\.25 disagrees with the 0\.5 µm/px.*--force-um-per-px"):
+        open_slide(path, um_per_px=0.25)
+    with open_slide(path, um_per_px=0.25, force_um_per_px=True) as s:      # forced: used, and said so
+        assert s.um_per_px == 0.25 and s.um_per_px_source == "given (forced)"
 
 
 def test_openslide_reader_matches_tifffile(tmp_path):

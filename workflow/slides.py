@@ -58,14 +58,34 @@ def rank_share(items: list, rank: int | None = None, world: int | None = None) -
     return list(items)[rank::max(1, world)]
 
 
+def slide_split(n_slides: int, world: int | None = None) -> str:
+    """How torchrun ranks share the work: "slides" (rank r takes every world-th slide) when there are
+    at least as many slides as ranks, else "tiles" (every rank embeds its share of each slide's tiles
+    into the shared cache; rank 0 writes the outputs)."""
+    world = int(os.environ.get("WORLD_SIZE", 1)) if world is None else world
+    return "tiles" if world > 1 and n_slides < world else "slides"
+
+
+def slide_embed_options(embed_options: dict) -> dict:
+    """Slides are read by region and resampled: at least one DataLoader worker reads tiles while the
+    model runs (the patch default on CPU is none); an explicit ``num_workers`` is kept."""
+    options = dict(embed_options)
+    if options.get("num_workers") is None:
+        from embedder.extract import default_num_workers, resolve_device
+
+        options["num_workers"] = max(1, default_num_workers(resolve_device(options.get("device", "auto"))))
+    return options
+
+
 def predict_tiles(model, slide, centres, ids, scale: dict, *, cache_dir=DEFAULT_CACHE_DIR, progress: bool = True,
-                  **embed_options) -> tuple[pd.DataFrame, dict, list[str]]:
+                  distributed: bool = False, **embed_options) -> tuple[pd.DataFrame, dict, list[str]]:
     """Predict at square tiles of ``scale['tile_um']`` centred at ``centres`` (level-0 px) of an open
     slide (its ``um_per_px`` set; closed on return) with ``model`` (see ``load_predictor``); a fitted
-    head embeds through the cache (resumable). Returns (predictions, config, cache files)."""
+    head embeds through the cache (resumable). ``distributed``: under torchrun every rank calls this
+    for the same tiles and embeds its share of them. Returns (predictions, config, cache files)."""
     dataset = tile_dataset(slide.path, slide.um_per_px, centres, ids, scale["tile_um"], scale["tile_px"], slide=slide)
     try:
-        return predict_with(model, dataset, cache_dir=cache_dir, progress=progress, distributed=False, **embed_options)
+        return predict_with(model, dataset, cache_dir=cache_dir, progress=progress, distributed=distributed, **embed_options)
     finally:
         dataset.close()
 
@@ -85,7 +105,8 @@ def slide_out_dir(out_dir, slide_path) -> Path:
     return Path(out_dir) / safe_name(Path(slide_path).stem)
 
 
-def predict_slide(model_path, slides, out_dir, *, um_per_px: float | None = None, tile_um: float | None = None,
+def predict_slide(model_path, slides, out_dir, *, um_per_px: float | None = None, force_um_per_px: bool = False,
+                  tile_um: float | None = None,
                   tile_um_per_px: float | None = None, stride_um: float | None = None,
                   min_tissue: float = DEFAULT_MIN_TISSUE, genes: list[str] | None = None,
                   n_heatmap_genes: int = DEFAULT_HEATMAP_GENES, cache_dir=DEFAULT_CACHE_DIR, overwrite: bool = False,
@@ -94,7 +115,10 @@ def predict_slide(model_path, slides, out_dir, *, um_per_px: float | None = None
     """Whole slides in, expression maps out: tissue tiles embedded and predicted with a fitted head
     or a fine-tuned model (see ``load_predictor``).
 
-    ``slides``: slide files and/or folders of them; under torchrun rank r takes every world-th slide.
+    ``slides``: slide files and/or folders of them; under torchrun rank r takes every world-th slide,
+    or, with fewer slides than ranks, every rank embeds its share of each slide's tiles and rank 0
+    writes the outputs (see ``slide_split``). ``um_per_px`` more than 10 % away from the scale the
+    slide records is refused unless ``force_um_per_px``.
     A slide that cannot be read or tiled is skipped with a warning and listed in ``report['failed']``
     (the others are still written); when it is the only slide, or every slide fails, its error is raised.
     Writes ``out_dir/<slide>/`` atomically: predictions.h5ad (obsm['spatial'] = tile centres in
@@ -123,19 +147,23 @@ def predict_slide(model_path, slides, out_dir, *, um_per_px: float | None = None
     clash = sorted({s for s in stems if stems.count(s) > 1})
     if clash:
         raise DatasetError(f"several slides would write to {Path(out_dir) / clash[0]}: give slides distinct file names")
-    mine = rank_share(paths)
+    split = slide_split(len(paths))
+    mine = paths if split == "tiles" else rank_share(paths)
     if not overwrite:
         existing = [slide_out_dir(out_dir, p) for p in mine if slide_out_dir(out_dir, p).exists()]
         if existing:
             raise OutputExistsError(f"{existing[0]} already exists ({len(existing)} slide folder(s) in all); "
                                   "pass --overwrite to replace, or choose another --out")
-    report = {"out_dir": str(out_dir), "tile": scale, "slides": {}, "failed": {}}
+    report = {"out_dir": str(out_dir), "tile": scale, "slides": {}, "failed": {}, "split": split, "helped": {}}
+    embed_options = slide_embed_options(embed_options)
     for path in mine:
         try:
-            report["slides"][str(path)] = _predict_one_slide(
+            result = _predict_one_slide(
                 fitted, model_path, path, slide_out_dir(out_dir, path), scale, um_per_px=um_per_px, stride_um=stride_um,
                 min_tissue=min_tissue, genes=genes, n_heatmap_genes=n_heatmap_genes, cache_dir=cache_dir,
-                progress=progress, writing=writing, **embed_options)
+                progress=progress, writing=writing, force_um_per_px=force_um_per_px, share_tiles=split == "tiles",
+                **embed_options)
+            report["helped" if result.get("helper") else "slides"][str(path)] = result
         except (SlideError, DatasetError) as exc:  # this slide's own problem: the others still get their maps
             if len(mine) == 1:
                 raise
@@ -147,9 +175,13 @@ def predict_slide(model_path, slides, out_dir, *, um_per_px: float | None = None
 
 
 def _predict_one_slide(fitted, model_path, path: Path, final_dir: Path, scale: dict, *, um_per_px, stride_um, min_tissue,
-                       genes, n_heatmap_genes, cache_dir, progress, writing: dict, **embed_options) -> dict:
+                       genes, n_heatmap_genes, cache_dir, progress, writing: dict, force_um_per_px: bool = False,
+                       share_tiles: bool = False, **embed_options) -> dict:
     started = time.perf_counter()
-    slide = open_slide(path, um_per_px)
+    rank = int(os.environ.get("RANK", 0)) if share_tiles else 0
+    if rank and not hasattr(fitted, "feature_meta"):   # a fine-tuned network embeds on the fly: rank 0 alone
+        return {"helper": True, "n_tiles": 0}
+    slide = open_slide(path, um_per_px, force_um_per_px=force_um_per_px)
     try:
         thumbnail, thumb_scale = slide_thumbnail(slide)
         mask = tissue_mask(thumbnail)
@@ -164,7 +196,9 @@ def _predict_one_slide(fitted, model_path, path: Path, final_dir: Path, scale: d
         tiles = grid.subset(keep)
         tissue_s = time.perf_counter() - started
         frame, config, cache_files = predict_tiles(fitted, slide, tiles.centres, tiles.ids(), scale, cache_dir=cache_dir,
-                                           progress=progress, **embed_options)
+                                           progress=progress, distributed=share_tiles, **embed_options)
+        if rank:   # rank 0 writes this slide's outputs from the shared cache
+            return {"helper": True, "n_tiles": int(keep.sum())}
         chosen = _heatmap_genes(frame, genes, n_heatmap_genes)
         obs = pd.DataFrame({"row": tiles.rows, "col": tiles.cols, "tissue_fraction": fraction[keep].astype(np.float32)})
         provenance = {"model": str(model_path), "config": config, "feature_meta": predictor_meta(fitted),
