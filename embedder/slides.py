@@ -757,13 +757,16 @@ def slide_thumbnail(image: SlideImage, max_side: int = THUMBNAIL_MAX_SIDE) -> tu
     return image.thumbnail(f), 1.0 / f
 
 
-def read_square(image: SlideImage, cx: float, cy: float, side_src: float, size: int) -> tuple[np.ndarray, bool]:
+def read_square(image: SlideImage, cx: float, cy: float, side_src: float, size: int,
+                use_pyramid: bool = True) -> tuple[np.ndarray, bool]:
     """Square of ``side_src`` level-0 pixels centred at continuous position (cx, cy), resampled to
-    ``size`` x ``size`` (Lanczos) from the coarsest pyramid level at least as fine as the output.
+    ``size`` x ``size`` (Lanczos) from the coarsest pyramid level at least as fine as the output
+    (``use_pyramid``; predict-slide's speed), or from level 0 (``use_pyramid=False``: the importers,
+    whose patches then do not depend on how the scanner built its pyramid).
     Returns ((size, size, 3) uint8, padded: reached outside the slide)."""
     h = side_src / 2.0
     padded = cx - h < 0 or cy - h < 0 or cx + h > image.width or cy + h > image.height
-    level = image.best_level(side_src / size)
+    level = image.best_level(side_src / size) if use_pyramid else 0
     dx, dy = image.level_downsamples[level]
     x0, y0, x1, y1 = (cx - h) / dx, (cy - h) / dy, (cx + h) / dx, (cy + h) / dy
     m = int(math.ceil(3 * max(1.0, (x1 - x0) / size))) + 2      # Lanczos support

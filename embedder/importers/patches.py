@@ -38,7 +38,7 @@ def cut_patch(image: SlideImage, x: float, y: float, side_src: float, size: int)
 
     Returns ((size, size, 3) uint8, padded) where padded says the square reached outside the image.
     """
-    return read_square(image, x + 0.5, y + 0.5, side_src, size)
+    return read_square(image, x + 0.5, y + 0.5, side_src, size, use_pyramid=False)
 
 
 def white_fraction(patch: np.ndarray, level: int = NEAR_WHITE_LEVEL) -> float:
