@@ -26,3 +26,14 @@ def test_no_test_or_library_module_imports_a_benchmark():
     users = [p for folder in ("tests", "embedder", "heads", "workflow") for p in (ROOT / folder).rglob("*.py")
              if any(m.split(".")[0] == "benchmarks" for m in project_imports(p))]
     assert users == []
+
+
+def test_readme_architecture_lists_every_module():
+    """README's Architecture section names every module of the three packages (by file name, in a
+    line of its folder's block), so it stays true when a module is added."""
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## Architecture"):text.index("## Benchmarks")]
+    words = set(section.split())
+    missing = [str(p.relative_to(ROOT)) for pkg in ("embedder", "heads", "workflow") for p in (ROOT / pkg).rglob("*.py")
+               if p.name != "__init__.py" and p.name not in words]
+    assert missing == []
