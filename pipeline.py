@@ -39,6 +39,9 @@ DeviceOpt = Annotated[str, typer.Option("--device", help="auto | cpu | cuda | cu
 PrecisionOpt = Annotated[str, typer.Option("--precision", help="auto (bf16 on CUDA and bf16-capable CPUs) | fp32 | bf16")]
 ChunkOpt = Annotated[int, typer.Option("--chunk-size", help="Rows per resumable chunk written to disk.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+IntervalOpt = Annotated[float, typer.Option("--interval", help="Coverage of the conformal prediction intervals (h5ad layers "
+                                                             "lower/upper), strictly between 0 and 1.")]
+RawOpt = Annotated[bool, typer.Option("--no-clip", "--raw", help="Raw predictions: do not clip them to the training targets' range.")]
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):
@@ -224,12 +227,15 @@ def predict(
     out_path: Annotated[Optional[Path], typer.Option("--out", help="Output .csv or .h5ad (default <model>/predictions/<data>.csv).")] = None,
     fmt: Annotated[Optional[str], typer.Option("--format", help="csv | h5ad (default from --out's suffix).")] = None,
     template: Annotated[Optional[Path], typer.Option(help="sample_submission.csv fixing ids/columns (default: the one beside DATA).")] = None,
+    interval: IntervalOpt = 0.9, raw: RawOpt = False,
     cache_dir: CacheDirOpt = Path("cache"), batch_size: BatchOpt = None, workers: WorkersOpt = None,
     device: DeviceOpt = "auto", quiet: QuietOpt = False,
 ):
-    """Predict expression for new patches with a fitted head (embeds them with the head's own backbones)."""
+    """Predict expression for new patches with a fitted head (embeds them with the head's own backbones).
+    Clipped to the training range; .h5ad output adds layers std (bagged heads), lower and upper (intervals)."""
     result = workflow.predict(model, data, out=out_path, fmt=fmt, cache_dir=cache_dir, template=template,
-                              progress=not quiet, batch_size=batch_size, num_workers=workers, device=device)
+                              progress=not quiet, batch_size=batch_size, num_workers=workers, device=device,
+                              interval=interval, clip=not raw)
     out.print(f"wrote {result['n_spots']} spots x {result['n_genes']} genes to {result['out']}")
 
 
@@ -246,6 +252,7 @@ def predict_slide(
     min_tissue: Annotated[float, typer.Option("--min-tissue", help="Keep tiles with at least this share of tissue.")] = 0.25,
     gene: Annotated[Optional[list[str]], typer.Option("--gene", help="Gene to draw a heatmap of, repeatable (default: the 3 most variable predicted).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing <out>/<slide> folders.")] = False,
+    interval: IntervalOpt = 0.9, raw: RawOpt = False,
     cache_dir: CacheDirOpt = Path("cache"), batch_size: BatchOpt = None, workers: WorkersOpt = None,
     device: DeviceOpt = "auto", precision: PrecisionOpt = "auto", quiet: QuietOpt = False,
 ):
@@ -253,7 +260,7 @@ def predict_slide(
     result = workflow.predict_slide(model, slides, out_dir, um_per_px=um_per_px, tile_um=tile_um, tile_um_per_px=tile_um_per_px,
                                     stride_um=stride_um, min_tissue=min_tissue, genes=gene, overwrite=overwrite,
                                     cache_dir=cache_dir, progress=not quiet, batch_size=batch_size, num_workers=workers,
-                                    device=device, precision=precision)
+                                    device=device, precision=precision, interval=interval, clip=not raw)
     tile = result["tile"]
     table = Table(title=f"predict-slide: tiles of {tile['tile_um']:g} µm at {tile['tile_um_per_px']:g} µm/px ({tile['source']})")
     for column in ("slide", "µm/px", "tiles (tissue/grid)", "seconds", "tiles/s", "output"):

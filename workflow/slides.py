@@ -19,7 +19,8 @@ from embedder.tiling import tile_dataset, tile_grid, tissue_fraction, tissue_mas
 from workflow.outputs.anndata import write_anndata
 from workflow.outputs.geojson import write_tile_geojson
 from workflow.outputs.plots import plot_tile_map, safe_filename
-from workflow.prediction import load_predictor, predict_with, predictor_meta
+from heads.uncertainty import DEFAULT_INTERVAL, check_interval, check_model_interval
+from workflow.prediction import load_predictor, predict_with_uncertainty, predictor_meta
 
 DEFAULT_TILE_UM = 112.0          # HEST's patch: 224 px at 0.5 µm/px
 DEFAULT_TILE_UM_PER_PX = 0.5
@@ -59,11 +60,31 @@ def predict_tiles(model, slide, centres, ids, scale: dict, *, cache_dir=DEFAULT_
     """Predict at square tiles of ``scale['tile_um']`` centred at ``centres`` (level-0 px) of an open
     slide (its ``um_per_px`` set; closed on return) with ``model`` (see ``load_predictor``); a fitted
     head embeds through the cache (resumable). Returns (predictions, config, cache files)."""
+    frame, _, config, cache_files = predict_tiles_with_uncertainty(model, slide, centres, ids, scale, interval=None,
+                                                                   cache_dir=cache_dir, progress=progress, **embed_options)
+    return frame, config, cache_files
+
+
+def predict_tiles_with_uncertainty(model, slide, centres, ids, scale: dict, *, interval: float | None = DEFAULT_INTERVAL,
+                                   clip: bool = True, cache_dir=DEFAULT_CACHE_DIR, progress: bool = True,
+                                   **embed_options) -> tuple[pd.DataFrame, dict[str, pd.DataFrame], dict, list[str]]:
+    """``predict_tiles`` plus the uncertainty layers (``std``, ``lower``, ``upper``) of
+    ``workflow.prediction.predict_with_uncertainty``: (predictions, layers, config, cache files)."""
     dataset = tile_dataset(slide.path, slide.um_per_px, centres, ids, scale["tile_um"], scale["tile_px"], slide=slide)
     try:
-        return predict_with(model, dataset, cache_dir=cache_dir, progress=progress, distributed=False, **embed_options)
+        return predict_with_uncertainty(model, dataset, interval=interval, clip=clip, cache_dir=cache_dir,
+                                        progress=progress, distributed=False, **embed_options)
     finally:
         dataset.close()
+
+
+def uncertainty_map(layers: dict[str, pd.DataFrame], gene: str) -> tuple[np.ndarray, str] | None:
+    """(values, what they are) drawn as ``uncertainty_<gene>.png``: the interval width, else the members' std."""
+    if "lower" in layers and "upper" in layers:
+        return (layers["upper"][gene] - layers["lower"][gene]).to_numpy(), "prediction interval width"
+    if "std" in layers:
+        return layers["std"][gene].to_numpy(), "bagged members' std"
+    return None
 
 
 def _heatmap_genes(frame: pd.DataFrame, genes: list[str] | None, n: int) -> list[str]:
@@ -85,7 +106,8 @@ def predict_slide(model_path, slides, out_dir, *, um_per_px: float | None = None
                   tile_um_per_px: float | None = None, stride_um: float | None = None,
                   min_tissue: float = DEFAULT_MIN_TISSUE, genes: list[str] | None = None,
                   n_heatmap_genes: int = DEFAULT_HEATMAP_GENES, cache_dir=DEFAULT_CACHE_DIR, overwrite: bool = False,
-                  progress: bool = True, **embed_options) -> dict:
+                  progress: bool = True, interval: float | None = DEFAULT_INTERVAL, clip: bool = True,
+                  **embed_options) -> dict:
     """Whole slides in, expression maps out: tissue tiles embedded and predicted with a fitted head
     or a fine-tuned model (see ``load_predictor``).
 
@@ -94,12 +116,17 @@ def predict_slide(model_path, slides, out_dir, *, um_per_px: float | None = None
     (the others are still written); when it is the only slide, or every slide fails, its error is raised.
     Writes ``out_dir/<slide>/`` atomically: predictions.h5ad (obsm['spatial'] = tile centres in
     level-0 px), tiles.geojson (QuPath), heatmap_<gene>.png. An existing slide folder needs ``overwrite``.
+    A fitted head's predictions are clipped to its training range (unless ``clip`` is False); the
+    h5ad gets layers ``std`` (bagged heads) and ``lower``/``upper`` (conformal interval at coverage
+    ``interval``), and each heatmap gene an ``uncertainty_<gene>.png`` (interval width, else std).
     """
+    interval = check_interval(interval)
     if not 0 <= min_tissue <= 1:
         raise DatasetError(f"--min-tissue must be between 0 and 1, got {min_tissue}")
     if stride_um is not None and stride_um <= 0:
         raise DatasetError(f"--stride-um must be positive, got {stride_um}")
     fitted = load_predictor(model_path)
+    check_model_interval(fitted, interval)
     scale = tile_scale(predictor_meta(fitted), tile_um, tile_um_per_px)
     if genes:  # an unknown --gene fails before any work
         _heatmap_genes(pd.DataFrame(columns=fitted.genes), genes, 0)
@@ -120,7 +147,7 @@ def predict_slide(model_path, slides, out_dir, *, um_per_px: float | None = None
             report["slides"][str(path)] = _predict_one_slide(
                 fitted, model_path, path, slide_out_dir(out_dir, path), scale, um_per_px=um_per_px, stride_um=stride_um,
                 min_tissue=min_tissue, genes=genes, n_heatmap_genes=n_heatmap_genes, cache_dir=cache_dir,
-                progress=progress, **embed_options)
+                progress=progress, interval=interval, clip=clip, **embed_options)
         except (SlideError, DatasetError) as exc:  # this slide's own problem: the others still get their maps
             if len(mine) == 1:
                 raise
@@ -132,7 +159,8 @@ def predict_slide(model_path, slides, out_dir, *, um_per_px: float | None = None
 
 
 def _predict_one_slide(fitted, model_path, path: Path, final_dir: Path, scale: dict, *, um_per_px, stride_um, min_tissue,
-                       genes, n_heatmap_genes, cache_dir, progress, **embed_options) -> dict:
+                       genes, n_heatmap_genes, cache_dir, progress, interval=DEFAULT_INTERVAL, clip=True,
+                       **embed_options) -> dict:
     started = time.perf_counter()
     slide = open_slide(path, um_per_px)
     try:
@@ -148,8 +176,9 @@ def _predict_one_slide(fitted, model_path, path: Path, final_dir: Path, scale: d
                              f"tissue found on {mask.mean():.1%} of the thumbnail); lower --min-tissue or check the slide")
         tiles = grid.subset(keep)
         tissue_s = time.perf_counter() - started
-        frame, config, cache_files = predict_tiles(fitted, slide, tiles.centres, tiles.ids(), scale, cache_dir=cache_dir,
-                                           progress=progress, **embed_options)
+        frame, layers, config, cache_files = predict_tiles_with_uncertainty(
+            fitted, slide, tiles.centres, tiles.ids(), scale, interval=interval, clip=clip, cache_dir=cache_dir,
+            progress=progress, **embed_options)
         chosen = _heatmap_genes(frame, genes, n_heatmap_genes)
         obs = pd.DataFrame({"row": tiles.rows, "col": tiles.cols, "tissue_fraction": fraction[keep].astype(np.float32)})
         provenance = {"model": str(model_path), "config": config, "feature_meta": predictor_meta(fitted),
@@ -165,15 +194,24 @@ def _predict_one_slide(fitted, model_path, path: Path, final_dir: Path, scale: d
             "images": {"hires": thumbnail},
             "scalefactors": {"tissue_hires_scalef": thumb_scale, "spot_diameter_fullres": tile_px}}}}
         with atomic_dir(final_dir) as tmp:
-            write_anndata(tmp / "predictions.h5ad", frame, tiles.centres, None, provenance, obs=obs, uns=spatial)
+            write_anndata(tmp / "predictions.h5ad", frame, tiles.centres, None, provenance, obs=obs, uns=spatial,
+                          layers=layers)
             write_tile_geojson(tmp / "tiles.geojson", frame, tiles.centres, tile_px)
             heatmaps = {g: str(final_dir / plot_tile_map(
                 frame[g].to_numpy(), tiles.centres, stride_px, thumbnail, thumb_scale,
                 tmp / f"heatmap_{safe_filename(g)}.png", title=f"{path.stem}: predicted {g}").name) for g in chosen}
+            uncertainty_maps = {}
+            for g in chosen:
+                drawn = uncertainty_map(layers, g)
+                if drawn is not None:
+                    uncertainty_maps[g] = str(final_dir / plot_tile_map(
+                        drawn[0], tiles.centres, stride_px, thumbnail, thumb_scale, tmp / f"uncertainty_{safe_filename(g)}.png",
+                        title=f"{path.stem}: {g}, {drawn[1]}", cmap="magma").name)
     finally:
         slide.close()
     seconds = time.perf_counter() - started
     return {"out_dir": str(final_dir), "n_grid_tiles": len(grid), "n_tiles": int(keep.sum()),
             "um_per_px": slide.um_per_px, "um_per_px_source": slide.um_per_px_source, "heatmaps": heatmaps,
+            "uncertainty_maps": uncertainty_maps, "layers": sorted(layers),
             "tissue_seconds": round(tissue_s, 2), "seconds": round(seconds, 1),
             "tiles_per_second": round(int(keep.sum()) / max(seconds, 1e-9), 2)}

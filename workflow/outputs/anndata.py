@@ -24,9 +24,10 @@ def _h5ad_safe(value):
 
 
 def write_anndata(path, predictions: pd.DataFrame, coords, groups, provenance: dict,
-                  obs: pd.DataFrame | None = None, uns: dict | None = None) -> Path:
+                  obs: pd.DataFrame | None = None, uns: dict | None = None, layers: dict | None = None) -> Path:
     """Predictions as AnnData: X = predicted expression, obs = spots, obsm['spatial'] when known.
-    ``obs``: extra per-row columns (same row order); ``uns``: extra entries (e.g. scanpy's 'spatial')."""
+    ``obs``: extra per-row columns (same row order); ``uns``: extra entries (e.g. scanpy's 'spatial');
+    ``layers``: name -> array or frame shaped like the predictions (e.g. ``std``, ``lower``, ``upper``)."""
     import anndata
 
     obs = pd.DataFrame(index=predictions.index.astype(str)) if obs is None else obs.set_axis(predictions.index.astype(str))
@@ -37,6 +38,8 @@ def write_anndata(path, predictions: pd.DataFrame, coords, groups, provenance: d
         adata.obsm["spatial"] = np.asarray(coords, dtype=np.float64)
     adata.uns["hexpr"] = _h5ad_safe(json.loads(json.dumps(provenance, default=str)))
     adata.uns.update(uns or {})
+    for name, values in (layers or {}).items():
+        adata.layers[name] = np.asarray(values, dtype=np.float32)
     with atomic_path(path) as tmp:
         adata.write_h5ad(tmp)
     return Path(path)
