@@ -236,7 +236,8 @@ def predict(
     result = workflow.predict(model, data, out=out_path, fmt=fmt, cache_dir=cache_dir, template=template,
                               progress=not quiet, batch_size=batch_size, num_workers=workers, device=device,
                               interval=interval, clip=not raw)
-    out.print(f"wrote {result['n_spots']} spots x {result['n_genes']} genes to {result['out']}")
+    layers = f" with layers {', '.join(result['layers'])}" if result.get("layers") else ""
+    out.print(f"wrote {result['n_spots']} spots x {result['n_genes']} genes to {result['out']}{layers}")
 
 
 @app.command("predict-slide")
