@@ -79,6 +79,9 @@ DeviceOpt = Annotated[str, typer.Option("--device", help="auto | cpu | cuda | cu
 PrecisionOpt = Annotated[Precision, typer.Option("--precision", help="auto (bf16 on CUDA and bf16-capable CPUs) | fp32 | bf16.")]
 ChunkOpt = Annotated[int, typer.Option("--chunk-size", help="Rows per resumable chunk written to disk, >= 1.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+IntervalOpt = Annotated[float, typer.Option("--interval", help="Coverage of the conformal prediction intervals (h5ad layers "
+                                                             "lower/upper), strictly between 0 and 1.")]
+RawOpt = Annotated[bool, typer.Option("--no-clip", "--raw", help="Raw predictions: do not clip them to the training targets' range.")]
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):
@@ -287,13 +290,17 @@ def predict(
     out_path: Annotated[Optional[Path], typer.Option("--out", help="Output .csv or .h5ad (default <model>/predictions/<data>.csv).")] = None,
     fmt: Annotated[Optional[PredictionFormat], typer.Option("--format", help="csv | h5ad (default from --out's suffix).")] = None,
     template: Annotated[Optional[Path], typer.Option(help="sample_submission.csv fixing ids/columns (default: the one beside DATA).")] = None,
+    interval: IntervalOpt = 0.9, raw: RawOpt = False,
     cache_dir: CacheDirOpt = Path("cache"), batch_size: BatchOpt = None, workers: WorkersOpt = None,
     device: DeviceOpt = "auto", quiet: QuietOpt = False,
 ):
-    """Predict expression for new patches with a fitted head (embeds them with the head's own backbones)."""
+    """Predict expression for new patches with a fitted head (embeds them with the head's own backbones).
+    Clipped to the training range; .h5ad output adds layers std (bagged heads), lower and upper (intervals)."""
     result = workflow.predict(model, data, out=out_path, fmt=fmt, cache_dir=cache_dir, template=template,
-                              progress=not quiet, batch_size=batch_size, num_workers=workers, device=device)
-    out.print(f"wrote {result['n_spots']} spots x {result['n_genes']} genes to {result['out']}")
+                              progress=not quiet, batch_size=batch_size, num_workers=workers, device=device,
+                              interval=interval, clip=not raw)
+    layers = f" with layers {', '.join(result['layers'])}" if result.get("layers") else ""
+    out.print(f"wrote {result['n_spots']} spots x {result['n_genes']} genes to {result['out']}{layers}")
 
 
 @app.command("predict-slide")
@@ -313,6 +320,7 @@ def predict_slide(
     outputs: Annotated[Optional[str], typer.Option("--outputs", help="Comma-separated outputs per slide: h5ad, geojson, heatmaps, spatialdata (needs hexpr[spatialdata]) (default: h5ad,geojson,heatmaps).")] = None,
     geojson_genes: Annotated[Optional[str], typer.Option("--geojson-genes", help="Genes in tiles.geojson: this many most variable predicted (+ every --gene), or 'all' (default: 50).")] = None,
     gene_sets: Annotated[Optional[Path], typer.Option("--gene-sets", help="Gene programs to score per tile: .gmt, or a CSV/TSV of set,gene rows.")] = None,
+    interval: IntervalOpt = 0.9, raw: RawOpt = False,
     cache_dir: CacheDirOpt = Path("cache"), batch_size: BatchOpt = None, workers: WorkersOpt = None,
     device: DeviceOpt = "auto", precision: PrecisionOpt = "auto", quiet: QuietOpt = False,
 ):
@@ -322,7 +330,7 @@ def predict_slide(
                                     stride_um=stride_um, min_tissue=min_tissue, genes=gene, overwrite=overwrite,
                                     outputs=outputs, geojson_genes=geojson_genes, gene_sets=gene_sets,
                                     cache_dir=cache_dir, progress=not quiet, batch_size=batch_size, num_workers=workers,
-                                    device=device, precision=precision)
+                                    device=device, precision=precision, interval=interval, clip=not raw)
     tile = result["tile"]
     table = Table(title=f"predict-slide: tiles of {tile['tile_um']:g} µm at {tile['tile_um_per_px']:g} µm/px ({tile['source']})")
     for column in ("slide", "µm/px", "tiles (tissue/grid)", "seconds", "tiles/s", "output"):

@@ -17,6 +17,7 @@ from sklearn.model_selection import GroupKFold, KFold
 from heads.base import HeadError, check_pair, fit_with_supported, progress_task
 from heads.mean import MeanHead
 from heads.metrics import N_TOP_DEFAULT, challenge_score, top_genes
+from heads.uncertainty import predict_with_spread
 
 METRICS = ("score", "mean_corr_cells", "max_corr_genes", "heg_corr", "hvg_corr",
            "pearson_all_genes", "pearson_hvg")
@@ -78,6 +79,7 @@ def ratio(score: float, floor: float) -> float | None:
 class CVResult:
     oof: np.ndarray          # (N, G) out-of-fold predictions in the scale of Y (NaN: never held out)
     report: dict             # JSON-serialisable: summary, mean-head summary, per-fold rows
+    spread: np.ndarray | None = None  # (N, G) out-of-fold std of a bagged head's members (None: no members)
 
 
 def cross_validate(make_model, X, Y, folds, *, n_top: int = N_TOP_DEFAULT, groups=None,
@@ -92,6 +94,7 @@ def cross_validate(make_model, X, Y, folds, *, n_top: int = N_TOP_DEFAULT, group
     X, Y = check_pair(X, Y)
     groups = None if groups is None else np.asarray(groups)
     oof = np.full(Y.shape, np.nan)
+    spread = None
     rows = []
     with progress_task(description, len(folds), progress) as advance:
         for i, (train, test) in enumerate(folds):
@@ -100,7 +103,10 @@ def cross_validate(make_model, X, Y, folds, *, n_top: int = N_TOP_DEFAULT, group
             model = fit_with_supported(make_model(), X[train], Y[train],
                                        groups=None if groups is None else groups[train])
             fit_seconds = time.perf_counter() - start
-            oof[test] = model.predict(X[test])
+            oof[test], fold_spread = predict_with_spread(model, X[test])
+            if fold_spread is not None:
+                spread = np.full(Y.shape, np.nan) if spread is None else spread
+                spread[test] = fold_spread
             floor = MeanHead().fit(X[train], Y[train]).predict(X[test])
             row = {"fold": i, "n_train": int(len(train)), "n_test": int(len(test)),
                    "fit_seconds": round(fit_seconds, 3)}
@@ -119,4 +125,4 @@ def cross_validate(make_model, X, Y, folds, *, n_top: int = N_TOP_DEFAULT, group
         "fit_seconds": float(sum(r["fit_seconds"] for r in rows)),
         "folds": rows,
     }
-    return CVResult(oof=oof, report=report)
+    return CVResult(oof=oof, report=report, spread=spread)

@@ -43,6 +43,7 @@ from heads.sweep import (
     with_bag,
 )
 from heads.targets import make_transform
+from heads.uncertainty import CONFORMAL_KEY, RANGE_KEY, calibrate, target_range
 
 MODEL_FILE = "model.joblib"
 MODEL_INFO_FILE = "model.json"
@@ -70,15 +71,20 @@ class FittedModel:
     def transform(self) -> str:
         return str(self.config.get("transform", "none"))
 
-    def predict(self, X) -> np.ndarray:
-        """(N, G) predictions in the training targets' scale, columns in ``self.genes`` order."""
+    def checked_features(self, X) -> np.ndarray:
+        """``X`` as a finite (N, n_features) matrix, or a HeadError saying which features the model needs."""
         X = np.asarray(X)
         if X.ndim != 2 or X.shape[1] != self.n_features:
             got = X.shape[1] if X.ndim == 2 else f"an array of shape {X.shape}"
             raise HeadError(
                 f"this model expects {self.n_features} features per spot but got {got}; embed the "
                 f"images with the same backbone(s) it was trained on ({describe_features(self.feature_meta)})")
-        return self.model.predict(as_matrix(X, "X (features)"))
+        return as_matrix(X, "X (features)")
+
+    def predict(self, X) -> np.ndarray:
+        """(N, G) raw predictions in the training targets' scale, columns in ``self.genes`` order
+        (``heads.uncertainty.predict_uncertain``: clipped, with spread and intervals)."""
+        return self.model.predict(self.checked_features(X))
 
     def predict_frame(self, X, ids) -> pd.DataFrame:
         return pd.DataFrame(self.predict(X), index=pd.Index(list(ids), name="ID"), columns=self.genes)
@@ -216,6 +222,18 @@ def _single_config(head: str, params, transform, feature_sets: dict, features: s
     return {"head": head, "features": features, "transform": transform, "params": params}
 
 
+def uncertainty_extra(Y: np.ndarray, cv) -> dict:
+    """What ``heads.uncertainty.predict_uncertain`` needs, kept in ``FittedModel.extra``: the training
+    targets' per-gene range and the conformal quantiles of the out-of-fold residuals (normalised by
+    the out-of-fold member spread when the head is bagged)."""
+    value_range = target_range(Y)
+    try:
+        return {RANGE_KEY: value_range,
+                CONFORMAL_KEY: calibrate(Y, cv.oof, getattr(cv, "spread", None), value_range=value_range)}
+    except ValueError:  # too few held-out spots to calibrate: the model predicts without intervals
+        return {RANGE_KEY: value_range}
+
+
 # --------------------------------------------------------------------------------------------
 # the entry point
 # --------------------------------------------------------------------------------------------
@@ -303,7 +321,7 @@ def _fit_into(work: Path, X, Y, gene_names, *, head, params, transform, folds, g
     refit_seconds = time.perf_counter() - refit_start
     meta = _select_feature_meta(feature_meta, config["features"], list(feature_sets))
     fitted = FittedModel(model=model, genes=genes, feature_meta=meta, n_features=X_chosen.shape[1],
-                         config=config, cv=cv.report["model"])
+                         config=config, cv=cv.report["model"], extra=uncertainty_extra(Y, cv))
     fitted.save(work / MODEL_FILE)
 
     report = {

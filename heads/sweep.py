@@ -190,6 +190,8 @@ def evaluate_config(config: dict, X, Y, folds, n_top: int, groups, single_thread
         report = cv.report
         if keep_dir is not None:
             np.save(Path(keep_dir) / f"oof_{config['trial']}.npy", cv.oof)
+            if cv.spread is not None:
+                np.save(Path(keep_dir) / f"spread_{config['trial']}.npy", cv.spread)
             (Path(keep_dir) / f"cv_{config['trial']}.json").write_text(json.dumps(report, default=float))
         row = {**report["model"], "ratio_to_mean": report["ratio_to_mean"],
                "mean_head_score": report["mean_head"]["score"], "error": None}
@@ -265,7 +267,9 @@ def load_kept_cv(keep_dir, trial: int):
     """The ``CVResult`` that ``score_configs(..., keep_dir=)`` saved for config ``trial``."""
 
     keep_dir = Path(keep_dir)
-    return CVResult(oof=np.load(keep_dir / f"oof_{trial}.npy"), report=json.loads((keep_dir / f"cv_{trial}.json").read_text()))
+    spread = keep_dir / f"spread_{trial}.npy"
+    return CVResult(oof=np.load(keep_dir / f"oof_{trial}.npy"), report=json.loads((keep_dir / f"cv_{trial}.json").read_text()),
+                    spread=np.load(spread) if spread.is_file() else None)
 
 
 def score_configs(configs: list[dict], features, Y, folds, *, n_top: int = N_TOP_DEFAULT, groups=None,

@@ -166,9 +166,12 @@ def test_predict_slide_outputs_overwrite_and_folder(tmp_path, tiny_model):
     assert r.exit_code == 0, r.output
     for stem in ("one", "two"):
         d = out / stem
-        assert sorted(p.name for p in d.iterdir()) == ["heatmap_G1.png", "predictions.h5ad", "tiles.geojson"]
+        assert sorted(p.name for p in d.iterdir()) == ["heatmap_G1.png", "predictions.h5ad", "tiles.geojson",
+                                                       "uncertainty_G1.png"]
         a = ad.read_h5ad(d / "predictions.h5ad")
         assert list(a.var_names) == ["G0", "G1", "G2", "G3"] and a.n_obs > 0
+        assert {k: v.shape for k, v in a.layers.items()} == {"lower": a.shape, "upper": a.shape}  # ridge: no spread
+        assert (a.layers["lower"] <= a.X).all() and (a.X <= a.layers["upper"]).all()
         xy = a.obsm["spatial"]
         x0, y0, x1, y1 = BLOB
         assert (xy[:, 0] > x0).all() and (xy[:, 0] < x1).all() and (xy[:, 1] > y0).all() and (xy[:, 1] < y1).all()

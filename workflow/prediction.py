@@ -1,6 +1,7 @@
 """predict: expression for new patches from a fitted head or a fine-tuned network, as CSV or .h5ad."""
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import pandas as pd
@@ -12,6 +13,7 @@ from embedder.features import check_features_match, ensure_features, specs_from_
 from heads.finetune import load_finetuned
 from heads.fitting import load_model
 from workflow.options import check_choice, check_output_file
+from heads.uncertainty import DEFAULT_INTERVAL, check_interval, check_model_interval, predict_uncertain
 from workflow.outputs.anndata import write_anndata
 from workflow.outputs.tables import write_table
 
@@ -36,40 +38,66 @@ def predictor_meta(model) -> dict:
 
 
 def predict_with(model, dataset, *, cache_dir=DEFAULT_CACHE_DIR, progress: bool = True, label: str = "the model",
-                 **embed_options) -> tuple[pd.DataFrame, dict, list[str]]:
+                 clip: bool = True, **embed_options) -> tuple[pd.DataFrame, dict, list[str]]:
     """(predictions, config, embedding cache files) of ``model`` (see ``load_predictor``) for every
     patch of ``dataset``: a fitted head embeds through the cache (with its TTA and neighbour
-    context), a fine-tuned network embeds on the fly."""
+    context), a fine-tuned network embeds on the fly. A fitted head's predictions are clipped to
+    its training range unless ``clip`` is False."""
+    frame, _, config, cache_files = predict_with_uncertainty(model, dataset, interval=None, clip=clip, cache_dir=cache_dir,
+                                                             progress=progress, label=label, **embed_options)
+    return frame, config, cache_files
+
+
+def predict_with_uncertainty(model, dataset, *, interval: float | None = DEFAULT_INTERVAL, clip: bool = True,
+                             cache_dir=DEFAULT_CACHE_DIR, progress: bool = True, label: str = "the model",
+                             **embed_options) -> tuple[pd.DataFrame, dict[str, pd.DataFrame], dict, list[str]]:
+    """``predict_with`` plus the uncertainty of a fitted head (``heads.uncertainty.predict_uncertain``):
+    (predictions, layers, config, cache files); ``layers`` maps ``std`` (bagged heads' member spread),
+    ``lower``/``upper`` (conformal interval at coverage ``interval``; None: none) to frames shaped
+    like the predictions. ``config['uncertainty']`` says what was done. A fine-tuned network has no layers."""
     if not hasattr(model, "feature_meta"):
         batch_size = embed_options.get("batch_size")
         frame = model.predict_dataset(dataset, progress=progress, batch_size=64 if batch_size is None else batch_size,
                                       device=embed_options.get("device", "auto"),
                                       num_workers=embed_options.get("num_workers"))
-        return frame, {"finetuned": str(model.path.parent)}, []
+        return frame, {}, {"finetuned": str(model.path.parent)}, []
     meta = model.feature_meta
     features = ensure_features(dataset, specs_from_meta(meta), cache_dir, tta=bool(meta.get("tta")),
                                progress=progress, **embed_options)
     features = with_dataset_context(features, dataset, int(meta.get("neighbours", 0)))
     check_features_match(features, meta, label)
-    return model.predict_frame(features.X, features.ids), model.config, [b["path"] for b in features.blocks]
+    result = predict_uncertain(model, features.X, interval=interval, clip=clip)
+    index = pd.Index(list(features.ids), name="ID")
+    as_frame = functools.partial(pd.DataFrame, index=index, columns=model.genes)
+    layers = {name: as_frame(values) for name, values in result.layers().items()}
+    config = {**model.config, "uncertainty": result.summary()}
+    return as_frame(result.mean), layers, config, [b["path"] for b in features.blocks]
 
 
 def predict(model_path, data, *, out=None, fmt: str | None = None, cache_dir=DEFAULT_CACHE_DIR,
-            template=None, progress: bool = True, **embed_options) -> dict:
-    """Embed ``data`` with exactly the model's backbones, predict, write CSV (or .h5ad)."""
+            template=None, progress: bool = True, interval: float | None = DEFAULT_INTERVAL, clip: bool = True,
+            **embed_options) -> dict:
+    """Embed ``data`` with exactly the model's backbones, predict, write CSV (or .h5ad).
+    Predictions are clipped to the training range unless ``clip`` is False. The uncertainty
+    (``std``, and ``lower``/``upper`` at coverage ``interval``) goes into .h5ad layers only; a CSV
+    holds the predictions alone."""
     if fmt is not None:
         check_choice("--format", fmt, PREDICTION_FORMATS)
     check_output_file("--out", out)
     check_embed_options(**embed_options)
+    interval = check_interval(interval)
     model_dir = Path(model_path) if Path(model_path).is_dir() else Path(model_path).parent
     dataset = open_dataset(data, template=template)
     model = load_predictor(model_path)
-    frame, config, cache_files = predict_with(model, dataset, cache_dir=cache_dir, progress=progress,
-                                              label=str(model_path), **embed_options)
+    check_model_interval(model, interval)
+    frame, layers, config, cache_files = predict_with_uncertainty(model, dataset, interval=interval, clip=clip,
+                                                                  cache_dir=cache_dir, progress=progress,
+                                                                  label=str(model_path), **embed_options)
     meta = predictor_meta(model)
     if dataset.template_genes is not None:
         check_genes_match(list(frame.columns), dataset.template_genes, f"model {model_path}", "the submission template")
         frame = frame[dataset.template_genes]
+        layers = {name: layer[dataset.template_genes] for name, layer in layers.items()}
     if out is None:
         out = model_dir / "predictions" / f"{dataset.name}.{fmt or 'csv'}"
     out = Path(out)
@@ -78,7 +106,9 @@ def predict(model_path, data, *, out=None, fmt: str | None = None, cache_dir=DEF
         provenance = {"model": str(model_path), "config": config, "feature_meta": meta,
                       "dataset": str(dataset.source), "dataset_fingerprint": dataset.fingerprint(),
                       "cache_files": cache_files}
-        write_anndata(out, frame, dataset.coords, None if dataset.groups is None else dataset.groups.to_numpy(), provenance)
+        write_anndata(out, frame, dataset.coords, None if dataset.groups is None else dataset.groups.to_numpy(), provenance,
+                      layers=layers)
     else:
         write_table(out, frame)
-    return {"out": str(out), "n_spots": frame.shape[0], "n_genes": frame.shape[1], "format": fmt}
+    return {"out": str(out), "n_spots": frame.shape[0], "n_genes": frame.shape[1], "format": fmt,
+            "layers": sorted(layers) if fmt == "h5ad" else [], "uncertainty": config.get("uncertainty")}

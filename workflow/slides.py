@@ -17,10 +17,11 @@ from embedder.files import atomic_dir
 from embedder.importers.names import safe_name
 from embedder.slides import SlideError, find_slides, open_slide, slide_thumbnail
 from embedder.tiling import tile_dataset, tile_grid, tissue_fraction, tissue_mask
+from heads.uncertainty import DEFAULT_INTERVAL, check_interval, check_model_interval
 from workflow.options import POSITIVE, SHARE, WHOLE_NON_NEGATIVE, check_option, check_output_folder
 from workflow.outputs.gene_sets import SCORE_METHOD, read_gene_sets, score_gene_sets
 from workflow.outputs.slide_maps import SlideMap, parse_geojson_genes, parse_outputs, write_slide_outputs
-from workflow.prediction import load_predictor, predict_with, predictor_meta
+from workflow.prediction import load_predictor, predict_with_uncertainty, predictor_meta
 
 DEFAULT_TILE_UM = 112.0          # HEST's patch: 224 px at 0.5 µm/px
 DEFAULT_TILE_UM_PER_PX = 0.5
@@ -83,9 +84,22 @@ def predict_tiles(model, slide, centres, ids, scale: dict, *, cache_dir=DEFAULT_
     slide (its ``um_per_px`` set; closed on return) with ``model`` (see ``load_predictor``); a fitted
     head embeds through the cache (resumable). ``distributed``: under torchrun every rank calls this
     for the same tiles and embeds its share of them. Returns (predictions, config, cache files)."""
+    frame, _, config, cache_files = predict_tiles_with_uncertainty(model, slide, centres, ids, scale, interval=None,
+                                                                   cache_dir=cache_dir, progress=progress,
+                                                                   distributed=distributed, **embed_options)
+    return frame, config, cache_files
+
+
+def predict_tiles_with_uncertainty(model, slide, centres, ids, scale: dict, *, interval: float | None = DEFAULT_INTERVAL,
+                                   clip: bool = True, cache_dir=DEFAULT_CACHE_DIR, progress: bool = True,
+                                   distributed: bool = False,
+                                   **embed_options) -> tuple[pd.DataFrame, dict[str, pd.DataFrame], dict, list[str]]:
+    """``predict_tiles`` plus the uncertainty layers (``std``, ``lower``, ``upper``) of
+    ``workflow.prediction.predict_with_uncertainty``: (predictions, layers, config, cache files)."""
     dataset = tile_dataset(slide.path, slide.um_per_px, centres, ids, scale["tile_um"], scale["tile_px"], slide=slide)
     try:
-        return predict_with(model, dataset, cache_dir=cache_dir, progress=progress, distributed=distributed, **embed_options)
+        return predict_with_uncertainty(model, dataset, interval=interval, clip=clip, cache_dir=cache_dir,
+                                        progress=progress, distributed=distributed, **embed_options)
     finally:
         dataset.close()
 
@@ -111,7 +125,7 @@ def predict_slide(model_path, slides, out_dir, *, um_per_px: float | None = None
                   min_tissue: float = DEFAULT_MIN_TISSUE, genes: list[str] | None = None,
                   n_heatmap_genes: int = DEFAULT_HEATMAP_GENES, cache_dir=DEFAULT_CACHE_DIR, overwrite: bool = False,
                   progress: bool = True, outputs: str | list[str] | None = None, geojson_genes: str | int | None = None,
-                  gene_sets=None, **embed_options) -> dict:
+                  gene_sets=None, interval: float | None = DEFAULT_INTERVAL, clip: bool = True, **embed_options) -> dict:
     """Whole slides in, expression maps out: tissue tiles embedded and predicted with a fitted head
     or a fine-tuned model (see ``load_predictor``).
 
@@ -126,6 +140,9 @@ def predict_slide(model_path, slides, out_dir, *, um_per_px: float | None = None
     spatialdata.zarr (see workflow.outputs.slide_maps). ``geojson_genes``: the GeoJSON's measurements,
     a count of the most variable predicted genes (default 50; ``genes`` are always in) or 'all'.
     ``gene_sets``: a .gmt or set,gene CSV; each set's score (workflow.outputs.gene_sets) joins every output.
+    A fitted head's predictions are clipped to its training range (unless ``clip`` is False); the
+    h5ad and SpatialData tables get layers ``std`` (bagged heads) and ``lower``/``upper`` (conformal
+    interval at coverage ``interval``), and each heatmap gene an ``uncertainty_<gene>.png``.
     An existing slide folder needs ``overwrite``.
     """
     check_option("--min-tissue", min_tissue, SHARE)
@@ -136,8 +153,10 @@ def predict_slide(model_path, slides, out_dir, *, um_per_px: float | None = None
     check_option("n_heatmap_genes", n_heatmap_genes, WHOLE_NON_NEGATIVE)
     check_output_folder("--out", out_dir)
     check_embed_options(**embed_options)
+    interval = check_interval(interval)
     writing = {"outputs": parse_outputs(outputs), "n_geojson_genes": parse_geojson_genes(geojson_genes)}
     fitted = load_predictor(model_path)
+    check_model_interval(fitted, interval)
     writing["gene_sets"] = read_gene_sets(gene_sets, fitted.genes) if gene_sets else {}
     scale = tile_scale(predictor_meta(fitted), tile_um, tile_um_per_px)
     if genes:  # an unknown --gene fails before any work
@@ -162,7 +181,7 @@ def predict_slide(model_path, slides, out_dir, *, um_per_px: float | None = None
                 fitted, model_path, path, slide_out_dir(out_dir, path), scale, um_per_px=um_per_px, stride_um=stride_um,
                 min_tissue=min_tissue, genes=genes, n_heatmap_genes=n_heatmap_genes, cache_dir=cache_dir,
                 progress=progress, writing=writing, force_um_per_px=force_um_per_px, share_tiles=split == "tiles",
-                **embed_options)
+                interval=interval, clip=clip, **embed_options)
             report["helped" if result.get("helper") else "slides"][str(path)] = result
         except (SlideError, DatasetError) as exc:  # this slide's own problem: the others still get their maps
             if len(mine) == 1:
@@ -176,7 +195,7 @@ def predict_slide(model_path, slides, out_dir, *, um_per_px: float | None = None
 
 def _predict_one_slide(fitted, model_path, path: Path, final_dir: Path, scale: dict, *, um_per_px, stride_um, min_tissue,
                        genes, n_heatmap_genes, cache_dir, progress, writing: dict, force_um_per_px: bool = False,
-                       share_tiles: bool = False, **embed_options) -> dict:
+                       share_tiles: bool = False, interval=DEFAULT_INTERVAL, clip=True, **embed_options) -> dict:
     started = time.perf_counter()
     rank = int(os.environ.get("RANK", 0)) if share_tiles else 0
     if rank and not hasattr(fitted, "feature_meta"):   # a fine-tuned network embeds on the fly: rank 0 alone
@@ -195,8 +214,9 @@ def _predict_one_slide(fitted, model_path, path: Path, final_dir: Path, scale: d
                              f"tissue found on {mask.mean():.1%} of the thumbnail); lower --min-tissue or check the slide")
         tiles = grid.subset(keep)
         tissue_s = time.perf_counter() - started
-        frame, config, cache_files = predict_tiles(fitted, slide, tiles.centres, tiles.ids(), scale, cache_dir=cache_dir,
-                                           progress=progress, distributed=share_tiles, **embed_options)
+        frame, layers, config, cache_files = predict_tiles_with_uncertainty(
+            fitted, slide, tiles.centres, tiles.ids(), scale, interval=interval, clip=clip, cache_dir=cache_dir,
+            progress=progress, distributed=share_tiles, **embed_options)
         if rank:   # rank 0 writes this slide's outputs from the shared cache
             return {"helper": True, "n_tiles": int(keep.sum())}
         chosen = _heatmap_genes(frame, genes, n_heatmap_genes)
@@ -216,15 +236,19 @@ def _predict_one_slide(fitted, model_path, path: Path, final_dir: Path, scale: d
         geojson_genes = None if n_geojson is None else list(dict.fromkeys(_heatmap_genes(frame, None, n_geojson) + (genes or [])))
         slide_map = SlideMap(path.stem, frame, tiles.centres, tile_px, stride_px, thumbnail, thumb_scale, obs, provenance,
                              scores=score_gene_sets(frame, writing["gene_sets"]), heatmap_genes=chosen,
-                             geojson_genes=geojson_genes)
+                             geojson_genes=geojson_genes, layers=layers)
         with atomic_dir(final_dir) as tmp:
             written = write_slide_outputs(slide_map, tmp, writing["outputs"])
-        heatmaps = {g: str(final_dir / name) for g, name in written.get("heatmaps", {}).items()}
+        heatmaps = {g: str(final_dir / name) for g, name in written.get("heatmaps", {}).items()
+                    if not g.startswith("uncertainty:")}
+        uncertainty_maps = {g.split(":", 1)[1]: str(final_dir / name) for g, name in written.get("heatmaps", {}).items()
+                            if g.startswith("uncertainty:")}
     finally:
         slide.close()
     seconds = time.perf_counter() - started
     return {"out_dir": str(final_dir), "n_grid_tiles": len(grid), "n_tiles": int(keep.sum()),
             "um_per_px": slide.um_per_px, "um_per_px_source": slide.um_per_px_source, "heatmaps": heatmaps,
             "outputs": {name: sorted(files.values()) for name, files in written.items()},
+            "uncertainty_maps": uncertainty_maps, "layers": sorted(layers),
             "tissue_seconds": round(tissue_s, 2), "seconds": round(seconds, 1),
             "tiles_per_second": round(int(keep.sum()) / max(seconds, 1e-9), 2)}

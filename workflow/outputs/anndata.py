@@ -29,9 +29,11 @@ def provenance_uns(provenance: dict) -> dict:
 
 
 def write_anndata(path, predictions: pd.DataFrame, coords, groups, provenance: dict,
-                  obs: pd.DataFrame | None = None, uns: dict | None = None, compression: str | None = None) -> Path:
+                  obs: pd.DataFrame | None = None, uns: dict | None = None, layers: dict | None = None,
+                  compression: str | None = None) -> Path:
     """Predictions as AnnData: X = predicted expression, obs = spots, obsm['spatial'] when known.
     ``obs``: extra per-row columns (same row order); ``uns``: extra entries (e.g. scanpy's 'spatial');
+    ``layers``: name -> array or frame shaped like the predictions (e.g. ``std``, ``lower``, ``upper``);
     ``compression``: h5py compression of every array (e.g. "gzip"), none by default."""
     import anndata
 
@@ -43,6 +45,8 @@ def write_anndata(path, predictions: pd.DataFrame, coords, groups, provenance: d
         adata.obsm["spatial"] = np.asarray(coords, dtype=np.float64)
     adata.uns["hexpr"] = provenance_uns(provenance)
     adata.uns.update(uns or {})
+    for name, values in (layers or {}).items():
+        adata.layers[name] = np.asarray(values, dtype=np.float32)
     with atomic_path(path) as tmp:
         adata.write_h5ad(tmp, compression=compression)
     return Path(path)

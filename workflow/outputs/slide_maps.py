@@ -38,6 +38,7 @@ class SlideMap:
     scores: pd.DataFrame = field(default_factory=pd.DataFrame)   # tiles x score_<set>
     heatmap_genes: list[str] = field(default_factory=list)
     geojson_genes: list[str] | None = None                       # None: every gene
+    layers: dict[str, pd.DataFrame] = field(default_factory=dict)   # uncertainty: std, lower, upper (tiles x genes)
 
     def tile_obs(self) -> pd.DataFrame:
         """Per-tile columns plus the gene-set scores, indexed like ``predictions``."""
@@ -50,7 +51,7 @@ def _write_h5ad(m: SlideMap, folder: Path) -> dict[str, str]:
         "images": {"hires": np.asarray(m.thumbnail, np.uint8)},
         "scalefactors": {"tissue_hires_scalef": float(m.thumbnail_scale), "spot_diameter_fullres": float(m.tile_px)}}}}
     write_anndata(folder / "predictions.h5ad", m.predictions, m.centres, None, m.provenance, obs=m.tile_obs(), uns=spatial,
-                  compression=H5AD_COMPRESSION)
+                  layers=m.layers, compression=H5AD_COMPRESSION)
     return {"h5ad": "predictions.h5ad"}
 
 
@@ -63,16 +64,30 @@ def _write_geojson(m: SlideMap, folder: Path) -> dict[str, str]:
 
 def _write_spatialdata(m: SlideMap, folder: Path) -> dict[str, str]:
     write_spatialdata(folder / "spatialdata.zarr", m.predictions, m.centres, m.tile_px, m.thumbnail, m.thumbnail_scale,
-                      obs=m.tile_obs(), uns={"hexpr": provenance_uns(m.provenance)})
+                      obs=m.tile_obs(), uns={"hexpr": provenance_uns(m.provenance)}, layers=m.layers)
     return {"spatialdata": "spatialdata.zarr"}
 
 
+def uncertainty_map(layers: dict[str, pd.DataFrame], gene: str) -> tuple[pd.Series, str] | None:
+    """(values, what they are) drawn as ``uncertainty_<gene>.png``: the interval width, else the members' std."""
+    if "lower" in layers and "upper" in layers:
+        return layers["upper"][gene] - layers["lower"][gene], "prediction interval width"
+    if "std" in layers:
+        return layers["std"][gene], "bagged members' std"
+    return None
+
+
 def _write_heatmaps(m: SlideMap, folder: Path) -> dict[str, str]:
-    maps = [(g, m.predictions[g], f"predicted {g}") for g in m.heatmap_genes]
-    maps += [(s, m.scores[s], f"gene set {s}") for s in m.scores.columns]
+    maps = [(g, "heatmap", m.predictions[g], f"predicted {g}", "viridis") for g in m.heatmap_genes]
+    maps += [(s, "heatmap", m.scores[s], f"gene set {s}", "viridis") for s in m.scores.columns]
+    for g in m.heatmap_genes:
+        drawn = uncertainty_map(m.layers, g)
+        if drawn is not None:
+            maps.append((f"uncertainty:{g}", "uncertainty", drawn[0], f"{g}, {drawn[1]}", "magma"))
     return {key: plot_tile_map(values.to_numpy(), m.centres, m.stride_px, m.thumbnail, m.thumbnail_scale,
-                               folder / f"heatmap_{safe_filename(key)}.png", title=f"{m.name}: {title}").name
-            for key, values, title in maps}
+                               folder / f"{prefix}_{safe_filename(key.split(':', 1)[-1])}.png", title=f"{m.name}: {title}",
+                               cmap=cmap).name
+            for key, prefix, values, title, cmap in maps}
 
 
 @dataclass(frozen=True)
@@ -85,7 +100,8 @@ class SlideOutput:
 SLIDE_OUTPUTS: dict[str, SlideOutput] = {
     "h5ad": SlideOutput(_write_h5ad, "predictions.h5ad (AnnData; scanpy's uns['spatial'] layout, sc.pl.spatial draws it)"),
     "geojson": SlideOutput(_write_geojson, "tiles.geojson (QuPath objects; --geojson-genes chooses the measurements)"),
-    "heatmaps": SlideOutput(_write_heatmaps, "heatmap_<gene>.png and heatmap_score_<set>.png over the thumbnail"),
+    "heatmaps": SlideOutput(_write_heatmaps, "heatmap_<gene>.png, heatmap_score_<set>.png and uncertainty_<gene>.png "
+                            "over the thumbnail"),
     "spatialdata": SlideOutput(_write_spatialdata, "spatialdata.zarr (SpatialData: image, tile shapes, table; "
                                "needs pip install 'hexpr[spatialdata]')", require_spatialdata),
 }

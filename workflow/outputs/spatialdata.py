@@ -45,7 +45,7 @@ def _pyramid(height: int, width: int) -> list[int]:
 
 def write_spatialdata(path: str | Path, predictions: pd.DataFrame, centres: np.ndarray, tile_px: float,
                       thumbnail: np.ndarray, thumbnail_scale: float, obs: pd.DataFrame | None = None,
-                      uns: dict | None = None) -> Path:
+                      uns: dict | None = None, layers: dict | None = None) -> Path:
     """Write the store described in the module docstring to ``path`` (a new ``.zarr`` folder).
 
     ``centres``: tile centres (x, y) in level-0 px; ``tile_px``: tile side in level-0 px;
@@ -84,6 +84,8 @@ def write_spatialdata(path: str | Path, predictions: pd.DataFrame, centres: np.n
                             var=pd.DataFrame(index=predictions.columns.astype(str)))
     adata.obsm["spatial"] = centres
     adata.uns.update(uns or {})
+    for name, values in (layers or {}).items():   # uncertainty: std, lower, upper (tiles x genes)
+        adata.layers[name] = np.asarray(values, dtype=np.float32)
     table = TableModel.parse(adata, region=SHAPES, region_key=REGION_KEY, instance_key=INSTANCE_KEY)
     store = spatialdata.SpatialData(images={IMAGE: image}, shapes={SHAPES: shapes}, tables={TABLE: table})
     with warnings.catch_warnings():
