@@ -93,7 +93,7 @@ def build_slide(path: Path, side: int) -> None:
                       subifds=len(levels) - 1 if i == 0 else None, subfiletype=1 if i else 0, metadata=None)
 
 
-def fit_tiny_model(work: Path) -> Path:
+def fit_tiny_model(work: Path, backbone: str = BACKBONE) -> Path:
     from PIL import Image
 
     from embedder.backbones import parse_backbone
@@ -109,12 +109,12 @@ def fit_tiny_model(work: Path) -> Path:
     import pandas as pd
 
     pd.DataFrame(rows).to_csv(work / "train" / "train.csv", index=False)
-    fit_head(work / "train" / "train.csv", [parse_backbone(BACKBONE)], head="ridge", folds=2, out_dir=work / "model",
+    fit_head(work / "train" / "train.csv", [parse_backbone(backbone)], head="ridge", folds=2, out_dir=work / "model",
              cache_dir=work / "cache", progress=False)
     return work / "model"
 
 
-def run_one(side: int, tile_um: float, threads: int, workers: int) -> dict:
+def run_one(side: int, tile_um: float, threads: int, workers: int, backbone: str = BACKBONE, patch_px: int = 32) -> dict:
     """Everything for one slide size, in this process."""
     import torch
 
@@ -132,10 +132,10 @@ def run_one(side: int, tile_um: float, threads: int, workers: int) -> dict:
     # built in its own process: decoding the source section must not count in this process's peak RSS
     subprocess.run([sys.executable, "-m", "benchmarks.slide_scale", "--build", str(slide_path), "--one", str(side)], check=True)
     build_s = time.perf_counter() - t
-    model = fit_tiny_model(work)
-    patch_px = 32
+    model = fit_tiny_model(work, backbone)
     row = {"side_px": side, "file_gb": round(slide_path.stat().st_size / 1e9, 2), "build_s": round(build_s, 1),
-           "tile_um": tile_um, "patch_px": patch_px, "threads": threads, "workers": workers}
+           "backbone": backbone.split(":")[0], "tile_um": tile_um, "patch_px": patch_px, "threads": threads,
+           "workers": workers}
 
     t = time.perf_counter()
     with open_slide(slide_path) as slide:
@@ -149,12 +149,13 @@ def run_one(side: int, tile_um: float, threads: int, workers: int) -> dict:
         for cx, cy in tiles.centres:
             read_square(slide, float(cx), float(cy), grid.tile_px, patch_px)
         read_s = time.perf_counter() - t
-    backbone = create_backbone(parse_backbone(BACKBONE), torch.device("cpu"))
+    net = create_backbone(parse_backbone(backbone), torch.device("cpu"))
     batch = torch.randint(0, 255, (16, 3, patch_px, patch_px), dtype=torch.uint8)
-    _forward(backbone, batch, torch.device("cpu"), False, None)
+    _forward(net, batch, torch.device("cpu"), False, None)
     t, done = time.perf_counter(), 0
-    while done < min(n, 2000):
-        _forward(backbone, batch, torch.device("cpu"), False, None)
+    started = t
+    while done < min(n, 2000) and (done < 64 or time.perf_counter() - started < 60):
+        _forward(net, batch, torch.device("cpu"), False, None)
         done += len(batch)
     model_tps = done / (time.perf_counter() - t)
     t = time.perf_counter()
@@ -180,6 +181,8 @@ def main() -> None:
     parser.add_argument("--tile-um", type=float, default=448.0, help="tile side in µm (896 px at 0.5 µm/px)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads for the model")
     parser.add_argument("--workers", type=int, default=1, help="DataLoader reader workers")
+    parser.add_argument("--backbone", default=BACKBONE, help="backbone spec (default: the tiny random resnet18 at 32 px)")
+    parser.add_argument("--patch-px", type=int, default=32, help="tile side in model pixels")
     parser.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--build", type=Path, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -188,14 +191,15 @@ def main() -> None:
         build_slide(args.build, args.one)
         return
     if args.one:
-        print("ROW " + json.dumps(run_one(args.one, args.tile_um, args.threads, args.workers)))
+        print("ROW " + json.dumps(run_one(args.one, args.tile_um, args.threads, args.workers, args.backbone, args.patch_px)))
         return
     if not HER2ST.is_dir():
         sys.exit(f"{HER2ST} not found: this benchmark needs the shared her2st data")
     rows = []
     for side in (int(s) for s in args.sides.split(",")):
         cmd = [sys.executable, "-m", "benchmarks.slide_scale", "--one", str(side), "--tile-um", str(args.tile_um),
-               "--threads", str(args.threads), "--workers", str(args.workers)]
+               "--threads", str(args.threads), "--workers", str(args.workers), "--backbone", args.backbone,
+               "--patch-px", str(args.patch_px)]
         done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
         line = [x for x in done.stdout.splitlines() if x.startswith("ROW ")]
         if done.returncode or not line:
