@@ -243,6 +243,7 @@ def one_torch_thread():
     torch.set_num_threads(before)
 
 
+@pytest.mark.slow
 @needs_shared
 def test_her2st_c3_slide_map_agrees_with_spot_predictions(tmp_path, one_torch_thread):
     """Fit on C2 + C4 (MobileNetV2, 64 px patches of 112 µm), predict the whole C3 image, and compare
@@ -358,6 +359,7 @@ def test_a_finetuned_model_predicts_slides_too(tmp_path):
     np.testing.assert_allclose(a.X, direct.to_numpy(np.float32), rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.slow
 def test_torchrun_ranks_split_the_slides_and_match_one_process(tmp_path, tiny_model):
     import socket
     import subprocess
@@ -390,6 +392,7 @@ def test_torchrun_ranks_split_the_slides_and_match_one_process(tmp_path, tiny_mo
         np.testing.assert_allclose(multi.X, single.X, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_a_model_with_neighbour_context_gets_it_from_the_tile_grid(tmp_path):
     from embedder.backbones import parse_backbone
     from embedder.features import add_neighbour_context, ensure_features
