@@ -17,7 +17,6 @@ from typer.testing import CliRunner
 from embedder.slides import SlideError, find_slides, open_slide, read_square, slide_thumbnail
 from embedder.tiling import tile_dataset, tile_grid, tissue_fraction, tissue_mask
 from pipeline import app
-from workflow.outputs.geojson import tile_features
 
 runner = CliRunner()
 W, H = 1000, 800         # synthetic slide, 0.5 µm/px
@@ -127,17 +126,6 @@ def test_grid_stride_and_tissue_fraction():
         tile_grid(10, 10, 0)
 
 
-def test_geojson_features_are_squares_with_measurements():
-    pred = pd.DataFrame({"A": [1.0, 2.5], "B": [0.0, -1.0]}, index=["tile_r0_c0", "tile_r0_c1"])
-    fc = tile_features(pred, np.array([[50.0, 50.0], [150.0, 50.0]]), 100)
-    assert fc["type"] == "FeatureCollection" and len(fc["features"]) == 2
-    f = fc["features"][1]
-    assert f["geometry"]["type"] == "Polygon"
-    ring = f["geometry"]["coordinates"][0]
-    assert ring[0] == ring[-1] and ring[0] == [100.0, 0.0] and ring[2] == [200.0, 100.0]
-    assert f["properties"]["objectType"] == "tile" and f["properties"]["measurements"] == {"A": 2.5, "B": -1.0}
-
-
 def test_tile_dataset_reads_tiles_and_fingerprint_tracks_geometry(tmp_path):
     path = write_tiff(tmp_path / "s.tif", synthetic_slide(), pyramid=False)
     centres = np.array([[300.0, 300.0], [500.0, 400.0]])
@@ -203,23 +191,6 @@ def test_interrupted_embedding_resumes_and_writes_nothing_before(tmp_path, tiny_
         assert not (tmp_path / "out" / "s").exists()
         report = predict_slide(tiny_model, [slide], tmp_path / "out", **opts)
     assert report["slides"][str(slide)]["n_tiles"] > 8 and (tmp_path / "out" / "s" / "predictions.h5ad").is_file()
-
-
-def test_rank_share_splits_slides():
-    from workflow.slides import rank_share
-
-    items = list("abcde")
-    assert rank_share(items, 0, 2) == ["a", "c", "e"] and rank_share(items, 1, 2) == ["b", "d"]
-    assert rank_share(items, 0, 1) == items
-
-
-def test_tile_scale_from_model_or_default():
-    from workflow.slides import tile_scale
-
-    assert tile_scale({"patch": {"patch_um": 112.0, "patch_px": 64, "um_per_px": 1.75}})["tile_px"] == 64
-    with pytest.warns(UserWarning, match="does not record"):
-        s = tile_scale({})
-    assert (s["tile_um"], s["tile_px"], s["source"]) == (112.0, 224, "default")
 
 
 # ----------------------------------------------------------------------------- real data: her2st C3
