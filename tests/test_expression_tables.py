@@ -19,6 +19,7 @@ def truth():
 def test_align_matches_rows_by_id_and_columns_by_name(truth):
     pred = truth.iloc[::-1, ::-1] * 2
     p, t = align(pred, truth)
+    assert t is truth or t.equals(truth)
     assert list(p.index) == list(truth.index) and list(p.columns) == list(truth.columns)
     np.testing.assert_allclose(p.to_numpy(), truth.to_numpy() * 2)
 

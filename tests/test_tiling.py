@@ -30,7 +30,7 @@ def test_tissue_mask_area_matches_the_known_tissue_area():
 
 
 def test_tissue_mask_drops_specks_and_fills_small_holes():
-    img, disc = disc_on_glass()
+    img, _ = disc_on_glass()
     img[10:13, 10:13] = [150, 60, 120]                       # a 3x3 px speck of stain on the glass
     img[148:152, 178:182] = 240                              # a 4x4 px hole in the tissue
     mask = tissue_mask(img, smooth_px=1)
