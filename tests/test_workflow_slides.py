@@ -3,7 +3,7 @@ import warnings
 
 import pytest
 
-from embedder.datasets import DatasetError
+from embedder.errors import HexprError
 from workflow.slides import rank_share, tile_scale
 
 RECORDED = {"patch": {"patch_um": 112.0, "patch_px": 64, "um_per_px": 1.75}}
@@ -43,7 +43,8 @@ def test_tile_scale_from_the_model_without_a_warning_and_options_win():
         assert (s["tile_px"], s["source"]) == (100, "options")
 
 
-@pytest.mark.parametrize("um, mpp, message", [(-5.0, 0.5, "must be positive"), (10.0, 5.0, "only 2 px")])
+@pytest.mark.parametrize("um, mpp, message", [(-5.0, 0.5, r"-5\.0"), (10.0, 5.0, "only 2 px")])
 def test_tile_scale_refuses_sizes_that_make_no_tile(um, mpp, message):
-    with pytest.raises(DatasetError, match=message):
+    """A user mistake (a HexprError: one Error: line), naming the value or what it gives."""
+    with pytest.raises(HexprError, match=message):
         tile_scale(RECORDED, tile_um=um, tile_um_per_px=mpp)
