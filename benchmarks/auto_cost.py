@@ -1,9 +1,9 @@
 """What `fit-head --head auto` costs against the default ridge on data of the challenge's shape.
 
-    python benchmarks/auto_cost.py                 # 6,992 spots x 1,664 features -> 3,467 genes
-    python benchmarks/auto_cost.py --small         # quick smoke run (seconds)
+    python -m benchmarks.auto_cost                 # 6,992 spots x 1,664 features -> 3,467 genes
+    python -m benchmarks.auto_cost --small         # quick smoke run (seconds)
 
-Synthetic data from ``benchmarks/heads.py`` (a low-rank signal shared by features and
+Synthetic data from ``benchmarks/head_fits.py`` (a low-rank signal shared by features and
 expression, 3 slides as groups, so CV leaves one slide out), with spot coordinates on a grid per
 slide so that auto also tries k=6 neighbour context. Both runs go through
 ``heads.fitting.fit_head`` exactly as the CLI does after embedding (grouped CV, refit, files
@@ -16,19 +16,18 @@ import argparse
 import json
 import os
 import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
+from benchmarks._common import peak_memory_mib
+from benchmarks.head_fits import FULL_SHAPE, SMALL_SHAPE, synthetic_expression
+from embedder.features import FeatureSet, add_neighbour_context
+from heads.fitting import fit_head
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # before this folder, whose heads.py would shadow the heads package
-from benchmarks._common import peak_memory_mib  # noqa: E402
-from benchmarks.heads import FULL_SHAPE, SMALL_SHAPE, synthetic_expression  # noqa: E402
-from embedder.features import FeatureSet, add_neighbour_context  # noqa: E402
-from heads.fitting import fit_head  # noqa: E402
 
 N_SLIDES = 3
 

@@ -6,8 +6,8 @@ end to end with its defaults (content hash, decode once per image, batched infer
 channels_last, bf16 autocast where the device supports it, chunked cache write).
 Same backbones (random init: weights do not change speed), same images (the generated demo set).
 
-    python benchmarks/embed_throughput.py                 # CPU, default backbones, 128 images
-    python benchmarks/embed_throughput.py --device cuda --n-images 4096
+    python -m benchmarks.embed_throughput                 # CPU, default backbones, 128 images
+    python -m benchmarks.embed_throughput --device cuda --n-images 4096
 
 Prints a table and writes JSON (default benchmarks/results/embed_throughput.json).
 """
@@ -17,22 +17,18 @@ import argparse
 import json
 import os
 import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+from PIL import Image
+from torchvision import transforms
 
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
-from torchvision import transforms  # noqa: E402
-
-from embedder.backbones import DEFAULT_BACKBONES, create_backbone, parse_backbone  # noqa: E402
-from embedder.datasets import open_dataset  # noqa: E402
-from embedder.demo_data import write_demo_dataset  # noqa: E402
-from embedder.extract import cpu_supports_bf16, embed_dataset, resolve_device  # noqa: E402
+from embedder.backbones import DEFAULT_BACKBONES, create_backbone, parse_backbone
+from embedder.datasets import open_dataset
+from embedder.demo_data import write_demo_dataset
+from embedder.extract import cpu_supports_bf16, embed_dataset, resolve_device
 
 
 def naive_loop(dataset, backbones, device) -> float:

@@ -18,9 +18,9 @@ For every held-out section S (or those given with --sections):
 Scores on S: mean Pearson r over the 50 genes (the HEST-Benchmark figure) and the challenge score
 with gene panels from the training sections.
 
-    python benchmarks/finetune_her2st.py                       # all 4 sections, CPU settings
-    python benchmarks/finetune_her2st.py --sections C2 --epochs 2
-    python benchmarks/finetune_her2st.py --device cuda --size 224 --epochs 10 --batch-size 64
+    python -m benchmarks.finetune_her2st                       # all 4 sections, CPU settings
+    python -m benchmarks.finetune_her2st --sections C2 --epochs 2
+    python -m benchmarks.finetune_her2st --device cuda --size 224 --epochs 10 --batch-size 64
 
 Prints a table and writes JSON (default benchmarks/results/finetune_her2st.json).
 """
@@ -29,25 +29,24 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import sys
 import time
 import warnings
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-from benchmarks._common import HER2ST, MOBILENET_SPEC  # noqa: E402
+from benchmarks._common import HER2ST, MOBILENET_SPEC
 from benchmarks._common import MOBILENET_WEIGHTS as WEIGHTS
-from embedder.backbones import parse_backbone  # noqa: E402
-from embedder.datasets import open_dataset  # noqa: E402
-from embedder.features import ensure_features  # noqa: E402
-from heads.cv import score_with_panels, training_panels  # noqa: E402
-from heads.finetune import finetune, load_finetuned  # noqa: E402
-from heads.fitting import fit_head, load_model  # noqa: E402
-from heads.metrics import pearson_per_gene, top_genes  # noqa: E402
+from embedder.backbones import parse_backbone
+from embedder.datasets import open_dataset
+from embedder.features import ensure_features
+from heads.cv import score_with_panels, training_panels
+from heads.finetune import finetune, load_finetuned
+from heads.fitting import fit_head, load_model
+from heads.metrics import pearson_per_gene, top_genes
+
+REPO = Path(__file__).resolve().parents[1]
 
 N_GENES = 50
 

@@ -9,8 +9,8 @@ Configurations: backbones (a) the default pair without pretrained weights and (b
 ImageNet MobileNetV2; heads ridge and mlp; with and without neighbour context (mean embedding of
 the k nearest spots of the same section).
 
-    python benchmarks/her2st.py                     # needs ../shared; ~10-20 min on 2 cores
-    python benchmarks/her2st.py --quick             # MobileNetV2 + ridge only
+    python -m benchmarks.her2st                     # needs ../shared; ~10-20 min on 2 cores
+    python -m benchmarks.her2st --quick             # MobileNetV2 + ridge only
 
 Prints a table and writes JSON (default benchmarks/results/her2st.json).
 """
@@ -18,20 +18,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 import warnings
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
+import numpy as np
+import pandas as pd
 
-from benchmarks._common import MOBILENET_SPEC, her2st_workdir, open_her2st  # noqa: E402
-from embedder.backbones import DEFAULT_BACKBONES, parse_backbone  # noqa: E402
-from embedder.features import add_neighbour_context, ensure_features  # noqa: E402
-from heads.base import make_head  # noqa: E402
-from heads.metrics import challenge_score, pearson_per_gene, top_genes  # noqa: E402
+from benchmarks._common import MOBILENET_SPEC, her2st_workdir, open_her2st
+from embedder.backbones import DEFAULT_BACKBONES, parse_backbone
+from embedder.features import add_neighbour_context, ensure_features
+from heads.base import make_head
+from heads.metrics import challenge_score, pearson_per_gene, top_genes
 
 BACKBONE_SETS = {
     "default (random init)": [f"{name}:weights=none" for name in DEFAULT_BACKBONES],

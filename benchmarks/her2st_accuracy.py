@@ -19,9 +19,9 @@ Rows:
     (grouped CV = leave one training section out), the chosen recipe refit and applied to the
     held-out section; the chosen recipe per section is listed.
 
-    python benchmarks/her2st_accuracy.py                 # needs ../shared; fits ~5 min on 2 idle cores, plus
+    python -m benchmarks.her2st_accuracy                 # needs ../shared; fits ~5 min on 2 idle cores, plus
                                                          # embedding on the first run (TTA: ~20 min)
-    python benchmarks/her2st_accuracy.py --work /tmp/h2  # keep imports/caches for reruns
+    python -m benchmarks.her2st_accuracy --work /tmp/h2  # keep imports/caches for reruns
 
 Prints a table and writes JSON (default benchmarks/results/her2st_accuracy.json).
 """
@@ -29,22 +29,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 import warnings
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
+import numpy as np
+import pandas as pd
 
-from benchmarks._common import MOBILENET_SPEC, her2st_workdir, open_her2st  # noqa: E402
-from embedder.backbones import parse_backbone  # noqa: E402
-from embedder.features import add_neighbour_context, ensure_features  # noqa: E402
-from heads.base import make_head  # noqa: E402
-from heads.fitting import fit_head, load_model  # noqa: E402
-from heads.metrics import challenge_score, pearson_per_gene, top_genes  # noqa: E402
+from benchmarks._common import MOBILENET_SPEC, her2st_workdir, open_her2st
+from embedder.backbones import parse_backbone
+from embedder.features import add_neighbour_context, ensure_features
+from heads.base import make_head
+from heads.fitting import fit_head, load_model
+from heads.metrics import challenge_score, pearson_per_gene, top_genes
 
 N_TOP = 50
 

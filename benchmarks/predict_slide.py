@@ -10,8 +10,8 @@ Stages, each timed on its own, in tissue tiles per second:
             the DataLoader and cache, head, .h5ad + GeoJSON + heatmaps written).
 The head is a ridge on the top-50 HVG fitted on sections C2 + C4 (not timed).
 
-    python benchmarks/predict_slide.py                 # MobileNetV2 (ImageNet), 224 px tiles of 112 µm
-    python benchmarks/predict_slide.py --patch-px 64   # faster, coarser
+    python -m benchmarks.predict_slide                 # MobileNetV2 (ImageNet), 224 px tiles of 112 µm
+    python -m benchmarks.predict_slide --patch-px 64   # faster, coarser
 
 Prints a table and writes JSON (default benchmarks/results/predict_slide.json).
 """
@@ -26,17 +26,16 @@ import time
 import warnings
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-from benchmarks._common import HER2ST, MOBILENET_SPEC, peak_memory_mib  # noqa: E402
-from embedder.backbones import create_backbone, parse_backbone  # noqa: E402
-from embedder.extract import _forward, resolve_precision  # noqa: E402
-from embedder.importers import import_dataset  # noqa: E402
-from embedder.slides import open_slide, read_square, slide_thumbnail  # noqa: E402
-from embedder.tiling import tile_grid, tissue_fraction, tissue_mask  # noqa: E402
-from workflow import fit_head, predict_slide  # noqa: E402
+from benchmarks._common import HER2ST, MOBILENET_SPEC, peak_memory_mib
+from embedder.backbones import create_backbone, parse_backbone
+from embedder.extract import _forward, resolve_precision
+from embedder.importers import import_dataset
+from embedder.slides import open_slide, read_square, slide_thumbnail
+from embedder.tiling import tile_grid, tissue_fraction, tissue_mask
+from workflow import fit_head, predict_slide
 
 UM_PER_PX = 0.69       # her2st: derived from the 200 µm spot grid (see the data's README)
 TILE_UM = 112.0

@@ -1,12 +1,12 @@
 """Scale benchmark: heads fitted on more rows than memory, from chunked HDF5 files.
 
-    python benchmarks/scale.py                          # 1,000,000 spots x 1,664 features -> 3,467 genes
-    python benchmarks/scale.py --rows 50000 --out /tmp/scale_small.json    # quick run (a minute or two)
-    python benchmarks/scale.py --dir /data/scale --keep                    # keep the generated files
-    python benchmarks/scale.py --dir /data/scale --reuse                   # reuse them (same shape and seed)
+    python -m benchmarks.scale                          # 1,000,000 spots x 1,664 features -> 3,467 genes
+    python -m benchmarks.scale --rows 50000 --out /tmp/scale_small.json    # quick run (a minute or two)
+    python -m benchmarks.scale --dir /data/scale --keep                    # keep the generated files
+    python -m benchmarks.scale --dir /data/scale --reuse                   # reuse them (same shape and seed)
 
 1. Synthetic data (a low-rank latent signal shared by features and genes, plus noise; a few
-   dominant genes, as ``benchmarks/heads.py``) is generated chunk by chunk and written straight
+   dominant genes, as ``benchmarks/head_fits.py``) is generated chunk by chunk and written straight
    to two HDF5 files with ``embedder.cache.write_feature_file``: ``features.h5`` (ids + features,
    float16) and ``targets.h5`` (ids + targets, float16): 1M rows = 3.3 GB + 6.9 GB. The free
    disk is checked first; when it is short, the largest row count that fits is used (and reported).
@@ -39,11 +39,9 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks._common import peak_memory_mib, reset_peak_memory, resident_mib
+
 REPO = Path(__file__).resolve().parents[1]
-# run as a script, this folder comes first on sys.path and its heads.py would shadow the package
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-sys.path.insert(0, str(REPO))
-from benchmarks._common import peak_memory_mib, reset_peak_memory, resident_mib  # noqa: E402
 
 FULL_ROWS, N_FEATURES, N_GENES = 1_000_000, 1664, 3467
 DISK_DTYPE = np.float16
@@ -62,7 +60,7 @@ class Synthetic:
     can be written by two independent passes and any block regenerated alone.
 
     X = latent @ A / sqrt(rank) + 0.5 noise;  Y = clip(gene_mean + tanh(latent) @ B + noise, 0),
-    with ``n_dominant`` genes of 8x mean and 4x loadings (as benchmarks/heads.synthetic_expression).
+    with ``n_dominant`` genes of 8x mean and 4x loadings (as benchmarks/head_fits.synthetic_expression).
     """
 
     def __init__(self, n_features: int, n_genes: int, rank: int = 16, n_dominant: int = 10,
@@ -202,7 +200,7 @@ def run_child(args) -> dict:
 
 def run_head(name: str, folder: Path, args) -> dict:
     out = folder / f"result_{name}.json"
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", name, "--data", str(folder),
+    cmd = [sys.executable, "-m", "benchmarks.scale", "--child", name, "--data", str(folder),
            "--child-out", str(out), "--chunk-rows", str(args.chunk_rows), "--test-rows", str(args.test_rows),
            "--ridge-precision", args.ridge_precision, "--mlp-epochs", str(args.mlp_epochs),
            "--mlp-batch", str(args.mlp_batch), "--mlp-lr", str(args.mlp_lr), "--mlp-hidden", args.mlp_hidden,

@@ -9,11 +9,17 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from threadpoolctl import threadpool_limits  # noqa: E402
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# BLAS on one thread: on a shared 2-core machine OpenBLAS's two spinning threads made a 1,024-wide eigh
+# (ridge on neighbour-context features) 8.5 s instead of 0.25 s; tests check results, benchmarks measure speed
+threadpool_limits(1, user_api="blas")
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
+# the real data and weights: ../shared beside the repository, or the folder HEXPR_SHARED names
+# (HEXPR_SHARED=/nonexistent hides it: every test needing it must then skip cleanly)
+SHARED = Path(os.environ.get("HEXPR_SHARED") or REPO.parent / "shared")
 MOBILENET_WEIGHTS = SHARED / "weights" / "mobilenetv2_100_tflite_in1k.safetensors"
 HER2ST = SHARED / "data" / "her2st"
 needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason="../shared (real data and weights) is absent")

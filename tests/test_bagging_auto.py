@@ -81,12 +81,15 @@ def test_auto_scores_every_candidate_on_grouped_folds_and_refits_the_best(data, 
     groups = np.repeat(["a", "b", "c", "d"], 30)
     seen = {}
     original = heads.fitting.score_configs
+    original_cv = heads.fitting.cross_validate
 
     def spy(configs, features, Y, folds, **kwargs):
         seen["folds"], seen["n"] = folds, len(configs)
         return original(configs, features, Y, folds, **kwargs)
 
     monkeypatch.setattr(heads.fitting, "score_configs", spy)
+    reruns = []
+    monkeypatch.setattr(heads.fitting, "cross_validate", lambda *a, **k: reruns.append(k) or original_cv(*a, **k))
     X_sets = {"plain": X, "k6": np.hstack([X, X[::-1]])}
     report = fit_head(X_sets, Y, [f"g{i}" for i in range(Y.shape[1])], head="auto", params=FAST_MLP, bag=2, folds=4,
                       groups=groups, out_dir=tmp_path / "m", feature_meta={"plain": {"neighbours": 0}, "k6": {"neighbours": 6}},
@@ -100,6 +103,7 @@ def test_auto_scores_every_candidate_on_grouped_folds_and_refits_the_best(data, 
     assert board["score"].is_monotonic_decreasing and board["error"].isna().all()
     assert report["auto"]["chosen"] == board["recipe"].iloc[0]
     # the winner's CV (score, out-of-fold predictions) comes from the candidate scoring, not a rerun
+    assert reruns == []
     assert report["cv"]["score"] == pytest.approx(board["score"].iloc[0])
     assert not pd.read_csv(tmp_path / "m" / "oof_predictions.csv", index_col=0).isna().any().any()
     assert sorted(p.name for p in (tmp_path / "m").iterdir()) == sorted(

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from conftest import REPO, TINY_BACKBONE, write_challenge_dataset
 
 from embedder.cache import read_cache
@@ -21,6 +22,7 @@ def _embed_cmd(csv, cache):
             "--quiet", "--cache-dir", str(cache)]
 
 
+@pytest.mark.slow
 def test_two_gloo_ranks_equal_single_process(tmp_path):
     csv = write_challenge_dataset(tmp_path / "d", n=22)  # 6 chunks, the last one short
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}

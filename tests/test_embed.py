@@ -76,6 +76,7 @@ def test_interrupted_run_resumes_to_identical_features(tmp_path):
     assert not partial[0].partial_dir.exists()
 
 
+@pytest.mark.slow
 def test_kill_9_then_rerun_gives_identical_cache(tmp_path):
     csv = write_challenge_dataset(tmp_path / "d", n=160, size=64)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
@@ -142,6 +143,7 @@ def test_unknown_model_name():
         create_backbone(parse_backbone("no_such_model_xyz:weights=none"))
 
 
+@pytest.mark.slow
 @needs_shared
 def test_shared_mobilenetv2_loads_offline_with_documented_options(tiny_csv, tmp_path):
     spec = parse_backbone(f"mobilenetv2_100:weights={MOBILENET_WEIGHTS},pad_type=same,mean=0.5/0.5/0.5,std=0.5/0.5/0.5")
@@ -209,6 +211,7 @@ def _two_embeds_at_once(tmp_path, pipeline, n=96):
     return [(p.wait(timeout=300), p.stdout.read()) for p in procs]
 
 
+@pytest.mark.slow
 def test_two_embeds_of_the_same_data_at_once_both_succeed(tmp_path):
     results = _two_embeds_at_once(tmp_path, REPO / "pipeline.py")
     assert [code for code, _ in results] == [0, 0], results

@@ -14,6 +14,7 @@ import pytest
 import scipy.io
 import scipy.sparse as sp
 import tifffile
+from conftest import HER2ST
 from PIL import Image
 
 import embedder.importers.thumbnails as thumbnails
@@ -30,8 +31,6 @@ from embedder.importers import (
 
 pytestmark = pytest.mark.filterwarnings("ignore::embedder.importers.ImporterWarning")
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-HER2ST = SHARED / "data" / "her2st"
 
 # ---------------------------------------------------------------------------------------------
 # synthetic Visium folder
@@ -421,6 +420,7 @@ def test_legacy_st_synthetic(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # real data: one her2st section
 # ---------------------------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.skipif(not HER2ST.exists(), reason="../shared/data/her2st not available")
 def test_her2st_section_alignment(tmp_path):
     out = tmp_path / "her2st"

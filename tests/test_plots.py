@@ -9,6 +9,7 @@ import h5py
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import HER2ST
 from PIL import Image
 
 from workflow.expression_tables import EvaluationError, evaluate_tables
@@ -26,8 +27,6 @@ from workflow.outputs.plots import (
     to_thumbnail_xy,
 )
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-HER2ST = SHARED / "data" / "her2st"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -246,6 +245,7 @@ def test_make_report_plots_from_hest_folder(tmp_path):
         make_report_plots(pred_csv, tmp_path / "truth.csv", tmp_path / "r4")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not HER2ST.exists(), reason="../shared/data/her2st not available")
 def test_her2st_section_thumbnail_inspect_and_maps(tmp_path):
     """Import C3, then: thumbnail under the spots, inspect, measured-vs-measured spatial maps."""

@@ -17,7 +17,6 @@ from typer.testing import CliRunner
 from embedder.slides import SlideError, find_slides, open_slide, read_square, slide_thumbnail
 from embedder.tiling import tile_dataset, tile_grid, tissue_fraction, tissue_mask
 from pipeline import app
-from workflow.outputs.geojson import tile_features
 
 runner = CliRunner()
 W, H = 1000, 800         # synthetic slide, 0.5 µm/px
@@ -131,17 +130,6 @@ def test_grid_stride_and_tissue_fraction():
         tile_grid(10, 10, 0)
 
 
-def test_geojson_features_are_squares_with_measurements():
-    pred = pd.DataFrame({"A": [1.0, 2.5], "B": [0.0, -1.0]}, index=["tile_r0_c0", "tile_r0_c1"])
-    fc = tile_features(pred, np.array([[50.0, 50.0], [150.0, 50.0]]), 100)
-    assert fc["type"] == "FeatureCollection" and len(fc["features"]) == 2
-    f = fc["features"][1]
-    assert f["geometry"]["type"] == "Polygon"
-    ring = f["geometry"]["coordinates"][0]
-    assert ring[0] == ring[-1] and ring[0] == [100.0, 0.0] and ring[2] == [200.0, 100.0]
-    assert f["properties"]["objectType"] == "tile" and f["properties"]["measurements"] == {"A": 2.5, "B": -1.0}
-
-
 def test_tile_dataset_reads_tiles_and_fingerprint_tracks_geometry(tmp_path):
     path = write_tiff(tmp_path / "s.tif", synthetic_slide(), pyramid=False)
     centres = np.array([[300.0, 300.0], [500.0, 400.0]])
@@ -212,23 +200,6 @@ def test_interrupted_embedding_resumes_and_writes_nothing_before(tmp_path, tiny_
     assert report["slides"][str(slide)]["n_tiles"] > 8 and (tmp_path / "out" / "s" / "predictions.h5ad").is_file()
 
 
-def test_rank_share_splits_slides():
-    from workflow.slides import rank_share
-
-    items = list("abcde")
-    assert rank_share(items, 0, 2) == ["a", "c", "e"] and rank_share(items, 1, 2) == ["b", "d"]
-    assert rank_share(items, 0, 1) == items
-
-
-def test_tile_scale_from_model_or_default():
-    from workflow.slides import tile_scale
-
-    assert tile_scale({"patch": {"patch_um": 112.0, "patch_px": 64, "um_per_px": 1.75}})["tile_px"] == 64
-    with pytest.warns(UserWarning, match="does not record"):
-        s = tile_scale({})
-    assert (s["tile_um"], s["tile_px"], s["source"]) == (112.0, 224, "default")
-
-
 # ----------------------------------------------------------------------------- real data: her2st C3
 
 
@@ -250,6 +221,7 @@ def one_torch_thread():
     torch.set_num_threads(before)
 
 
+@pytest.mark.slow
 @needs_shared
 def test_her2st_c3_slide_map_agrees_with_spot_predictions(tmp_path, one_torch_thread):
     """Fit on C2 + C4 (MobileNetV2, 64 px patches of 112 µm), predict the whole C3 image, and compare
@@ -365,6 +337,7 @@ def test_a_finetuned_model_predicts_slides_too(tmp_path):
     np.testing.assert_allclose(a.X, direct.to_numpy(np.float32), rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.slow
 def test_torchrun_ranks_split_the_slides_and_match_one_process(tmp_path, tiny_model):
     import socket
     import subprocess
@@ -397,6 +370,7 @@ def test_torchrun_ranks_split_the_slides_and_match_one_process(tmp_path, tiny_mo
         np.testing.assert_allclose(multi.X, single.X, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_a_model_with_neighbour_context_gets_it_from_the_tile_grid(tmp_path):
     from embedder.backbones import parse_backbone
     from embedder.features import add_neighbour_context, ensure_features

@@ -1,8 +1,8 @@
 """Benchmark the heads on synthetic data of the challenge's shape.
 
-    python benchmarks/heads.py                 # 6,992 spots x 1,664 features -> 3,467 genes
-    python benchmarks/heads.py --small         # quick smoke run (seconds)
-    python benchmarks/heads.py --heads ridge,gbm --skip-sweep --out /tmp/b.json
+    python -m benchmarks.head_fits                 # 6,992 spots x 1,664 features -> 3,467 genes
+    python -m benchmarks.head_fits --small         # quick smoke run (seconds)
+    python -m benchmarks.head_fits --heads ridge,gbm --skip-sweep --out /tmp/b.json
 
 Per head (each in its own subprocess, so peak memory is the head's own): fit time on all spots,
 peak resident memory during that fit, and the cross-validated challenge score (HEG/HVG panels
@@ -24,10 +24,10 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks._common import peak_memory_mib, reset_peak_memory, resident_mib
+from heads.synthetic import synthetic_expression
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # before this folder, whose heads.py would shadow the heads package
-from benchmarks._common import peak_memory_mib, reset_peak_memory, resident_mib  # noqa: E402
-from heads.synthetic import synthetic_expression  # noqa: E402
 
 FULL_SHAPE = (6992, 1664, 3467)
 SMALL_SHAPE = (600, 64, 200)
@@ -121,7 +121,7 @@ def run_child(args) -> dict:
 def run_head(name: str, params: dict, data_dir: Path, args) -> dict:
     """Benchmark one head in a fresh interpreter; returns its result (or the error)."""
     out = data_dir / f"{name}.json"
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", name, "--data", str(data_dir),
+    cmd = [sys.executable, "-m", "benchmarks.head_fits", "--child", name, "--data", str(data_dir),
            "--params", json.dumps(params), "--folds", str(args.folds), "--eval-folds", str(args.eval_folds),
            "--gene-sample", str(args.gene_sample), "--seed", str(args.seed), "--child-out", str(out)]
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
