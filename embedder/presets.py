@@ -97,6 +97,16 @@ _SWIGLU = _kw(mlp_layer="SwiGLUPacked", act_layer="SiLU")
 _KAIKO_NOTE = ("timm port by 1aurent of kaiko-ai/towards_large_pathology_fms; card transform: Resize(224) + "
                "CenterCrop(224) (bilinear), mean/std 0.5; features = the model's CLS output")
 
+
+
+def _kaiko(name: str, architecture: str, dim: int, params: str, img_size: int = 224, note: str = "") -> "Preset":
+    """A kaiko.ai model as 1aurent's timm port publishes it (one repo per architecture)."""
+    repo = f"1aurent/{architecture}.kaiko_ai_towards_large_pathology_fms"
+    return Preset(name, "timm", architecture, _kw(img_size=img_size, dynamic_img_size=True), 224, HALF, HALF, "bilinear",
+                  "cls", dim, params, "other (kaiko.ai, see card)", False, repo, ("model.safetensors",),
+                  f"https://huggingface.co/{repo}", _KAIKO_NOTE + note)
+
+
 PRESETS: tuple[Preset, ...] = (
     Preset("efficientnet_b1", "timm", "efficientnet_b1", (), 240, HALF, HALF, "bicubic", None, 1280,
            "7.8M", "Apache-2.0", False, None, source="https://huggingface.co/timm/efficientnet_b1.ra4_e3600_r240_in1k",
@@ -177,27 +187,12 @@ PRESETS: tuple[Preset, ...] = (
            224, HIBOU_MEAN, HIBOU_STD, "bicubic", "cls", 1024, "304M", "Apache-2.0", True, "histai/hibou-L",
            ("model.safetensors",), "https://huggingface.co/histai/hibou-L",
            "as hibou-b (ViT-L/14 with 4 registers)"),
-    Preset("kaiko-vits16", "timm", "vit_small_patch16_224", _kw(img_size=224, dynamic_img_size=True), 224, HALF, HALF,
-           "bilinear", "cls", 384, "22M", "other (kaiko.ai, see card)", False,
-           "1aurent/vit_small_patch16_224.kaiko_ai_towards_large_pathology_fms", ("model.safetensors",),
-           "https://huggingface.co/1aurent/vit_small_patch16_224.kaiko_ai_towards_large_pathology_fms", _KAIKO_NOTE),
-    Preset("kaiko-vits8", "timm", "vit_small_patch8_224", _kw(img_size=224, dynamic_img_size=True), 224, HALF, HALF,
-           "bilinear", "cls", 384, "22M", "other (kaiko.ai, see card)", False,
-           "1aurent/vit_small_patch8_224.kaiko_ai_towards_large_pathology_fms", ("model.safetensors",),
-           "https://huggingface.co/1aurent/vit_small_patch8_224.kaiko_ai_towards_large_pathology_fms", _KAIKO_NOTE),
-    Preset("kaiko-vitb16", "timm", "vit_base_patch16_224", _kw(img_size=224, dynamic_img_size=True), 224, HALF, HALF,
-           "bilinear", "cls", 768, "86M", "other (kaiko.ai, see card)", False,
-           "1aurent/vit_base_patch16_224.kaiko_ai_towards_large_pathology_fms", ("model.safetensors",),
-           "https://huggingface.co/1aurent/vit_base_patch16_224.kaiko_ai_towards_large_pathology_fms", _KAIKO_NOTE),
-    Preset("kaiko-vitb8", "timm", "vit_base_patch8_224", _kw(img_size=224, dynamic_img_size=True), 224, HALF, HALF,
-           "bilinear", "cls", 768, "86M", "other (kaiko.ai, see card)", False,
-           "1aurent/vit_base_patch8_224.kaiko_ai_towards_large_pathology_fms", ("model.safetensors",),
-           "https://huggingface.co/1aurent/vit_base_patch8_224.kaiko_ai_towards_large_pathology_fms", _KAIKO_NOTE),
-    Preset("kaiko-vitl14", "timm", "vit_large_patch14_reg4_dinov2", _kw(img_size=518, dynamic_img_size=True), 224,
-           HALF, HALF, "bilinear", "cls", 1024, "304M", "other (kaiko.ai, see card)", False,
-           "1aurent/vit_large_patch14_reg4_dinov2.kaiko_ai_towards_large_pathology_fms", ("model.safetensors",),
-           "https://huggingface.co/1aurent/vit_large_patch14_reg4_dinov2.kaiko_ai_towards_large_pathology_fms",
-           _KAIKO_NOTE + "; built at 518 px (its position embeddings), fed 224 px (dynamic_img_size interpolates)"),
+    _kaiko("kaiko-vits16", "vit_small_patch16_224", 384, "22M"),
+    _kaiko("kaiko-vits8", "vit_small_patch8_224", 384, "22M"),
+    _kaiko("kaiko-vitb16", "vit_base_patch16_224", 768, "86M"),
+    _kaiko("kaiko-vitb8", "vit_base_patch8_224", 768, "86M"),
+    _kaiko("kaiko-vitl14", "vit_large_patch14_reg4_dinov2", 1024, "304M", img_size=518,
+           note="; built at 518 px (its position embeddings), fed 224 px (dynamic_img_size interpolates)"),
     Preset("lunit-vits8", "timm", "vit_small_patch8_224", _kw(img_size=224, dynamic_img_size=True), 224, LUNIT_MEAN,
            LUNIT_STD, "bicubic", "cls", 384, "22M", "other (Lunit, non-commercial)", False,
            "1aurent/vit_small_patch8_224.lunit_dino", ("model.safetensors",),

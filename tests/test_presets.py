@@ -232,7 +232,7 @@ def test_hexpr_embed_with_a_preset_and_a_local_file_gives_the_card_models_featur
 
 
 def test_presets_train_end_to_end_with_layerwise_ids():
-    from embedder.finetune_model import build_backbones, layer_ids
+    from heads.finetune_model import build_backbones, layer_ids
 
     (backbone,) = build_backbones([parse_backbone("virchow2:weights=none,depth=1")], torch.device("cpu"), random_init=True)
     model = backbone.model.train()
