@@ -223,7 +223,7 @@ def main() -> None:
     for r in rows:
         print("| " + " | ".join(f"{r[c]:,}" if isinstance(r[c], int) else str(r[c]) for c in cols) + " |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"backbone": BACKBONE, "um_per_px": UM_PER_PX, "rows": rows,
+    args.out.write_text(json.dumps({"backbone": args.backbone, "um_per_px": UM_PER_PX, "rows": rows,
                                     "machine": f"{os.cpu_count()} CPUs (shared)"}, indent=2))
     print(f"wrote {args.out}")
 
