@@ -85,7 +85,7 @@ RawOpt = Annotated[bool, typer.Option("--no-clip", "--raw", help="Raw prediction
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):
-    console.print(f"[yellow]Warning:[/yellow] {message}", highlight=False)
+    console.print(f"[yellow]Warning:[/yellow] {message}", highlight=False, soft_wrap=True)
 
 
 def _friendly_errors(func):
@@ -343,7 +343,8 @@ def predict_slide(
     if result["failed"]:
         n_all = len(result["failed"]) + len(result["slides"])
         console.print(f"[bold red]Error:[/bold red] {len(result['failed'])} of {n_all} slides failed (why: the warnings "
-                      f"above), the others were written: {escape(', '.join(result['failed']))}", highlight=False)
+                      f"above), the others were written: {escape(', '.join(result['failed']))}", highlight=False,
+                      soft_wrap=True)
         raise typer.Exit(1)
 
 
@@ -390,7 +391,7 @@ def plot(
     for sample, path in (made.get("spatial_maps") or {}).items():
         out.print(f"spatial map {sample}: {path}")
     for note in made.get("notes", []):
-        console.print(f"[yellow]{note}[/yellow]", highlight=False)
+        console.print(f"[yellow]{note}[/yellow]", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -416,7 +417,7 @@ def inspect(
     for name, path in result["files"].items():
         out.print(f"{name}: {path}")
     for note in result.get("notes", []):
-        console.print(f"[yellow]{note}[/yellow]", highlight=False)
+        console.print(f"[yellow]{note}[/yellow]", highlight=False, soft_wrap=True)
 
 
 @app.command("import")
