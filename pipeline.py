@@ -245,7 +245,7 @@ def _print_cv(report: dict) -> None:
 def _random_init_notice(names: list[str]) -> None:
     if names:
         console.print(f"[bold yellow]NOTE:[/bold yellow] backbones without pretrained weights (random init): {', '.join(names)}. "
-                      "Scores show the pipeline works, not what pretrained features reach.", highlight=False)
+                      "Scores show the pipeline works, not what pretrained features reach.", highlight=False, soft_wrap=True)
 
 
 @app.command("fit-head")

@@ -31,6 +31,7 @@ import torch
 from embedder.errors import ModelError
 from embedder.files import read_config
 from embedder.presets import POOLINGS, Preset, get_preset, preset_names
+from embedder.weights import WeightsError, assign_state_dict, config_json_beside, locate_preset_weights, read_state_dict
 
 DEFAULT_BACKBONES = ("efficientnet_b1", "vit_small_patch16_224.augreg_in1k")
 PRETRAINED = "pretrained"
@@ -123,7 +124,6 @@ def weights_identity(weights: str, preset: str | None = None) -> str:
     if row is not None and row.hub_repo and weights == PRETRAINED:
         return f"hub:{row.hub_repo}"
     if weights not in (PRETRAINED, RANDOM_INIT) and Path(weights).is_dir():
-        from embedder.weights import WeightsError, locate_preset_weights
 
         if row is None:
             raise BackboneError(f"weights {weights} is a folder: only presets take a folder; give the weights file")
@@ -483,7 +483,6 @@ def _wrap(model: torch.nn.Module, spec: BackboneSpec, backend: str) -> tuple[tor
 
 def _read_and_assign(build, spec: BackboneSpec, kwargs: dict, path: Path, ignore_prefixes: tuple, config=None):
     """Build on the meta device and assign the file's tensors: one copy of the weights in memory."""
-    from embedder.weights import WeightsError, assign_state_dict, read_state_dict
 
     try:
         state = read_state_dict(path)
@@ -520,7 +519,6 @@ def _load_timm_file(spec: BackboneSpec, kwargs: dict) -> torch.nn.Module:
         if "not computable" not in str(exc):
             raise
     # models with computed (non-persistent) buffers: build for real and copy the weights in
-    from embedder.weights import read_state_dict
 
     model, _ = _build_timm(spec, kwargs, None)
     state = {k: v for k, v in read_state_dict(path).items() if not k.startswith(ignore)}
@@ -545,7 +543,6 @@ def _random_init_warning(spec: BackboneSpec) -> None:
 
 def _create_preset(spec: BackboneSpec, preset: Preset):
     """(model, weights source, sha256) for a preset spec: weights from a file, folder, hub cache or the hub."""
-    from embedder.weights import WeightsError, config_json_beside, locate_preset_weights
 
     build = _BUILDERS[preset.backend]
     kwargs = constructor_kwargs(spec.model_kwargs)

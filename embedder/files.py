@@ -112,6 +112,11 @@ def write_json(path: str | Path, obj) -> Path:
     return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
+def write_csv(path: str | Path, frame, **to_csv) -> Path:
+    """A pandas frame as CSV written atomically (``to_csv`` options, e.g. ``float_format``, passed on)."""
+    return atomic_write(path, lambda tmp: frame.to_csv(tmp, **to_csv))
+
+
 def read_config(path: str | Path):
     """A JSON or YAML file (by suffix: .yaml/.yml is YAML) parsed into Python values."""
     path = Path(path)

@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from embedder.errors import MissingInputError, ModelError, OutputExistsError, brief
-from embedder.files import CSV_FLOAT_FORMAT, atomic_dir, atomic_write, json_ready, write_json
+from embedder.files import CSV_FLOAT_FORMAT, atomic_dir, json_ready, write_csv, write_json
 from heads.bagging import check_baggable
 from heads.base import HeadError, as_matrix, atomic_dump, default_search_space, fit_with_supported, head_param_names, make_head
 from heads.cv import cross_validate, make_folds
@@ -123,10 +123,6 @@ def load_model(path) -> FittedModel:
 # --------------------------------------------------------------------------------------------
 # helpers of fit_head
 # --------------------------------------------------------------------------------------------
-def write_csv(frame: pd.DataFrame, path: Path, **kwargs) -> Path:
-    return atomic_write(path, lambda tmp: frame.to_csv(tmp, **kwargs))
-
-
 def resolve_space(sweep, head: str) -> dict:
     """A search space from a file path, a mapping, or "default" (the head's own space)."""
     if isinstance(sweep, Mapping):
@@ -289,7 +285,7 @@ def _fit_into(work: Path, X, Y, gene_names, *, head, params, transform, folds, g
         config = result.best
         cv = load_kept_cv(kept, int(result.leaderboard["trial"].iloc[0]))  # the winner's CV, not run again
         shutil.rmtree(kept)
-        write_csv(result.leaderboard, work / LEADERBOARD_FILE, index=False)
+        write_csv(work / LEADERBOARD_FILE, result.leaderboard, index=False)
         columns = ["rank", "recipe", "score", "pearson_hvg", "pearson_all_genes", "seconds", "error"]
         auto_info = {"n_candidates": len(candidates), "chosen": config.get("recipe", config["head"]), "config": config,
                      "leaderboard": str(out_dir / LEADERBOARD_FILE),
@@ -299,7 +295,7 @@ def _fit_into(work: Path, X, Y, gene_names, *, head, params, transform, folds, g
                            n_trials=trials, transform=transform, fixed_params=params, n_top=n_top,
                            groups=groups, seed=seed, n_jobs=n_jobs, progress=progress)
         config = result.best
-        write_csv(result.leaderboard, work / LEADERBOARD_FILE, index=False)
+        write_csv(work / LEADERBOARD_FILE, result.leaderboard, index=False)
         sweep_info = {"n_configs": len(result.leaderboard), "search": "grid" if trials is None else "random",
                       "best": config, "leaderboard": str(out_dir / LEADERBOARD_FILE),
                       "top": result.leaderboard.head(5).drop(columns=["config"]).to_dict(orient="records")}
@@ -313,7 +309,7 @@ def _fit_into(work: Path, X, Y, gene_names, *, head, params, transform, folds, g
     if cv is None:
         cv = cross_validate(factory, X_chosen, Y, fold_list, n_top=n_top, groups=groups, progress=progress,
                             description=f"cross-validating {config['head']}")
-    write_csv(pd.DataFrame(cv.oof, index=pd.Index(ids, name="ID"), columns=genes), work / OOF_FILE,
+    write_csv(work / OOF_FILE, pd.DataFrame(cv.oof, index=pd.Index(ids, name="ID"), columns=genes),
               float_format=CSV_FLOAT_FORMAT)
 
     refit_start = time.perf_counter()

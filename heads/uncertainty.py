@@ -24,7 +24,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from embedder.errors import UsageError
+from heads.bagging import SeedBagged
 from heads.base import as_matrix
+from heads.targets import TargetTransformed
 
 LEVELS = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.975, 0.99)
 DEFAULT_INTERVAL = 0.9
@@ -114,9 +116,6 @@ def calibrate(truth, oof, spread=None, levels=LEVELS, value_range: dict | None =
 def member_predictions(model, X) -> tuple[list[np.ndarray], object] | None:
     """(raw member predictions, inverse target transform or None) of a model whose head holds
     several fitted members (``bagged``, optionally behind a target transform); None otherwise."""
-    from heads.bagging import SeedBagged
-    from heads.targets import TargetTransformed
-
     head, inverse = model, None
     if isinstance(model, TargetTransformed):
         head, inverse = model.head_, model.transform_.inverse_transform

@@ -12,8 +12,8 @@ from embedder.extract import check_embed_options
 from embedder.features import check_features_match, ensure_features, specs_from_meta, with_dataset_context
 from heads.finetune import load_finetuned
 from heads.fitting import load_model
-from workflow.options import check_choice, check_output_file
 from heads.uncertainty import DEFAULT_INTERVAL, check_interval, check_model_interval, predict_uncertain
+from workflow.options import check_choice, check_output_file
 from workflow.outputs.anndata import write_anndata
 from workflow.outputs.tables import write_table
 

@@ -12,7 +12,7 @@ import pandas as pd
 from embedder.cache import DEFAULT_CACHE_DIR
 from embedder.datasets import DatasetError
 from embedder.errors import OutputExistsError
-from embedder.extract import check_embed_options
+from embedder.extract import check_embed_options, default_num_workers, resolve_device
 from embedder.files import atomic_dir
 from embedder.importers.names import safe_name
 from embedder.slides import SlideError, find_slides, open_slide, slide_thumbnail
@@ -72,8 +72,6 @@ def slide_embed_options(embed_options: dict) -> dict:
     model runs (the patch default on CPU is none); an explicit ``num_workers`` is kept."""
     options = dict(embed_options)
     if options.get("num_workers") is None:
-        from embedder.extract import default_num_workers, resolve_device
-
         options["num_workers"] = max(1, default_num_workers(resolve_device(options.get("device", "auto"))))
     return options
 

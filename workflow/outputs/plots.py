@@ -28,6 +28,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
+from embedder.datasets import open_dataset
 from embedder.errors import DataError, MissingInputError
 from embedder.files import atomic_write
 from heads.metrics import N_TOP_DEFAULT, pearson_per_gene
@@ -533,8 +534,6 @@ def load_truth(path: str | Path) -> TruthSource:
     optional group / x / y), a challenge CSV dataset or a HEST .h5 / folder (embedder.datasets;
     the thumbnail from the patch file attrs).  Images are not read.
     """
-    from embedder.datasets import open_dataset
-
     path = Path(path)
     if not path.exists():
         raise MissingInputError(f"{path} does not exist")
