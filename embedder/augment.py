@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from embedder.backbones import Preprocess
+from embedder.torch_install import require_torchvision
 
 # Ruifrok & Johnston stain vectors (rows: haematoxylin, eosin, DAB), as in skimage.color.rgb_from_hed
 _RGB_FROM_HED = torch.tensor([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], dtype=torch.float64)
@@ -117,6 +118,7 @@ def _apply(view: torch.Tensor, params: dict, config: AugmentConfig) -> torch.Ten
 def augmented_views(image: np.ndarray, preprocesses: list[Preprocess], rng: np.random.Generator,
                     config: AugmentConfig = DEFAULT_AUGMENT) -> tuple[torch.Tensor, ...]:
     """(H, W, 3) uint8 -> one augmented (3, h, w) uint8 view per preprocessing, same draw for all."""
+    require_torchvision()
     from torchvision.transforms import InterpolationMode
     from torchvision.transforms.v2 import functional as tvf
 

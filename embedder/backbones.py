@@ -31,6 +31,7 @@ import torch
 from embedder.errors import ModelError
 from embedder.files import read_config
 from embedder.presets import POOLINGS, Preset, get_preset, preset_names
+from embedder.torch_install import require_torchvision
 from embedder.weights import WeightsError, assign_state_dict, config_json_beside, locate_preset_weights, read_state_dict
 
 DEFAULT_BACKBONES = ("efficientnet_b1", "vit_small_patch16_224.augreg_in1k")
@@ -236,6 +237,7 @@ class Preprocess:
 
     def resize_uint8(self, image: np.ndarray) -> torch.Tensor:
         """(H, W, 3) uint8 -> (3, height, width) uint8 tensor: optional centre crop, then resize."""
+        require_torchvision()
         from torchvision.transforms import InterpolationMode
         from torchvision.transforms.v2 import functional as tvf
 
@@ -257,6 +259,7 @@ class Preprocess:
 
 
 def resolve_preprocess(model: torch.nn.Module, spec: BackboneSpec) -> Preprocess:
+    require_torchvision()
     import timm.data
 
     config = timm.data.resolve_model_data_config(model)
@@ -330,6 +333,7 @@ def _offline_message(spec: BackboneSpec, cause: Exception | None) -> str:
 
 
 def _class_by_name(key: str, name: str):
+    require_torchvision()
     import timm.layers
 
     for module in (timm.layers, torch.nn):
@@ -402,6 +406,7 @@ class ConchImageEncoder(torch.nn.Module):
 
     def __init__(self, pool_dim: int = 512, pool_heads: int = 8, **trunk_kwargs):
         super().__init__()
+        require_torchvision()
         from timm.models.vision_transformer import VisionTransformer
 
         self.trunk = VisionTransformer(num_classes=0, **trunk_kwargs)
@@ -432,6 +437,7 @@ def _pooled_timm(model: torch.nn.Module, spec: BackboneSpec) -> tuple[torch.nn.M
 
 
 def _build_timm(spec: BackboneSpec, kwargs: dict, config: dict | None):
+    require_torchvision()
     import timm
 
     model = timm.create_model(spec.name, pretrained=False, **kwargs, num_classes=0)
@@ -499,6 +505,7 @@ def _read_and_assign(build, spec: BackboneSpec, kwargs: dict, path: Path, ignore
 
 
 def _timm_classifier_prefixes(spec: BackboneSpec, kwargs: dict) -> tuple:
+    require_torchvision()
     import timm
 
     with torch.device("meta"):
@@ -563,6 +570,7 @@ def _create_preset(spec: BackboneSpec, preset: Preset):
 
 def create_backbone(spec: BackboneSpec, device: str | torch.device = "cpu") -> LoadedBackbone:
     """Create the frozen feature extractor for ``spec``: one vector per image (pooled)."""
+    require_torchvision()
     import timm
 
     preset = get_preset(spec.preset) if spec.preset else None

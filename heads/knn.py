@@ -24,8 +24,11 @@ _QUERY_CHUNK = 512
 
 
 def l2_normalize(Z: np.ndarray) -> np.ndarray:
+    """Unit-norm rows in float64: similarities then do not depend, beyond float64 rounding, on which
+    rows are predicted together (float32 BLAS blocking changes last bits with the batch)."""
+    Z = np.asarray(Z, dtype=np.float64)
     norms = np.linalg.norm(Z, axis=1, keepdims=True)
-    return (Z / np.where(norms > 0, norms, 1.0)).astype(np.float32)
+    return Z / np.where(norms > 0, norms, 1.0)
 
 
 def neighbour_weights(sim: np.ndarray, weighting: str, temperature: float) -> np.ndarray:

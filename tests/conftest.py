@@ -11,10 +11,13 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from threadpoolctl import threadpool_limits  # noqa: E402
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-# BLAS on one thread: on a shared 2-core machine OpenBLAS's two spinning threads made a 1,024-wide eigh
-# (ridge on neighbour-context features) 8.5 s instead of 0.25 s; tests check results, benchmarks measure speed
-threadpool_limits(1, user_api="blas")
+# HEXPR_TEST_THREADS=N runs torch and BLAS on N threads: CI runs the estimator checks under several thread
+# counts and BLAS kernels, so that a result depending on the CPU shows up there first (.ci/run)
+_THREADS = os.environ.get("HEXPR_TEST_THREADS")
+torch.set_num_threads(int(_THREADS) if _THREADS else max(1, min(2, os.cpu_count() or 1)))
+# BLAS on one thread by default: on a shared 2-core machine OpenBLAS's two spinning threads made a 1,024-wide
+# eigh (ridge on neighbour-context features) 8.5 s instead of 0.25 s; tests check results, benchmarks measure speed
+threadpool_limits(int(_THREADS) if _THREADS else 1, user_api="blas")
 
 REPO = Path(__file__).resolve().parents[1]
 # the real data and weights: ../shared beside the repository, or the folder HEXPR_SHARED names
