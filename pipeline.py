@@ -13,8 +13,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-import workflow
-from embedder.errors import HexprError
+from hexpr import workflow
+from hexpr.embedder.errors import HexprError
 
 app = typer.Typer(
     help="hexpr: predict spatial gene expression from H&E patches. Embed once, fit many heads.",

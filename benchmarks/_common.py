@@ -58,8 +58,8 @@ def her2st_workdir(work: Path | None, prefix: str) -> Path:
 
 def open_her2st(work: Path):
     """All four her2st sections imported once under ``work/her2st`` (default import settings), opened."""
-    from embedder.datasets import open_dataset
-    from embedder.importers import import_dataset
+    from hexpr.embedder.datasets import open_dataset
+    from hexpr.embedder.importers import import_dataset
 
     data = work / "her2st"
     if not (data / "patches").is_dir():

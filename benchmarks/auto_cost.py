@@ -24,8 +24,8 @@ import numpy as np
 
 from benchmarks._common import peak_memory_mib
 from benchmarks.head_fits import FULL_SHAPE, SMALL_SHAPE, synthetic_expression
-from embedder.features import FeatureSet, add_neighbour_context
-from heads.fitting import fit_head
+from hexpr.embedder.features import FeatureSet, add_neighbour_context
+from hexpr.heads.fitting import fit_head
 
 REPO = Path(__file__).resolve().parents[1]
 

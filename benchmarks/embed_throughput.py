@@ -25,10 +25,10 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
-from embedder.backbones import DEFAULT_BACKBONES, create_backbone, parse_backbone
-from embedder.datasets import open_dataset
-from embedder.demo_data import write_demo_dataset
-from embedder.extract import cpu_supports_bf16, embed_dataset, resolve_device
+from hexpr.embedder.backbones import DEFAULT_BACKBONES, create_backbone, parse_backbone
+from hexpr.embedder.datasets import open_dataset
+from hexpr.embedder.demo_data import write_demo_dataset
+from hexpr.embedder.extract import cpu_supports_bf16, embed_dataset, resolve_device
 
 
 def naive_loop(dataset, backbones, device) -> float:

@@ -38,13 +38,13 @@ import torch
 
 from benchmarks._common import HER2ST, MOBILENET_SPEC
 from benchmarks._common import MOBILENET_WEIGHTS as WEIGHTS
-from embedder.backbones import parse_backbone
-from embedder.datasets import open_dataset
-from embedder.features import ensure_features
-from heads.cv import score_with_panels, training_panels
-from heads.finetune import finetune, load_finetuned
-from heads.fitting import fit_head, load_model
-from heads.metrics import pearson_per_gene, top_genes
+from hexpr.embedder.backbones import parse_backbone
+from hexpr.embedder.datasets import open_dataset
+from hexpr.embedder.features import ensure_features
+from hexpr.heads.cv import score_with_panels, training_panels
+from hexpr.heads.finetune import finetune, load_finetuned
+from hexpr.heads.fitting import fit_head, load_model
+from hexpr.heads.metrics import pearson_per_gene, top_genes
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -56,7 +56,7 @@ def spec_text(size: int) -> str:
 
 
 def import_once(work: Path) -> Path:
-    from embedder.importers import import_dataset
+    from hexpr.embedder.importers import import_dataset
 
     root = work / "her2st"
     if not (root / "patches").is_dir():
@@ -199,7 +199,7 @@ def main(argv=None) -> dict:
     if not HER2ST.is_dir() or not WEIGHTS.is_file():
         raise SystemExit(f"needs {HER2ST} and {WEIGHTS}")
     torch.set_num_threads(args.threads)
-    warnings.filterwarnings("ignore", module="embedder.importers")
+    warnings.filterwarnings("ignore", module="hexpr.embedder.importers")
     started = time.perf_counter()
     args.work.mkdir(parents=True, exist_ok=True)
     root = import_once(args.work)

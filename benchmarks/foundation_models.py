@@ -30,8 +30,8 @@ def make_weights(name: str, path: str) -> None:
     import torch
     from safetensors.torch import save_file
 
-    from embedder.backbones import build_architecture, parse_backbone
-    from embedder.presets import get_preset
+    from hexpr.embedder.backbones import build_architecture, parse_backbone
+    from hexpr.embedder.presets import get_preset
 
     torch.manual_seed(0)
     model = build_architecture(parse_backbone(f"{name}:weights=none"))
@@ -44,8 +44,8 @@ def make_weights(name: str, path: str) -> None:
 def load_and_run(name: str, path: str, n_images: int, batch_size: int) -> dict:
     import torch
 
-    from embedder.backbones import create_backbone, parse_backbone
-    from embedder.extract import resolve_precision
+    from hexpr.embedder.backbones import create_backbone, parse_backbone
+    from hexpr.embedder.extract import resolve_precision
 
     baseline = resident_mib()
     reset_peak_memory()
@@ -97,7 +97,7 @@ def main(argv=None) -> None:
         print(json.dumps(load_and_run(*args._load, args.n_images, args.batch_size)))
         return
 
-    from embedder.presets import get_preset
+    from hexpr.embedder.presets import get_preset
 
     rows = []
     print(f"{'preset':<16}{'weights MiB':>12}{'load s':>8}{'peak RSS':>10}{'net':>8}{'net/w':>7}{'img/s':>8}")

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks._common import peak_memory_mib, reset_peak_memory, resident_mib
-from heads.synthetic import synthetic_expression
+from hexpr.heads.synthetic import synthetic_expression
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -61,8 +61,8 @@ GOAL_GBM_SPEEDUP = 50
 def per_gene_gbm_estimate(X, Y, head, n_sample: int, seed: int) -> dict:
     """Time LightGBM on ``n_sample`` single genes (same settings, shared binned data) and
     extrapolate to all genes."""
-    from heads.base import rng_split
-    from heads.gbm import binned_datasets, boost_columns, lgb_params
+    from hexpr.heads.base import rng_split
+    from hexpr.heads.gbm import binned_datasets, boost_columns, lgb_params
 
     params = lgb_params(head)
     train, val = rng_split(X.shape[0], head.val_fraction, head.seed)
@@ -81,9 +81,9 @@ def per_gene_gbm_estimate(X, Y, head, n_sample: int, seed: int) -> dict:
 
 
 def run_child(args) -> dict:
-    from heads.base import registered_heads
-    from heads.cv import cross_validate, make_folds
-    from heads.sweep import model_factory
+    from hexpr.heads.base import registered_heads
+    from hexpr.heads.cv import cross_validate, make_folds
+    from hexpr.heads.sweep import model_factory
 
     registered_heads()          # import every head module now, so imports do not count as fit memory
     X = np.load(Path(args.data) / "X.npy")
@@ -137,8 +137,8 @@ def run_head(name: str, params: dict, data_dir: Path, args) -> dict:
 
 
 def run_mlp_sweep(X, Y, args) -> dict:
-    from heads.cv import make_folds
-    from heads.sweep import run_sweep
+    from hexpr.heads.cv import make_folds
+    from hexpr.heads.sweep import run_sweep
 
     folds = make_folds(X.shape[0], args.folds, seed=args.seed)
     fixed = json.loads(args.sweep_params)

@@ -38,11 +38,11 @@ import numpy as np
 import pandas as pd
 
 from benchmarks._common import MOBILENET_SPEC, her2st_workdir, open_her2st
-from embedder.backbones import parse_backbone
-from embedder.features import add_neighbour_context, ensure_features
-from heads.base import make_head
-from heads.fitting import fit_head, load_model
-from heads.metrics import challenge_score, pearson_per_gene, top_genes
+from hexpr.embedder.backbones import parse_backbone
+from hexpr.embedder.features import add_neighbour_context, ensure_features
+from hexpr.heads.base import make_head
+from hexpr.heads.fitting import fit_head, load_model
+from hexpr.heads.metrics import challenge_score, pearson_per_gene, top_genes
 
 N_TOP = 50
 

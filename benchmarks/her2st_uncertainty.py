@@ -39,11 +39,11 @@ import pandas as pd
 from scipy.stats import spearmanr
 
 from benchmarks._common import MOBILENET_SPEC, her2st_workdir, open_her2st
-from embedder.backbones import parse_backbone
-from embedder.features import ensure_features
-from heads.fitting import fit_head, load_model
-from heads.metrics import top_genes
-from heads.uncertainty import predict_uncertain
+from hexpr.embedder.backbones import parse_backbone
+from hexpr.embedder.features import ensure_features
+from hexpr.heads.fitting import fit_head, load_model
+from hexpr.heads.metrics import top_genes
+from hexpr.heads.uncertainty import predict_uncertain
 
 N_TOP = 50
 

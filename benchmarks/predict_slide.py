@@ -30,12 +30,12 @@ import numpy as np
 import torch
 
 from benchmarks._common import HER2ST, MOBILENET_SPEC, peak_memory_mib
-from embedder.backbones import create_backbone, parse_backbone
-from embedder.extract import _forward, resolve_precision
-from embedder.importers import import_dataset
-from embedder.slides import open_slide, read_square, slide_thumbnail
-from embedder.tiling import tile_grid, tissue_fraction, tissue_mask
-from workflow import fit_head, predict_slide
+from hexpr.embedder.backbones import create_backbone, parse_backbone
+from hexpr.embedder.extract import _forward, resolve_precision
+from hexpr.embedder.importers import import_dataset
+from hexpr.embedder.slides import open_slide, read_square, slide_thumbnail
+from hexpr.embedder.tiling import tile_grid, tissue_fraction, tissue_mask
+from hexpr.workflow import fit_head, predict_slide
 
 UM_PER_PX = 0.69       # her2st: derived from the 200 µm spot grid (see the data's README)
 TILE_UM = 112.0
@@ -118,7 +118,7 @@ def draw_picture(maps: Path, out_png: Path, genes: list[str]) -> None:
     import anndata as ad
     from PIL import Image
 
-    from workflow.outputs.plots import plot_tile_map
+    from hexpr.workflow.outputs.plots import plot_tile_map
 
     a = ad.read_h5ad(maps / "predictions.h5ad")
     meta, spatial = a.uns["hexpr"], next(iter(a.uns["spatial"].values()))

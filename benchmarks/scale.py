@@ -109,7 +109,7 @@ def rows_that_fit(rows: int, folder: Path, n_features: int, n_genes: int, margin
 
 
 def generate(folder: Path, rows: int, n_features: int, n_genes: int, seed: int, block_rows: int) -> dict:
-    from embedder.cache import write_feature_file
+    from hexpr.embedder.cache import write_feature_file
 
     synthetic = Synthetic(n_features, n_genes, seed=seed, block_rows=block_rows)
     ids = [f"spot{i:08d}" for i in range(rows)]
@@ -125,7 +125,7 @@ def generate(folder: Path, rows: int, n_features: int, n_genes: int, seed: int, 
 
 
 def existing_data_matches(folder: Path, rows: int, n_features: int, n_genes: int, seed: int) -> bool:
-    from embedder.cache import read_attrs
+    from hexpr.embedder.cache import read_attrs
 
     try:
         want = {"rows": rows, "features": n_features, "genes": n_genes, "seed": seed}
@@ -140,21 +140,21 @@ def existing_data_matches(folder: Path, rows: int, n_features: int, n_genes: int
 # --------------------------------------------------------------------------------------------
 def make_head(name: str, args):
     if name == "ridge":
-        from heads.streamed_ridge import StreamedRidgeHead
+        from hexpr.heads.streamed_ridge import StreamedRidgeHead
         return StreamedRidgeHead(precision=args.ridge_precision)
     if name == "mlp":
-        from heads.chunked_mlp import ChunkedMLPHead
+        from hexpr.heads.chunked_mlp import ChunkedMLPHead
         return ChunkedMLPHead(hidden=args.mlp_hidden, epochs=args.mlp_epochs, batch_size=args.mlp_batch,
                               lr=args.mlp_lr, val_fraction=0, seed=args.seed, device=args.device)
     raise ValueError(f"unknown benchmark head {name!r}; use ridge or mlp")
 
 
 def run_child(args) -> dict:
-    import heads.chunked_mlp  # noqa: F401  (import torch now: imports are not fit memory)
-    import heads.streamed_ridge  # noqa: F401
-    from embedder.cache import dataset_shape, read_feature_rows, read_rows
-    from heads.metrics import challenge_score
-    from heads.streaming import H5Chunks
+    import hexpr.heads.chunked_mlp  # noqa: F401  (import torch now: imports are not fit memory)
+    import hexpr.heads.streamed_ridge  # noqa: F401
+    from hexpr.embedder.cache import dataset_shape, read_feature_rows, read_rows
+    from hexpr.heads.metrics import challenge_score
+    from hexpr.heads.streaming import H5Chunks
 
     folder = Path(args.data)
     n_rows = dataset_shape(folder / FEATURES_FILE)[0]
@@ -272,7 +272,7 @@ def main(argv=None) -> int:
         result = run_child(args)
         Path(args.child_out).write_text(json.dumps(result, indent=2, default=str))
         return 0
-    from embedder.files import write_json
+    from hexpr.embedder.files import write_json
 
     heads = [h.strip() for h in args.heads.split(",") if h.strip()]
     folder = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="hexpr_scale_", dir="/tmp"))

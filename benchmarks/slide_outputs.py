@@ -38,10 +38,10 @@ def main() -> None:
     import pandas as pd
     import torch
 
-    from embedder.backbones import parse_backbone
-    from embedder.importers import import_dataset
-    from workflow import fit_head, predict_slide
-    from workflow.outputs.slide_maps import DEFAULT_GEOJSON_GENES, SLIDE_OUTPUTS, SlideMap
+    from hexpr.embedder.backbones import parse_backbone
+    from hexpr.embedder.importers import import_dataset
+    from hexpr.workflow import fit_head, predict_slide
+    from hexpr.workflow.outputs.slide_maps import DEFAULT_GEOJSON_GENES, SLIDE_OUTPUTS, SlideMap
 
     if not HER2ST.is_dir():
         raise SystemExit(f"{HER2ST} not found: this benchmark needs the shared her2st data")

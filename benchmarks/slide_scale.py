@@ -63,7 +63,7 @@ def build_slide(path: Path, side: int) -> None:
     """Tiled pyramidal JPEG TIFF of ``side`` px, streamed tile by tile (levels down to < 2048 px)."""
     import tifffile
 
-    from embedder.slides import block_mean
+    from hexpr.embedder.slides import block_mean
 
     level = source_crop()
     levels = []
@@ -98,8 +98,8 @@ def build_slide(path: Path, side: int) -> None:
 def fit_tiny_model(work: Path, backbone: str = BACKBONE) -> Path:
     from PIL import Image
 
-    from embedder.backbones import parse_backbone
-    from workflow import fit_head
+    from hexpr.embedder.backbones import parse_backbone
+    from hexpr.workflow import fit_head
 
     rng = np.random.default_rng(0)
     (work / "train" / "img").mkdir(parents=True)
@@ -120,12 +120,12 @@ def run_one(side: int, tile_um: float, threads: int, workers: int, backbone: str
     """Everything for one slide size, in this process."""
     import torch
 
-    from embedder.backbones import create_backbone, parse_backbone
-    from embedder.extract import _forward
-    from embedder.slides import open_slide, read_square, slide_thumbnail
-    from embedder.tiling import tile_grid, tissue_fraction, tissue_mask
-    from workflow import load_predictor, predict_slide
-    from workflow.slides import predict_tiles
+    from hexpr.embedder.backbones import create_backbone, parse_backbone
+    from hexpr.embedder.extract import _forward
+    from hexpr.embedder.slides import open_slide, read_square, slide_thumbnail
+    from hexpr.embedder.tiling import tile_grid, tissue_fraction, tissue_mask
+    from hexpr.workflow import load_predictor, predict_slide
+    from hexpr.workflow.slides import predict_tiles
 
     warnings.simplefilter("ignore")
     torch.set_num_threads(threads)

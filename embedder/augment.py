@@ -22,8 +22,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from embedder.backbones import Preprocess
-from embedder.torch_install import require_torchvision
+from hexpr.embedder.backbones import Preprocess
+from hexpr.embedder.torch_install import require_torchvision
 
 # Ruifrok & Johnston stain vectors (rows: haematoxylin, eosin, DAB), as in skimage.color.rgb_from_hed
 _RGB_FROM_HED = torch.tensor([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], dtype=torch.float64)

@@ -28,11 +28,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from embedder.errors import ModelError
-from embedder.files import read_config
-from embedder.presets import POOLINGS, Preset, get_preset, preset_names
-from embedder.torch_install import require_torchvision
-from embedder.weights import WeightsError, assign_state_dict, config_json_beside, locate_preset_weights, read_state_dict
+from hexpr.embedder.errors import ModelError
+from hexpr.embedder.files import read_config
+from hexpr.embedder.presets import POOLINGS, Preset, get_preset, preset_names
+from hexpr.embedder.torch_install import require_torchvision
+from hexpr.embedder.weights import WeightsError, assign_state_dict, config_json_beside, locate_preset_weights, read_state_dict
 
 DEFAULT_BACKBONES = ("efficientnet_b1", "vit_small_patch16_224.augreg_in1k")
 PRETRAINED = "pretrained"
@@ -619,6 +619,11 @@ def resolve_specs(backbones: list[str] | None = None, config: str | Path | None 
     """Specs from CLI strings and/or a config file; the default pair when neither is given.
 
     ``no_pretrained`` switches every spec that does not name its weights to random initialisation.
+    Example::
+
+        >>> specs = hexpr.backbone_specs(["resnet18:weights=none,size=64"])
+        >>> specs[0].name
+        # -> 'resnet18'
     """
     default_weights = RANDOM_INIT if no_pretrained else PRETRAINED
     specs = [parse_backbone(text, default_weights) for text in (backbones or [])]

@@ -35,9 +35,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from embedder.backbones import BackboneSpec
-from embedder.errors import DataError
-from embedder.files import atomic_path, atomic_write
+from hexpr.embedder.backbones import BackboneSpec
+from hexpr.embedder.errors import DataError
+from hexpr.embedder.files import atomic_path, atomic_write
 
 CACHE_FORMAT_VERSION = 1
 DEFAULT_CACHE_DIR = Path("cache")

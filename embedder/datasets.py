@@ -21,8 +21,8 @@ import h5py
 import numpy as np
 import pandas as pd
 
-from embedder.errors import DataError
-from embedder.images import array_to_rgb_uint8, read_image_file
+from hexpr.embedder.errors import DataError
+from hexpr.embedder.images import array_to_rgb_uint8, read_image_file
 
 ID_COLUMN = "ID"
 PATH_COLUMN = "path"

@@ -49,9 +49,9 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw, ImageFilter
 
-from embedder.datasets import DatasetError
-from embedder.errors import OutputExistsError
-from embedder.files import atomic_dir
+from hexpr.embedder.datasets import DatasetError
+from hexpr.embedder.errors import OutputExistsError
+from hexpr.embedder.files import atomic_dir
 
 __all__ = ["write_demo_dataset", "N_LATENT", "VISIBLE_LATENT"]
 
@@ -313,6 +313,10 @@ def write_demo_dataset(
     ``test_csv``, ``test_truth_csv``, ``sample_submission_csv``, ``train_dir``,
     ``test_dir``.  Build happens in a temporary folder beside ``out_dir`` that is renamed
     at the end; a non-empty ``out_dir`` is refused unless ``overwrite=True``.
+    Example::
+
+        >>> hexpr.write_demo_dataset("demo", n_train=40, n_test=10, n_genes=20, size=32)
+        # -> demo/train.csv, test.csv, test_truth.csv, sample_submission.csv and PNG patches
     """
     for name, v, lo in (
         ("n_train", n_train, 4),

@@ -20,10 +20,10 @@ import torch
 import torch.distributed as dist
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from embedder.backbones import BackboneSpec, LoadedBackbone, Preprocess, create_backbone
-from embedder.cache import DEFAULT_CACHE_DIR, CacheEntry, cache_key, describe_partials, locked_entries, partial_folders
-from embedder.datasets import DatasetError, PatchDataset
-from embedder.errors import UsageError
+from hexpr.embedder.backbones import BackboneSpec, LoadedBackbone, Preprocess, create_backbone
+from hexpr.embedder.cache import DEFAULT_CACHE_DIR, CacheEntry, cache_key, describe_partials, locked_entries, partial_folders
+from hexpr.embedder.datasets import DatasetError, PatchDataset
+from hexpr.embedder.errors import UsageError
 
 DEFAULT_CHUNK_SIZE = 512
 CHECKPOINT_SECONDS = 30.0   # unfinished chunks' first rows are saved at least this often (and on Ctrl-C)

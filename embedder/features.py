@@ -6,10 +6,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from embedder.backbones import BackboneSpec
-from embedder.cache import DEFAULT_CACHE_DIR, CacheError, load_aligned
-from embedder.datasets import PatchDataset
-from embedder.extract import embed_dataset
+from hexpr.embedder.backbones import BackboneSpec
+from hexpr.embedder.cache import DEFAULT_CACHE_DIR, CacheError, load_aligned
+from hexpr.embedder.datasets import PatchDataset
+from hexpr.embedder.extract import embed_dataset
 
 
 @dataclass

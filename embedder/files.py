@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from embedder.errors import DataError, OutputExistsError
+from hexpr.embedder.errors import DataError, OutputExistsError
 
 CSV_FLOAT_FORMAT = "%.6g"   # predictions written as CSV: float32 precision, half the size and time of full repr
 

@@ -30,7 +30,7 @@ import numpy as np
 import tifffile
 from PIL import Image
 
-from embedder.errors import DataError
+from hexpr.embedder.errors import DataError
 
 WHITE = 255
 MAX_INMEMORY_IMAGE_BYTES = 1 << 30      # TIFFs larger than this (decoded) are read by region

@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from embedder.datasets import PatchDataset
-from embedder.slides import SlideImage, open_slide, read_square
+from hexpr.embedder.datasets import PatchDataset
+from hexpr.embedder.slides import SlideImage, open_slide, read_square
 
 MIN_SATURATION_RANGE = 0.02     # a thumbnail flatter than this has no tissue
 MIN_OTSU_SATURATION = 0.05      # never call pixels greyer than this tissue (blank slides)

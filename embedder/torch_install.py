@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 from importlib import metadata
 
-from embedder.errors import HexprError, brief
+from hexpr.embedder.errors import HexprError, brief
 
 
 class TorchInstallError(HexprError, RuntimeError):

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from embedder.errors import ModelError
-from embedder.presets import Preset, hub_cache_dirs, snapshot_dirs, weights_in_folder
+from hexpr.embedder.errors import ModelError
+from hexpr.embedder.presets import Preset, hub_cache_dirs, snapshot_dirs, weights_in_folder
 
 
 class WeightsError(ModelError):

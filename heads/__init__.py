@@ -9,14 +9,14 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "HEADS": "heads.base", "Head": "heads.base", "FeaturePCA": "heads.base",
-    "FeatureReduced": "heads.base", "default_search_space": "heads.base",
-    "head_param_names": "heads.base", "make_head": "heads.base", "HEAD_CLASSES": "heads.base",
-    "registered_heads": "heads.base",
-    "TRANSFORMS": "heads.targets", "TargetTransformed": "heads.targets", "make_transform": "heads.targets",
-    "cross_validate": "heads.cv", "make_folds": "heads.cv",
-    "run_sweep": "heads.sweep",
-    "FittedModel": "heads.fitting", "fit_head": "heads.fitting", "load_model": "heads.fitting",
+    "HEADS": "hexpr.heads.base", "Head": "hexpr.heads.base", "FeaturePCA": "hexpr.heads.base",
+    "FeatureReduced": "hexpr.heads.base", "default_search_space": "hexpr.heads.base",
+    "head_param_names": "hexpr.heads.base", "make_head": "hexpr.heads.base", "HEAD_CLASSES": "hexpr.heads.base",
+    "registered_heads": "hexpr.heads.base",
+    "TRANSFORMS": "hexpr.heads.targets", "TargetTransformed": "hexpr.heads.targets", "make_transform": "hexpr.heads.targets",
+    "cross_validate": "hexpr.heads.cv", "make_folds": "hexpr.heads.cv",
+    "run_sweep": "hexpr.heads.sweep",
+    "FittedModel": "hexpr.heads.fitting", "fit_head": "hexpr.heads.fitting", "load_model": "hexpr.heads.fitting",
 }
 __all__ = sorted(_EXPORTS)
 

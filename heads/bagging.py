@@ -16,8 +16,8 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from heads.base import Head, HeadError, fit_with_supported, make_head
-from heads.params import SEED, Constraint, Int
+from hexpr.heads.base import Head, HeadError, fit_with_supported, make_head
+from hexpr.heads.params import SEED, Constraint, Int
 
 NOT_BAGGABLE = ("bagged",)
 

@@ -38,23 +38,23 @@ from sklearn.exceptions import NotFittedError
 from sklearn.utils.extmath import randomized_svd
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from embedder.errors import ModelError, UsageError
-from embedder.files import atomic_write
-from heads.params import N_COMPONENTS, SEED, Bool, param_problems
+from hexpr.embedder.errors import ModelError, UsageError
+from hexpr.embedder.files import atomic_write
+from hexpr.heads.params import N_COMPONENTS, SEED, Bool, param_problems
 
 # the registry: head name -> "module:Class" (a head's module, and its heavy imports, load on first use)
 HEAD_CLASSES = {
-    "mean": "heads.mean:MeanHead",
-    "ridge": "heads.ridge:RidgeHead",
-    "hest": "heads.ridge:HestRidgeHead",
-    "mlp": "heads.mlp:MLPHead",
-    "gbm": "heads.gbm:GBMHead",
-    "knn": "heads.knn:KNNHead",
-    "bleep": "heads.knn:BleepHead",
-    "ensemble": "heads.ensemble:EnsembleHead",
-    "ridge_streamed": "heads.streamed_ridge:StreamedRidgeHead",
-    "mlp_streamed": "heads.chunked_mlp:ChunkedMLPHead",
-    "bagged": "heads.bagging:SeedBagged",
+    "mean": "hexpr.heads.mean:MeanHead",
+    "ridge": "hexpr.heads.ridge:RidgeHead",
+    "hest": "hexpr.heads.ridge:HestRidgeHead",
+    "mlp": "hexpr.heads.mlp:MLPHead",
+    "gbm": "hexpr.heads.gbm:GBMHead",
+    "knn": "hexpr.heads.knn:KNNHead",
+    "bleep": "hexpr.heads.knn:BleepHead",
+    "ensemble": "hexpr.heads.ensemble:EnsembleHead",
+    "ridge_streamed": "hexpr.heads.streamed_ridge:StreamedRidgeHead",
+    "mlp_streamed": "hexpr.heads.chunked_mlp:ChunkedMLPHead",
+    "bagged": "hexpr.heads.bagging:SeedBagged",
 }
 HEADS: dict[str, type["Head"]] = {}   # the classes of HEAD_CLASSES imported so far
 

@@ -28,9 +28,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from heads.base import as_matrix, rng_split
-from heads.metrics import N_TOP_DEFAULT
-from heads.mlp import (
+from hexpr.heads.base import as_matrix, rng_split
+from hexpr.heads.metrics import N_TOP_DEFAULT
+from hexpr.heads.mlp import (
     LOSSES,
     EarlyStopping,
     MLPHead,
@@ -40,8 +40,8 @@ from heads.mlp import (
     resolve_device,
     torch_session,
 )
-from heads.params import Bool, Int
-from heads.streaming import DEFAULT_CHUNK_ROWS, ArrayChunks, ChunkSource, accumulate, is_reiterable, iterate_chunks
+from hexpr.heads.params import Bool, Int
+from hexpr.heads.streaming import DEFAULT_CHUNK_ROWS, ArrayChunks, ChunkSource, accumulate, is_reiterable, iterate_chunks
 
 
 def panels_from_moments(n: int, mean_y: np.ndarray, var_y: np.ndarray, n_top: int) -> dict[str, np.ndarray]:

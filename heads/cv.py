@@ -14,10 +14,10 @@ from dataclasses import dataclass
 import numpy as np
 from sklearn.model_selection import GroupKFold, KFold
 
-from heads.base import HeadError, check_pair, fit_with_supported, progress_task
-from heads.mean import MeanHead
-from heads.metrics import N_TOP_DEFAULT, challenge_score, top_genes
-from heads.uncertainty import predict_with_spread
+from hexpr.heads.base import HeadError, check_pair, fit_with_supported, progress_task
+from hexpr.heads.mean import MeanHead
+from hexpr.heads.metrics import N_TOP_DEFAULT, challenge_score, top_genes
+from hexpr.heads.uncertainty import predict_with_spread
 
 METRICS = ("score", "mean_corr_cells", "max_corr_genes", "heg_corr", "hvg_corr",
            "pearson_all_genes", "pearson_hvg")

@@ -12,9 +12,9 @@ import numpy as np
 from scipy.optimize import minimize
 from sklearn.base import clone
 
-from heads.base import Head, HeadError, fit_with_supported, make_head
-from heads.cv import make_folds
-from heads.params import SEED, Bool, Constraint, Int
+from hexpr.heads.base import Head, HeadError, fit_with_supported, make_head
+from hexpr.heads.cv import make_folds
+from hexpr.heads.params import SEED, Bool, Constraint, Int
 
 
 def simplex_weights(predictions: list[np.ndarray], Y: np.ndarray) -> np.ndarray:

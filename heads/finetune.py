@@ -44,15 +44,15 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from embedder.augment import DEFAULT_AUGMENT, augmented_views, plain_views, sample_rng
-from embedder.backbones import BackboneError, BackboneSpec, resolve_specs
-from embedder.datasets import DatasetError, PatchDataset, open_dataset
-from embedder.errors import OutputExistsError
-from embedder.extract import _collate, check_embed_options, default_num_workers
-from embedder.files import json_ready, write_json
-from heads.base import FeaturePCA
-from heads.cv import make_folds, score_with_panels, training_panels
-from heads.finetune_model import (
+from hexpr.embedder.augment import DEFAULT_AUGMENT, augmented_views, plain_views, sample_rng
+from hexpr.embedder.backbones import BackboneError, BackboneSpec, resolve_specs
+from hexpr.embedder.datasets import DatasetError, PatchDataset, open_dataset
+from hexpr.embedder.errors import OutputExistsError
+from hexpr.embedder.extract import _collate, check_embed_options, default_num_workers
+from hexpr.embedder.files import json_ready, write_json
+from hexpr.heads.base import FeaturePCA
+from hexpr.heads.cv import make_folds, score_with_panels, training_panels
+from hexpr.heads.finetune_model import (
     FINETUNED_FILE,
     FINETUNED_INFO_FILE,
     FinetunedModel,
@@ -70,11 +70,11 @@ from heads.finetune_model import (
     predict_rows,
     views_to_device,
 )
-from heads.fitting import load_model
-from heads.metrics import N_TOP_DEFAULT
-from heads.mlp import LOSSES, MLPHead, as_widths, build_mlp, minibatches, panel_gene_weights, resolve_device
-from heads.params import NON_NEGATIVE, POSITIVE, Int, NoneOr, Real
-from heads.targets import TargetTransformed, make_transform
+from hexpr.heads.fitting import load_model
+from hexpr.heads.metrics import N_TOP_DEFAULT
+from hexpr.heads.mlp import LOSSES, MLPHead, as_widths, build_mlp, minibatches, panel_gene_weights, resolve_device
+from hexpr.heads.params import NON_NEGATIVE, POSITIVE, Int, NoneOr, Real
+from hexpr.heads.targets import TargetTransformed, make_transform
 
 __all__ = ["finetune", "load_finetuned", "FinetunedModel", "FinetuneError", "FINETUNED_FILE",
            "FINETUNED_INFO_FILE", "CHECKPOINT_FILE", "REPORT_FILE"]
@@ -331,6 +331,10 @@ def finetune(data, specs: list[BackboneSpec], out_dir, *, head_init=None, loss: 
         validated) with train loss, validation score and its terms, images/s, ETA in seconds.
     max_train_batches: cap on training batches per epoch (quick runs, tests).
     Returns a JSON-serialisable report (also written to ``finetune_report.json``).
+    Example::
+
+        >>> report = hexpr.finetune("demo/train.csv", hexpr.backbone_specs(["resnet18:weights=none,size=64"]),
+        ... "cache/models/finetuned", epochs=2)
     """
     started = time.perf_counter()
     _check_options(loss, schedule, epochs=epochs, batch_size=batch_size, accum_steps=accum_steps,

@@ -21,12 +21,12 @@ import pandas as pd
 import torch
 from torch import nn
 
-from embedder.backbones import RANDOM_INIT, BackboneSpec, LoadedBackbone, Preprocess, RandomInitWarning, create_backbone
-from embedder.datasets import ID_COLUMN, DatasetError, PatchDataset
-from embedder.errors import MissingInputError, ModelError, brief
-from embedder.extract import _collate, _progress_bar, _ResizedPatches, default_num_workers
-from embedder.files import atomic_write, write_json
-from heads.mlp import build_mlp, resolve_device
+from hexpr.embedder.backbones import RANDOM_INIT, BackboneSpec, LoadedBackbone, Preprocess, RandomInitWarning, create_backbone
+from hexpr.embedder.datasets import ID_COLUMN, DatasetError, PatchDataset
+from hexpr.embedder.errors import MissingInputError, ModelError, brief
+from hexpr.embedder.extract import _collate, _progress_bar, _ResizedPatches, default_num_workers
+from hexpr.embedder.files import atomic_write, write_json
+from hexpr.heads.mlp import build_mlp, resolve_device
 
 FINETUNED_FILE = "finetuned.pt"
 FINETUNED_INFO_FILE = "finetuned.json"

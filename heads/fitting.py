@@ -23,13 +23,13 @@ import joblib
 import numpy as np
 import pandas as pd
 
-from embedder.errors import MissingInputError, ModelError, OutputExistsError, brief
-from embedder.files import CSV_FLOAT_FORMAT, atomic_dir, json_ready, write_csv, write_json
-from heads.bagging import check_baggable
-from heads.base import HeadError, as_matrix, atomic_dump, default_search_space, fit_with_supported, head_param_names, make_head
-from heads.cv import cross_validate, make_folds
-from heads.metrics import N_TOP_DEFAULT
-from heads.sweep import (
+from hexpr.embedder.errors import MissingInputError, ModelError, OutputExistsError, brief
+from hexpr.embedder.files import CSV_FLOAT_FORMAT, atomic_dir, json_ready, write_csv, write_json
+from hexpr.heads.bagging import check_baggable
+from hexpr.heads.base import HeadError, as_matrix, atomic_dump, default_search_space, fit_with_supported, head_param_names, make_head
+from hexpr.heads.cv import cross_validate, make_folds
+from hexpr.heads.metrics import N_TOP_DEFAULT
+from hexpr.heads.sweep import (
     AUTO_BAG,
     as_feature_sets,
     auto_candidates,
@@ -42,8 +42,8 @@ from heads.sweep import (
     split_params,
     with_bag,
 )
-from heads.targets import make_transform
-from heads.uncertainty import CONFORMAL_KEY, RANGE_KEY, calibrate, target_range
+from hexpr.heads.targets import make_transform
+from hexpr.heads.uncertainty import CONFORMAL_KEY, RANGE_KEY, calibrate, target_range
 
 MODEL_FILE = "model.joblib"
 MODEL_INFO_FILE = "model.json"

@@ -15,8 +15,8 @@ import lightgbm as lgb
 import numpy as np
 from sklearn.decomposition import PCA
 
-from heads.base import Head, rng_split
-from heads.params import FRACTION, NON_NEGATIVE, POSITIVE, SEED, Int, Real
+from hexpr.heads.base import Head, rng_split
+from hexpr.heads.params import FRACTION, NON_NEGATIVE, POSITIVE, SEED, Int, Real
 
 
 def lgb_params(head: "GBMHead") -> dict:

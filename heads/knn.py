@@ -15,9 +15,9 @@ import scipy.sparse as sp
 import torch
 from torch import nn
 
-from heads.base import FeaturePCA, Head
-from heads.mlp import TorchStateMixin, as_widths, build_mlp, minibatches, predict_in_chunks, resolve_device, torch_session
-from heads.params import N_THREADS, NON_NEGATIVE, POSITIVE, SEED, Device, Int, Options, Real, Widths
+from hexpr.heads.base import FeaturePCA, Head
+from hexpr.heads.mlp import TorchStateMixin, as_widths, build_mlp, minibatches, predict_in_chunks, resolve_device, torch_session
+from hexpr.heads.params import N_THREADS, NON_NEGATIVE, POSITIVE, SEED, Device, Int, Options, Real, Widths
 
 WEIGHTINGS = ("softmax", "similarity", "uniform")
 _QUERY_CHUNK = 512

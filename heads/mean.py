@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from heads.base import Head
+from hexpr.heads.base import Head
 
 
 class MeanHead(Head):

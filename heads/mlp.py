@@ -17,10 +17,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from heads.base import FeaturePCA, Head, as_matrix, rng_split
-from heads.cv import score_with_panels, training_panels
-from heads.metrics import N_TOP_DEFAULT
-from heads.params import N_THREADS, NON_NEGATIVE, POSITIVE, SEED, Device, Int, Options, Real, Widths
+from hexpr.heads.base import FeaturePCA, Head, as_matrix, rng_split
+from hexpr.heads.cv import score_with_panels, training_panels
+from hexpr.heads.metrics import N_TOP_DEFAULT
+from hexpr.heads.params import N_THREADS, NON_NEGATIVE, POSITIVE, SEED, Device, Int, Options, Real, Widths
 
 _PREDICT_CHUNK = 4096
 

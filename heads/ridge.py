@@ -19,8 +19,8 @@ from __future__ import annotations
 import numpy as np
 from sklearn.linear_model import Ridge
 
-from heads.base import FeaturePCA, Head
-from heads.params import N_COMPONENTS, POSITIVE, SEED, Bool, Int, NoneOr, Options, RealList
+from hexpr.heads.base import FeaturePCA, Head
+from hexpr.heads.params import N_COMPONENTS, POSITIVE, SEED, Bool, Int, NoneOr, Options, RealList
 
 DEFAULT_ALPHAS = tuple(np.logspace(-2, 7, 19))
 _GENE_CHUNK = 512

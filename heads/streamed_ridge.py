@@ -28,10 +28,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from heads.base import Head
-from heads.params import Int, Options
-from heads.ridge import DEFAULT_ALPHAS, RidgeHead, gcv_errors
-from heads.streaming import DEFAULT_CHUNK_ROWS, ArrayChunks, RunningMoments, accumulate, is_reiterable, iterate_chunks
+from hexpr.heads.base import Head
+from hexpr.heads.params import Int, Options
+from hexpr.heads.ridge import DEFAULT_ALPHAS, RidgeHead, gcv_errors
+from hexpr.heads.streaming import DEFAULT_CHUNK_ROWS, ArrayChunks, RunningMoments, accumulate, is_reiterable, iterate_chunks
 
 
 class StreamedRidgeHead(Head):

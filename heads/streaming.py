@@ -25,8 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from embedder.cache import CacheError, dataset_shape, read_feature_rows, read_ids, read_rows
-from heads.base import FeaturePCA
+from hexpr.embedder.cache import CacheError, dataset_shape, read_feature_rows, read_ids, read_rows
+from hexpr.heads.base import FeaturePCA
 
 DEFAULT_CHUNK_ROWS = 65536
 

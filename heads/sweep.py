@@ -29,12 +29,12 @@ import pandas as pd
 from joblib import Parallel, delayed, effective_n_jobs
 from threadpoolctl import threadpool_limits
 
-from embedder.files import read_config
-from heads.bagging import bagged_config
-from heads.base import HeadError, default_search_space, head_param_names, make_head, progress_task
-from heads.cv import METRICS, CVResult, cross_validate
-from heads.metrics import N_TOP_DEFAULT
-from heads.targets import TargetTransformed, make_transform
+from hexpr.embedder.files import read_config
+from hexpr.heads.bagging import bagged_config
+from hexpr.heads.base import HeadError, default_search_space, head_param_names, make_head, progress_task
+from hexpr.heads.cv import METRICS, CVResult, cross_validate
+from hexpr.heads.metrics import N_TOP_DEFAULT
+from hexpr.heads.targets import TargetTransformed, make_transform
 
 RESERVED = ("features", "transform")
 DISTRIBUTIONS = ("log", "uniform", "int")

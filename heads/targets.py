@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 from sklearn.base import BaseEstimator, clone
 
-from heads.base import Head, HeadError, as_matrix, fit_with_supported
+from hexpr.heads.base import Head, HeadError, as_matrix, fit_with_supported
 
 
 def _safe_scale(scale: np.ndarray, fallback: np.ndarray | None = None) -> np.ndarray:

@@ -23,10 +23,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from embedder.errors import UsageError
-from heads.bagging import SeedBagged
-from heads.base import as_matrix
-from heads.targets import TargetTransformed
+from hexpr.embedder.errors import UsageError
+from hexpr.heads.bagging import SeedBagged
+from hexpr.heads.base import as_matrix
+from hexpr.heads.targets import TargetTransformed
 
 LEVELS = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.975, 0.99)
 DEFAULT_INTERVAL = 0.9

@@ -20,6 +20,11 @@ torch.set_num_threads(int(_THREADS) if _THREADS else max(1, min(2, os.cpu_count(
 threadpool_limits(int(_THREADS) if _THREADS else 1, user_api="blas")
 
 REPO = Path(__file__).resolve().parents[1]
+import hexpr  # noqa: E402
+
+if Path(hexpr.__file__).resolve().parent != REPO:
+    raise RuntimeError(f"`import hexpr` gives {Path(hexpr.__file__).parent}, not this checkout ({REPO}): "
+                       f"run `python3 -m pip install -e .` here, or test in that checkout")
 # the real data and weights: ../shared beside the repository, or the folder HEXPR_SHARED names
 # (HEXPR_SHARED=/nonexistent hides it: every test needing it must then skip cleanly)
 SHARED = Path(os.environ.get("HEXPR_SHARED") or REPO.parent / "shared")

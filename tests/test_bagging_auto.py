@@ -8,11 +8,11 @@ from conftest import TINY_BACKBONE, write_challenge_dataset
 from test_heads import synthetic_expression
 from typer.testing import CliRunner
 
-from heads import Head, make_head
-from heads.base import HeadError
-from heads.fitting import fit_head, load_model
-from heads.sweep import auto_candidates
-from pipeline import app
+from hexpr.heads import Head, make_head
+from hexpr.heads.base import HeadError
+from hexpr.heads.fitting import fit_head, load_model
+from hexpr.heads.sweep import auto_candidates
+from hexpr.pipeline import app
 
 runner = CliRunner()
 FAST_MLP = {"hidden": [16], "epochs": 15, "lr": 3e-3, "device": "cpu", "n_threads": 1}
@@ -75,21 +75,21 @@ def test_auto_candidates_share_params_out_to_the_heads_that_have_them():
 
 
 def test_auto_scores_every_candidate_on_grouped_folds_and_refits_the_best(data, tmp_path, monkeypatch):
-    import heads.fitting
+    import hexpr.heads.fitting as fitting_module
 
     X, Y, X_test = data
     groups = np.repeat(["a", "b", "c", "d"], 30)
     seen = {}
-    original = heads.fitting.score_configs
-    original_cv = heads.fitting.cross_validate
+    original = fitting_module.score_configs
+    original_cv = fitting_module.cross_validate
 
     def spy(configs, features, Y, folds, **kwargs):
         seen["folds"], seen["n"] = folds, len(configs)
         return original(configs, features, Y, folds, **kwargs)
 
-    monkeypatch.setattr(heads.fitting, "score_configs", spy)
+    monkeypatch.setattr(fitting_module, "score_configs", spy)
     reruns = []
-    monkeypatch.setattr(heads.fitting, "cross_validate", lambda *a, **k: reruns.append(k) or original_cv(*a, **k))
+    monkeypatch.setattr(fitting_module, "cross_validate", lambda *a, **k: reruns.append(k) or original_cv(*a, **k))
     X_sets = {"plain": X, "k6": np.hstack([X, X[::-1]])}
     report = fit_head(X_sets, Y, [f"g{i}" for i in range(Y.shape[1])], head="auto", params=FAST_MLP, bag=2, folds=4,
                       groups=groups, out_dir=tmp_path / "m", feature_meta={"plain": {"neighbours": 0}, "k6": {"neighbours": 6}},

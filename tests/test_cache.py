@@ -6,9 +6,9 @@ import pytest
 from conftest import write_challenge_dataset
 from PIL import Image
 
-from embedder.backbones import parse_backbone
-from embedder.cache import CacheError, cache_key, load_aligned, read_cache, write_feature_file
-from embedder.datasets import open_dataset
+from hexpr.embedder.backbones import parse_backbone
+from hexpr.embedder.cache import CacheError, cache_key, load_aligned, read_cache, write_feature_file
+from hexpr.embedder.datasets import open_dataset
 
 SPEC = "resnet18:weights=none,size=64"
 

@@ -7,7 +7,7 @@ import pytest
 from conftest import TINY_BACKBONE, write_challenge_dataset
 from typer.testing import CliRunner
 
-from pipeline import app
+from hexpr.pipeline import app
 
 runner = CliRunner()
 
@@ -35,7 +35,7 @@ def test_demo_end_to_end_beats_training_mean(demo_run):
     assert list(pred["ID"]) == list(pd.read_csv(work / "data" / "sample_submission.csv")["ID"])
     assert list(pred.columns) == list(truth.columns)
     # the planted image signal is learnable: the head beats the training-mean profile on held-out spots
-    from workflow.expression_tables import evaluate_tables
+    from hexpr.workflow.expression_tables import evaluate_tables
 
     mean_profile = pd.read_csv(work / "data" / "train.csv").drop(columns=["ID", "path", "group"]).mean()
     truth = truth.set_index("ID")

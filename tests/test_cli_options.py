@@ -9,11 +9,11 @@ import torch
 import typer
 from typer.testing import CliRunner
 
-import pipeline
-import workflow
-from embedder.demo_data import write_demo_dataset
-from embedder.errors import ModelError, OutputExistsError, UsageError
-from pipeline import app
+from hexpr import pipeline
+from hexpr import workflow
+from hexpr.embedder.demo_data import write_demo_dataset
+from hexpr.embedder.errors import ModelError, OutputExistsError, UsageError
+from hexpr.pipeline import app
 
 runner = CliRunner()
 BACKBONE = "test_resnet:weights=none,size=32"
@@ -181,14 +181,14 @@ def test_help_reads_whole(name, monkeypatch):
 
 
 def test_cli_choices_are_the_librarys():
-    from embedder.extract import PRECISIONS
-    from embedder.importers import KINDS
-    from embedder.importers.options import NORMALIZATIONS, OUTPUTS
-    from heads.finetune_model import LRSchedule
-    from heads.mlp import LOSSES
-    from heads.targets import TRANSFORMS
-    from workflow.explore import MAP_METHODS
-    from workflow.prediction import PREDICTION_FORMATS
+    from hexpr.embedder.extract import PRECISIONS
+    from hexpr.embedder.importers import KINDS
+    from hexpr.embedder.importers.options import NORMALIZATIONS, OUTPUTS
+    from hexpr.heads.finetune_model import LRSchedule
+    from hexpr.heads.mlp import LOSSES
+    from hexpr.heads.targets import TRANSFORMS
+    from hexpr.workflow.explore import MAP_METHODS
+    from hexpr.workflow.prediction import PREDICTION_FORMATS
 
     pairs = [(pipeline.Precision, PRECISIONS), (pipeline.PredictionFormat, PREDICTION_FORMATS),
              (pipeline.MapMethod, MAP_METHODS), (pipeline.ImportKind, KINDS), (pipeline.Normalization, NORMALIZATIONS),

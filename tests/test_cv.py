@@ -1,11 +1,11 @@
 import numpy as np
 import pytest
 
-import heads.cv as cv
-import heads.mlp as mlp
-from heads.cv import cross_validate, make_folds, training_panels
-from heads.metrics import top_genes
-from heads.sweep import model_factory
+import hexpr.heads.cv as cv
+import hexpr.heads.mlp as mlp
+from hexpr.heads.cv import cross_validate, make_folds, training_panels
+from hexpr.heads.metrics import top_genes
+from hexpr.heads.sweep import model_factory
 
 
 def test_kfold_partitions_all_spots():

@@ -6,8 +6,8 @@ import pytest
 from conftest import write_challenge_dataset
 from PIL import Image
 
-from embedder.datasets import DatasetError, DatasetWarning, open_dataset
-from embedder.images import read_image_file
+from hexpr.embedder.datasets import DatasetError, DatasetWarning, open_dataset
+from hexpr.embedder.images import read_image_file
 
 
 def test_challenge_csv_reads_ids_targets_groups(tmp_path):

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from embedder.demo_data import write_demo_dataset
+from hexpr.embedder.demo_data import write_demo_dataset
 
 TINY = dict(n_train=30, n_test=10, n_genes=20, size=64, seed=0, n_groups=3)
 # a bit larger (still < 1 s): the signal test needs enough held-out spots to be stable
@@ -164,7 +164,7 @@ def test_rejects_bad_arguments(tmp_path, bad):
 
 
 def test_readable_by_open_dataset(tiny):
-    datasets = pytest.importorskip("embedder.datasets")
+    datasets = pytest.importorskip("hexpr.embedder.datasets")
     out, paths = tiny
     train = pd.read_csv(paths["train_csv"])
     genes = list(train.columns[3:])

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from conftest import REPO, TINY_BACKBONE, write_challenge_dataset
 
-from embedder.cache import read_cache
+from hexpr.embedder.cache import read_cache
 
 
 def _free_port() -> int:
@@ -26,10 +26,10 @@ def _embed_cmd(csv, cache):
 def test_two_gloo_ranks_equal_single_process(tmp_path):
     csv = write_challenge_dataset(tmp_path / "d", n=22)  # 6 chunks, the last one short
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, str(REPO / "pipeline.py"), *_embed_cmd(csv, tmp_path / "single")],
+    subprocess.run([sys.executable, "-m", "hexpr", *_embed_cmd(csv, tmp_path / "single")],
                    env=env, check=True, capture_output=True)
     launch = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-              "--master-port", str(_free_port()), str(REPO / "pipeline.py"), *_embed_cmd(csv, tmp_path / "multi")]
+              "--master-port", str(_free_port()), "-m", "hexpr", *_embed_cmd(csv, tmp_path / "multi")]
     result = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     (single,), (multi,) = [list((tmp_path / c / "embeddings").glob("*.h5")) for c in ("single", "multi")]
@@ -43,9 +43,9 @@ def test_two_gloo_ranks_equal_single_process(tmp_path):
 
 
 def test_rerun_after_a_rank_died_recomputes_only_missing_chunks(tmp_path):
-    from embedder.backbones import parse_backbone
-    from embedder.datasets import open_dataset
-    from embedder.extract import embed_dataset
+    from hexpr.embedder.backbones import parse_backbone
+    from hexpr.embedder.datasets import open_dataset
+    from hexpr.embedder.extract import embed_dataset
 
     csv = write_challenge_dataset(tmp_path / "d", n=16)
     ds = open_dataset(csv)
@@ -63,7 +63,7 @@ def test_rerun_after_a_rank_died_recomputes_only_missing_chunks(tmp_path):
         computed.append(index)
         return original(self, index, features)
 
-    from embedder import cache as cache_module
+    from hexpr.embedder import cache as cache_module
     cache_module.CacheEntry.write_chunk = spy
     try:
         embed_dataset(ds, [spec], tmp_path / "c", chunk_size=4, batch_size=3, progress=False, num_workers=0)

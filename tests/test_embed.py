@@ -12,11 +12,11 @@ import torch
 from conftest import MOBILENET_WEIGHTS, REPO, TINY_BACKBONE, needs_shared, write_challenge_dataset
 from PIL import Image
 
-from embedder.backbones import BackboneError, create_backbone, parse_backbone, resolve_specs
-from embedder.cache import read_attrs, read_cache
-from embedder.datasets import DatasetError, open_dataset
-from embedder.extract import embed_dataset
-from embedder.features import ensure_features
+from hexpr.embedder.backbones import BackboneError, create_backbone, parse_backbone, resolve_specs
+from hexpr.embedder.cache import read_attrs, read_cache
+from hexpr.embedder.datasets import DatasetError, open_dataset
+from hexpr.embedder.extract import embed_dataset
+from hexpr.embedder.features import ensure_features
 
 TINY = parse_backbone(TINY_BACKBONE)
 
@@ -80,7 +80,7 @@ def test_interrupted_run_resumes_to_identical_features(tmp_path):
 def test_kill_9_then_rerun_gives_identical_cache(tmp_path):
     csv = write_challenge_dataset(tmp_path / "d", n=160, size=64)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, str(REPO / "pipeline.py"), "embed", str(csv), "-b", TINY_BACKBONE, "--chunk-size", "8",
+    cmd = [sys.executable, "-m", "hexpr", "embed", str(csv), "-b", TINY_BACKBONE, "--chunk-size", "8",
            "--batch-size", "4", "--workers", "0", "--quiet", "--cache-dir"]
     proc = subprocess.Popen(cmd + [str(tmp_path / "c1")], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     partial_root = tmp_path / "c1" / "embeddings" / ".partial"
@@ -201,11 +201,11 @@ def test_default_backbones_and_no_pretrained():
     assert spec.name == "hf-hub:MahmoodLab/UNI" and spec.model_kwargs == {"init_values": 1e-5, "dynamic_img_size": True}
 
 
-def _two_embeds_at_once(tmp_path, pipeline, n=96):
+def _two_embeds_at_once(tmp_path, n=96):
     """Start two `embed` processes on the same data and cache at the same moment; their results."""
     csv = write_challenge_dataset(tmp_path / "d", n=n, size=64)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, str(pipeline), "embed", str(csv), "-b", TINY_BACKBONE, "--chunk-size", "8",
+    cmd = [sys.executable, "-m", "hexpr", "embed", str(csv), "-b", TINY_BACKBONE, "--chunk-size", "8",
            "--batch-size", "4", "--workers", "0", "--quiet", "--cache-dir", str(tmp_path / "cache")]
     procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
     return [(p.wait(timeout=300), p.stdout.read()) for p in procs]
@@ -213,7 +213,7 @@ def _two_embeds_at_once(tmp_path, pipeline, n=96):
 
 @pytest.mark.slow
 def test_two_embeds_of_the_same_data_at_once_both_succeed(tmp_path):
-    results = _two_embeds_at_once(tmp_path, REPO / "pipeline.py")
+    results = _two_embeds_at_once(tmp_path)
     assert [code for code, _ in results] == [0, 0], results
     (cache_file,) = (tmp_path / "cache" / "embeddings").glob("*.h5")
     ids, features, _ = read_cache(cache_file)
@@ -228,7 +228,7 @@ def test_two_embeds_of_the_same_data_at_once_both_succeed(tmp_path):
 def test_unfinished_embeddings_are_reported_and_clean_cache_removes_them(tmp_path):
     from typer.testing import CliRunner
 
-    from pipeline import app
+    from hexpr.pipeline import app
 
     csv = write_challenge_dataset(tmp_path / "d", n=20)
     cache = tmp_path / "cache"

@@ -12,9 +12,9 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
-from heads import HEADS, make_head
-from heads.metrics import pearson_per_gene
-from heads.synthetic import synthetic_expression
+from hexpr.heads import HEADS, make_head
+from hexpr.heads.metrics import pearson_per_gene
+from hexpr.heads.synthetic import synthetic_expression
 
 TORCH = {"device": "cpu", "n_threads": 1}
 MLP = {"hidden": [16], "epochs": 30, "lr": 1e-2, "val_fraction": 0.0, **TORCH}

@@ -5,9 +5,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from embedder.errors import DataError, MissingInputError
-from workflow.expression_tables import EvaluationError, align, evaluate_tables, read_expression_table
-from workflow.scoring import evaluate
+from hexpr.embedder.errors import DataError, MissingInputError
+from hexpr.workflow.expression_tables import EvaluationError, align, evaluate_tables, read_expression_table
+from hexpr.workflow.scoring import evaluate
 
 
 @pytest.fixture

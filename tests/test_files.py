@@ -5,8 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from embedder.errors import DataError, OutputExistsError
-from embedder.files import atomic_dir, atomic_path, atomic_write, read_config, write_json
+from hexpr.embedder.errors import DataError, OutputExistsError
+from hexpr.embedder.files import atomic_dir, atomic_path, atomic_write, read_config, write_json
 
 
 def _listing(folder):

@@ -5,11 +5,11 @@ import pytest
 import torch
 from conftest import write_challenge_dataset
 
-from embedder.augment import augmented_views, plain_views, sample_rng
-from embedder.backbones import Preprocess, parse_backbone
-from embedder.datasets import open_dataset
-from heads.finetune import CHECKPOINT_FILE, FINETUNED_FILE, FinetuneError, finetune, load_finetuned
-from heads.finetune_model import LRSchedule, layer_ids
+from hexpr.embedder.augment import augmented_views, plain_views, sample_rng
+from hexpr.embedder.backbones import Preprocess, parse_backbone
+from hexpr.embedder.datasets import open_dataset
+from hexpr.heads.finetune import CHECKPOINT_FILE, FINETUNED_FILE, FinetuneError, finetune, load_finetuned
+from hexpr.heads.finetune_model import LRSchedule, layer_ids
 
 # timm's smallest test network, random init: fast enough for several runs on 2 shared cores
 SPEC = parse_backbone("test_resnet:weights=none,size=48")
@@ -78,7 +78,7 @@ def test_layer_ids_and_schedule():
 
 
 def test_training_reduces_loss_and_exported_model_predicts(data, tmp_path):
-    import workflow
+    from hexpr import workflow
 
     rows = []
     report = finetune(data, [SPEC], tmp_path / "run", epochs=4, val_fold=None, freeze_epochs=1, warmup_epochs=1,
@@ -161,8 +161,8 @@ def test_resume_after_interruption_equals_uninterrupted_run(data, tmp_path):
 
 
 def test_head_init_starts_from_the_fitted_head(data, tmp_path):
-    from embedder.features import ensure_features
-    from heads.fitting import fit_head, load_model
+    from hexpr.embedder.features import ensure_features
+    from hexpr.heads.fitting import fit_head, load_model
 
     dataset = open_dataset(data)
     # fp32 like the fine-tuning forward on CPU (the embedder may pick bf16 on CPUs that have it)

@@ -6,12 +6,12 @@ from sklearn.exceptions import NotFittedError
 from sklearn.linear_model import Ridge
 from sklearn.preprocessing import StandardScaler
 
-from heads import HEADS, FeatureReduced, Head, TargetTransformed, default_search_space, make_head
-from heads.base import HEAD_CLASSES
-from heads.ensemble import simplex_weights
-from heads.metrics import pearson_per_gene
-from heads.ridge import RidgeHead
-from heads.synthetic import synthetic_expression
+from hexpr.heads import HEADS, FeatureReduced, Head, TargetTransformed, default_search_space, make_head
+from hexpr.heads.base import HEAD_CLASSES
+from hexpr.heads.ensemble import simplex_weights
+from hexpr.heads.metrics import pearson_per_gene
+from hexpr.heads.ridge import RidgeHead
+from hexpr.heads.synthetic import synthetic_expression
 
 # small settings; torch heads on one thread (tiny tensors run far faster than on two busy cores)
 FAST = {
@@ -163,8 +163,8 @@ def test_ensemble_weights_are_a_convex_combination(planted):
 
 
 def test_every_head_parameter_declares_what_it_accepts_and_defaults_pass():
-    from heads.base import registered_heads
-    from heads.params import param_problems
+    from hexpr.heads.base import registered_heads
+    from hexpr.heads.params import param_problems
 
     for name, cls in registered_heads().items():
         defaults = cls().get_params(deep=False)
@@ -173,7 +173,7 @@ def test_every_head_parameter_declares_what_it_accepts_and_defaults_pass():
 
 
 def test_feature_pca_seed_drives_the_randomized_solver(planted):
-    from heads.base import FeaturePCA
+    from hexpr.heads.base import FeaturePCA
 
     X = planted[0]
     exact = FeaturePCA(3).fit(X)
@@ -193,7 +193,7 @@ def test_seed_changes_fit_decides_what_bagging_accepts():
     assert not make_head("ridge").seed_changes_fit() and not make_head("ridge_streamed").seed_changes_fit()
     assert not make_head("hest").seed_changes_fit() and make_head("hest", solver="saga").seed_changes_fit()
     assert make_head("mlp").seed_changes_fit() and not make_head("knn").seed_changes_fit()
-    from heads.bagging import check_baggable
+    from hexpr.heads.bagging import check_baggable
 
     with pytest.raises(ValueError, match="head='ridge' is not accepted"):
         make_head("bagged", head="ridge")

@@ -3,10 +3,10 @@ import pytest
 import torch
 from test_heads import synthetic_expression
 
-from heads import Head, TargetTransformed, make_head
-from heads.cv import score_with_panels, training_panels
-from heads.metrics import pearson_per_gene
-from heads.mlp import LOSSES, MLPHead
+from hexpr.heads import Head, TargetTransformed, make_head
+from hexpr.heads.cv import score_with_panels, training_panels
+from hexpr.heads.metrics import pearson_per_gene
+from hexpr.heads.mlp import LOSSES, MLPHead
 
 SMALL = {"hidden": [16], "epochs": 6, "device": "cpu", "batch_size": 32, "n_threads": 1}
 

@@ -5,8 +5,8 @@ import pandas as pd
 import pytest
 from test_heads import synthetic_expression
 
-from heads import fit_head, load_model, make_folds, run_sweep
-from heads.sweep import expand_grid, make_configs, sample_configs
+from hexpr.heads import fit_head, load_model, make_folds, run_sweep
+from hexpr.heads.sweep import expand_grid, make_configs, sample_configs
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +117,7 @@ def _snapshot(folder):
 
 @pytest.mark.parametrize("stage", ["oof", "model", "report"])
 def test_interrupted_fit_leaves_the_existing_model_folder_as_it_was(data, tmp_path, monkeypatch, stage):
-    import heads.fitting
+    import hexpr.heads.fitting as fitting_module
 
     X, Y, _ = data
     genes = [f"g{i}" for i in range(Y.shape[1])]
@@ -130,11 +130,11 @@ def test_interrupted_fit_leaves_the_existing_model_folder_as_it_was(data, tmp_pa
     # Ctrl-C after the out-of-fold predictions, while saving the model, or at the last file (report)
     target = {"oof": "cross_validate", "model": "atomic_dump", "report": "write_json"}[stage]
     if stage == "report":
-        real = heads.fitting.write_json
-        monkeypatch.setattr(heads.fitting, "write_json",
+        real = fitting_module.write_json
+        monkeypatch.setattr(fitting_module, "write_json",
                             lambda path, obj: interrupt() if path.name == "cv_report.json" else real(path, obj))
     else:
-        monkeypatch.setattr(heads.fitting, target, interrupt)
+        monkeypatch.setattr(fitting_module, target, interrupt)
     with pytest.raises(KeyboardInterrupt):
         fit_head(X, Y, genes, head="knn", folds=2, out_dir=run, feature_meta={}, trials=2, n_jobs=1, progress=False)
     assert _snapshot(run) == before                       # not one new or changed file (no leaderboard)

@@ -17,9 +17,9 @@ import tifffile
 from conftest import HER2ST
 from PIL import Image
 
-import embedder.importers.thumbnails as thumbnails
-import embedder.slides as slides
-from embedder.importers import (
+import hexpr.embedder.importers.thumbnails as thumbnails
+import hexpr.embedder.slides as slides
+from hexpr.embedder.importers import (
     ImporterError,
     ImporterWarning,
     derive_um_per_px,
@@ -29,7 +29,7 @@ from embedder.importers import (
     open_image,
 )
 
-pytestmark = pytest.mark.filterwarnings("ignore::embedder.importers.ImporterWarning")
+pytestmark = pytest.mark.filterwarnings("ignore::hexpr.embedder.importers.ImporterWarning")
 
 
 # ---------------------------------------------------------------------------------------------

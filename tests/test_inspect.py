@@ -10,8 +10,8 @@ import pytest
 from conftest import write_challenge_dataset
 from test_plots import assert_png
 
-from workflow.explore import heatmap_layout, inspect_dataset, log1p_cp10k, robust_z, summarize, value_kind
-from workflow.outputs.plots import figure_pixels
+from hexpr.workflow.explore import heatmap_layout, inspect_dataset, log1p_cp10k, robust_z, summarize, value_kind
+from hexpr.workflow.outputs.plots import figure_pixels
 
 HIGH = ["spot7", "spot50"]     # library size x 40
 LOW = ["spot33"]               # library size / ~40
@@ -135,7 +135,7 @@ def test_inspect_dataset_tsne_h5ad_without_coords(tmp_path):
 
 
 def test_inspect_challenge_dataset_reads_no_image(tmp_path, monkeypatch):
-    import embedder.datasets as datasets
+    import hexpr.embedder.datasets as datasets
 
     csv = write_challenge_dataset(tmp_path / "data", n=15, n_genes=5, size=8, groups=3)
 

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from scipy.stats import pearsonr
 
-from heads.metrics import challenge_score, pearson_per_gene, pearson_rows, top_genes
+from hexpr.heads.metrics import challenge_score, pearson_per_gene, pearson_rows, top_genes
 
 
 def test_hand_worked_case():

@@ -6,9 +6,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from workflow.outputs.anndata import write_anndata
-from workflow.outputs.geojson import tile_features, write_tile_geojson
-from workflow.outputs.tables import write_table
+from hexpr.workflow.outputs.anndata import write_anndata
+from hexpr.workflow.outputs.geojson import tile_features, write_tile_geojson
+from hexpr.workflow.outputs.tables import write_table
 
 
 @pytest.fixture

@@ -5,9 +5,9 @@ import pytest
 from conftest import HER2ST, TINY_BACKBONE, needs_shared, write_challenge_dataset
 from typer.testing import CliRunner
 
-from embedder.features import FeatureSet, add_neighbour_context
-from pipeline import app
-from workflow.fit import select_gene_panel
+from hexpr.embedder.features import FeatureSet, add_neighbour_context
+from hexpr.pipeline import app
+from hexpr.workflow.fit import select_gene_panel
 
 runner = CliRunner()
 
@@ -64,7 +64,7 @@ def test_import_cli_her2st_section(tmp_path):
     r = runner.invoke(app, ["import", str(HER2ST), "--out", str(tmp_path / "imp"), "--sample", "C3", "--quiet"])
     assert r.exit_code == 0, r.output
     assert "180 patches of 224 px" in r.output.replace("\n", " ")
-    from embedder.datasets import open_dataset
+    from hexpr.embedder.datasets import open_dataset
 
     ds = open_dataset(tmp_path / "imp")
     assert len(ds) == 180 and ds.coords is not None and set(ds.groups) == {"C3"}

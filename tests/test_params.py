@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from heads.params import FRACTION, N_THREADS, Anything, Bool, Device, Int, NoneOr, Options, Real, RealList, Widths, param_problems
+from hexpr.heads.params import FRACTION, N_THREADS, Anything, Bool, Device, Int, NoneOr, Options, Real, RealList, Widths, param_problems
 
 CASES = [
     # constraint, accepted, refused

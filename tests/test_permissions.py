@@ -6,7 +6,7 @@ import pytest
 from conftest import TINY_BACKBONE, write_challenge_dataset
 from typer.testing import CliRunner
 
-from pipeline import app
+from hexpr.pipeline import app
 
 
 @pytest.fixture(params=[0o022, 0o027], ids=["umask022", "umask027"])
@@ -51,7 +51,7 @@ def test_demo_data_fit_predict_evaluate_outputs_honour_the_umask(tmp_path, umask
 def test_import_outputs_honour_the_umask(tmp_path, umask):
     from test_importers import make_visium
 
-    from embedder.importers import import_dataset
+    from hexpr.embedder.importers import import_dataset
 
     source = make_visium(tmp_path / "visium")["root"]
     import_dataset(source, tmp_path / "out", target_um_per_px=1.0, progress=False)

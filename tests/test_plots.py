@@ -12,8 +12,8 @@ import pytest
 from conftest import HER2ST
 from PIL import Image
 
-from workflow.expression_tables import EvaluationError, evaluate_tables
-from workflow.outputs.plots import (
+from hexpr.workflow.expression_tables import EvaluationError, evaluate_tables
+from hexpr.workflow.outputs.plots import (
     _figure,
     draw_spatial_panel,
     figure_pixels,
@@ -249,8 +249,8 @@ def test_make_report_plots_from_hest_folder(tmp_path):
 @pytest.mark.skipif(not HER2ST.exists(), reason="../shared/data/her2st not available")
 def test_her2st_section_thumbnail_inspect_and_maps(tmp_path):
     """Import C3, then: thumbnail under the spots, inspect, measured-vs-measured spatial maps."""
-    from embedder.importers import import_dataset
-    from workflow.explore import inspect_dataset
+    from hexpr.embedder.importers import import_dataset
+    from hexpr.workflow.explore import inspect_dataset
 
     t0 = time.perf_counter()
     out = tmp_path / "her2st"

@@ -14,9 +14,9 @@ from conftest import HER2ST, MOBILENET_WEIGHTS, TINY_BACKBONE, needs_shared, wri
 from PIL import Image
 from typer.testing import CliRunner
 
-from embedder.slides import SlideError, find_slides, open_slide, read_square, slide_thumbnail
-from embedder.tiling import tile_dataset, tile_grid, tissue_fraction, tissue_mask
-from pipeline import app
+from hexpr.embedder.slides import SlideError, find_slides, open_slide, read_square, slide_thumbnail
+from hexpr.embedder.tiling import tile_dataset, tile_grid, tissue_fraction, tissue_mask
+from hexpr.pipeline import app
 
 runner = CliRunner()
 W, H = 1000, 800         # synthetic slide, 0.5 µm/px
@@ -83,7 +83,7 @@ def test_tiff_scale_from_resolution_tags_pyramid_and_regions(tmp_path):
 def test_openslide_reader_matches_tifffile(tmp_path):
     """OpenSlide (used for NDPI/MRXS/SCN) on a generic tiled TIFF: same pixels, scale from openslide.mpp-x."""
     pytest.importorskip("openslide")
-    from embedder.slides import OpenSlideSlide, slide_um_per_px
+    from hexpr.embedder.slides import OpenSlideSlide, slide_um_per_px
 
     img = synthetic_slide()
     with OpenSlideSlide(write_tiff(tmp_path / "s.tif", img)) as s:
@@ -186,8 +186,8 @@ def test_predict_slide_outputs_overwrite_and_folder(tmp_path, tiny_model):
 
 
 def test_interrupted_embedding_resumes_and_writes_nothing_before(tmp_path, tiny_model):
-    from embedder.cache import CacheError
-    from workflow import predict_slide
+    from hexpr.embedder.cache import CacheError
+    from hexpr.workflow import predict_slide
 
     slide = write_tiff(tmp_path / "s.tif", synthetic_slide())
     opts = dict(tile_um=50, tile_um_per_px=2, cache_dir=tmp_path / "cache", progress=False, chunk_size=8)
@@ -204,7 +204,7 @@ def test_interrupted_embedding_resumes_and_writes_nothing_before(tmp_path, tiny_
 
 
 def _mean_gene_r(a: np.ndarray, b: np.ndarray) -> float:
-    from heads.metrics import pearson_per_gene
+    from hexpr.heads.metrics import pearson_per_gene
 
     r = pearson_per_gene(a, b)
     return float(np.nanmean(r))
@@ -228,13 +228,13 @@ def test_her2st_c3_slide_map_agrees_with_spot_predictions(tmp_path, one_torch_th
     the map at C3's measured spots with spot-level `predict` and with the measured expression."""
     import time
 
-    from embedder.backbones import parse_backbone
-    from embedder.datasets import open_dataset
-    from embedder.importers import import_dataset
-    from embedder.slides import open_slide
-    from heads.fitting import load_model
-    from workflow import fit_head, predict, predict_slide
-    from workflow.slides import predict_tiles, tile_scale
+    from hexpr.embedder.backbones import parse_backbone
+    from hexpr.embedder.datasets import open_dataset
+    from hexpr.embedder.importers import import_dataset
+    from hexpr.embedder.slides import open_slide
+    from hexpr.heads.fitting import load_model
+    from hexpr.workflow import fit_head, predict, predict_slide
+    from hexpr.workflow.slides import predict_tiles, tile_scale
 
     t0 = time.perf_counter()
     spec = parse_backbone(f"mobilenetv2_100:weights={MOBILENET_WEIGHTS},pad_type=same,mean=0.5/0.5/0.5,std=0.5/0.5/0.5,"
@@ -307,8 +307,8 @@ def test_a_bad_slide_among_several_is_skipped_and_the_rest_written(tmp_path, tin
 def test_a_finetuned_model_predicts_slides_too(tmp_path):
     import torch
 
-    from embedder.backbones import parse_backbone
-    from heads.finetune import finetune, load_finetuned
+    from hexpr.embedder.backbones import parse_backbone
+    from hexpr.heads.finetune import finetune, load_finetuned
 
     train = write_challenge_dataset(tmp_path / "train", n=12, n_genes=3, size=48, groups=2)
     threads = torch.get_num_threads()
@@ -327,8 +327,8 @@ def test_a_finetuned_model_predicts_slides_too(tmp_path):
     assert a.uns["hexpr"]["config"]["finetuned"] == str(tmp_path / "ft")
     assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").rglob("*.h5"))  # embeds on the fly
     # same tiles, same network: the map is what predict_dataset gives on those tiles
-    from embedder.slides import open_slide
-    from embedder.tiling import tile_dataset
+    from hexpr.embedder.slides import open_slide
+    from hexpr.embedder.tiling import tile_dataset
 
     obs = a.obs
     ds = tile_dataset(tmp_path / "s.tif", 0.5, a.obsm["spatial"], list(obs.index), 100.0, 50, slide=open_slide(tmp_path / "s.tif"))
@@ -356,7 +356,7 @@ def test_torchrun_ranks_split_the_slides_and_match_one_process(tmp_path, tiny_mo
             "--tile-um-per-px", "2", "--workers", "0", "--quiet"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     launch = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-              "--master-port", str(port), str(REPO / "pipeline.py"), *args, "--out", str(tmp_path / "multi")]
+              "--master-port", str(port), "-m", "hexpr", *args, "--out", str(tmp_path / "multi")]
     result = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     # each slide is in exactly one rank's table: the ranks split the slides, none is done twice
@@ -372,10 +372,10 @@ def test_torchrun_ranks_split_the_slides_and_match_one_process(tmp_path, tiny_mo
 
 @pytest.mark.slow
 def test_a_model_with_neighbour_context_gets_it_from_the_tile_grid(tmp_path):
-    from embedder.backbones import parse_backbone
-    from embedder.features import add_neighbour_context, ensure_features
-    from embedder.slides import open_slide
-    from heads.fitting import load_model
+    from hexpr.embedder.backbones import parse_backbone
+    from hexpr.embedder.features import add_neighbour_context, ensure_features
+    from hexpr.embedder.slides import open_slide
+    from hexpr.heads.fitting import load_model
 
     train = write_challenge_dataset(tmp_path / "train", n=16, n_genes=4)
     table = pd.read_csv(train)

@@ -9,9 +9,9 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from embedder.backbones import (BackboneError, BackboneSpec, build_architecture, create_backbone, parse_backbone,
+from hexpr.embedder.backbones import (BackboneError, BackboneSpec, build_architecture, create_backbone, parse_backbone,
                                 resolve_specs)
-from embedder.presets import PRESETS, get_preset, markdown_table, preset_rows
+from hexpr.embedder.presets import PRESETS, get_preset, markdown_table, preset_rows
 
 EXPANDING = [p for p in PRESETS if not p.is_plain_timm_name]
 SHALLOW = {"timm": "depth=2", "transformers": "num_hidden_layers=2", "conch": "depth=2"}
@@ -205,8 +205,8 @@ def test_hexpr_embed_with_a_preset_and_a_local_file_gives_the_card_models_featur
     from PIL import Image
     from typer.testing import CliRunner
 
-    from embedder.demo_data import write_demo_dataset
-    from pipeline import app
+    from hexpr.embedder.demo_data import write_demo_dataset
+    from hexpr.pipeline import app
 
     paths = write_demo_dataset(tmp_path / "demo", n_train=4, n_test=2, n_genes=3, size=224)
     torch.manual_seed(11)
@@ -232,7 +232,7 @@ def test_hexpr_embed_with_a_preset_and_a_local_file_gives_the_card_models_featur
 
 
 def test_presets_train_end_to_end_with_layerwise_ids():
-    from heads.finetune_model import build_backbones, layer_ids
+    from hexpr.heads.finetune_model import build_backbones, layer_ids
 
     (backbone,) = build_backbones([parse_backbone("virchow2:weights=none,depth=1")], torch.device("cpu"), random_init=True)
     model = backbone.model.train()
@@ -255,8 +255,8 @@ def test_missing_transformers_extra_is_named(monkeypatch):
 def test_backbones_command_lists_every_preset_and_finds_local_weights(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
-    from embedder.presets import PRESETS
-    from pipeline import app
+    from hexpr.embedder.presets import PRESETS
+    from hexpr.pipeline import app
 
     snap = _snapshot(tmp_path, "MahmoodLab/UNI", {"pytorch_model.bin": lambda p: p.write_bytes(b"not read by the listing")})
     monkeypatch.setenv("HF_HOME", str(tmp_path))

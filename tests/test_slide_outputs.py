@@ -11,11 +11,11 @@ import pandas as pd
 import pytest
 from test_predict_slide import predict_cli, synthetic_slide, tiny_model, write_tiff  # noqa: F401 (fixture)
 
-from embedder.errors import DataError, UsageError
-from embedder.slides import open_slide, slide_thumbnail
-from embedder.tiling import tile_grid, tissue_fraction, tissue_mask
-from workflow.outputs.gene_sets import read_gene_sets, score_gene_sets
-from workflow.outputs.slide_maps import SlideMap, parse_geojson_genes, parse_outputs, write_slide_outputs
+from hexpr.embedder.errors import DataError, UsageError
+from hexpr.embedder.slides import open_slide, slide_thumbnail
+from hexpr.embedder.tiling import tile_grid, tissue_fraction, tissue_mask
+from hexpr.workflow.outputs.gene_sets import read_gene_sets, score_gene_sets
+from hexpr.workflow.outputs.slide_maps import SlideMap, parse_geojson_genes, parse_outputs, write_slide_outputs
 
 MARK = (600, 400, 700, 500)         # x0, y0, x1, y1 (level-0 px) of a black square on the tissue
 TILE = 100.0                        # tile side = stride, level-0 px: the mark is exactly tile r4 c6

@@ -14,10 +14,10 @@ from conftest import HER2ST, needs_shared
 from PIL import Image
 from test_predict_slide import predict_cli, runner, synthetic_slide, tiny_model, write_tiff  # noqa: F401 (fixture)
 
-from embedder import slides as slides_module
-from embedder.slides import SlideError, open_slide, read_square, slide_thumbnail
-from embedder.tiling import tile_grid, tissue_fraction, tissue_mask
-from pipeline import app
+from hexpr.embedder import slides as slides_module
+from hexpr.embedder.slides import SlideError, open_slide, read_square, slide_thumbnail
+from hexpr.embedder.tiling import tile_grid, tissue_fraction, tissue_mask
+from hexpr.pipeline import app
 
 TILE_UM, HER2ST_UM_PER_PX = 112.0, 0.69
 
@@ -110,7 +110,7 @@ def test_a_big_jpeg_is_refused_with_advice_and_thumbnails_skip_the_full_decode(t
 
 
 def test_tiles_are_read_from_the_pyramid_level_that_is_fine_enough(tmp_path):
-    from embedder.slides import block_mean
+    from hexpr.embedder.slides import block_mean
 
     img = synthetic_slide()
     path = tmp_path / "s.tif"
@@ -149,10 +149,10 @@ class _InterruptAt:
 def test_ctrl_c_keeps_finished_tiles_and_a_rerun_resumes_to_the_same_features(tmp_path):
     from conftest import TINY_BACKBONE
 
-    from embedder.backbones import parse_backbone
-    from embedder.cache import read_cache
-    from embedder.extract import embed_dataset
-    from embedder.tiling import tile_dataset
+    from hexpr.embedder.backbones import parse_backbone
+    from hexpr.embedder.cache import read_cache
+    from hexpr.embedder.extract import embed_dataset
+    from hexpr.embedder.tiling import tile_dataset
 
     path = write_tiff(tmp_path / "s.tif", synthetic_slide(0))
     grid = tile_grid(1000, 800, 200)
@@ -176,7 +176,7 @@ def test_two_torchrun_ranks_share_one_slide_by_tiles(tmp_path, tiny_model):
     import subprocess
     import sys
 
-    from embedder.cache import read_attrs
+    from hexpr.embedder.cache import read_attrs
 
     slide = write_tiff(tmp_path / "s.tif", synthetic_slide(0))
     script = tmp_path / "run.py"
@@ -196,7 +196,7 @@ def test_two_torchrun_ranks_share_one_slide_by_tiles(tmp_path, tiny_model):
     assert sorted(result.stdout.split("RESULT")[1:]) == sorted([" tiles 1 0\n", " tiles 0 1\n"]), result.stdout
     cache_file = next((tmp_path / "cache" / "embeddings").glob("*.h5"))
     assert read_attrs(cache_file)["world_size"] == 2                 # both ranks embedded tiles of the one slide
-    from workflow import predict_slide
+    from hexpr.workflow import predict_slide
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

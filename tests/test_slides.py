@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from embedder.slides import (
+from hexpr.embedder.slides import (
     ArraySlide,
     SlideError,
     block_mean,

@@ -12,7 +12,7 @@ import weakref
 import numpy as np
 import pytest
 
-from embedder.cache import (
+from hexpr.embedder.cache import (
     CacheError,
     dataset_shape,
     iter_array_chunks,
@@ -21,8 +21,8 @@ from embedder.cache import (
     read_ids,
     write_feature_file,
 )
-from heads.metrics import pearson_per_gene
-from heads.ridge import RidgeHead
+from hexpr.heads.metrics import pearson_per_gene
+from hexpr.heads.ridge import RidgeHead
 
 RIDGE_VARIANTS = [
     {},
@@ -35,15 +35,15 @@ TINY_MLP = {"hidden": [32], "epochs": 15, "lr": 3e-3, "device": "cpu", "n_thread
 
 
 def streaming():
-    return importlib.import_module("heads.streaming")
+    return importlib.import_module("hexpr.heads.streaming")
 
 
 def ridge_module():
-    return importlib.import_module("heads.streamed_ridge")
+    return importlib.import_module("hexpr.heads.streamed_ridge")
 
 
 def mlp_module():
-    return importlib.import_module("heads.chunked_mlp")
+    return importlib.import_module("hexpr.heads.chunked_mlp")
 
 
 def planted(n=240, d=20, g=15, seed=0, offset=3.0):

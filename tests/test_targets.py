@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from heads import TargetTransformed, make_head, make_transform
-from heads.targets import TRANSFORMS
+from hexpr.heads import TargetTransformed, make_head, make_transform
+from hexpr.heads.targets import TRANSFORMS
 
 RNG = np.random.default_rng(0)
 Y = np.abs(RNG.gamma(2.0, 1.5, size=(60, 7)))
@@ -12,7 +12,7 @@ ALL_NAMES = list(TRANSFORMS) + ["log1p+standardize", "log1p+minmax", "robust+min
 
 
 def _clipped_by_robust(Y):
-    from heads.targets import Robust
+    from hexpr.heads.targets import Robust
     t = Robust(clip=None).fit(Y)
     return np.abs(t.transform(Y)) > 5.0
 
@@ -30,7 +30,7 @@ def test_every_transform_inverts_exactly(name):
 
 
 def test_robust_without_clipping_inverts_every_gene_exactly():
-    from heads.targets import Robust
+    from hexpr.heads.targets import Robust
     t = Robust(clip=None).fit(Y)
     np.testing.assert_allclose(t.inverse_transform(t.transform(Y)), Y, rtol=1e-12, atol=1e-12)
 

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from embedder.tiling import saturation, slide_digest, tile_grid, tissue_fraction, tissue_mask
+from hexpr.embedder.tiling import saturation, slide_digest, tile_grid, tissue_fraction, tissue_mask
 
 
 def disc_on_glass(h=300, w=400, centre=(150, 180), radius=90, seed=0):

@@ -7,7 +7,7 @@ from importlib import metadata
 import torch
 
 from conftest import REPO, TINY_BACKBONE, write_challenge_dataset
-from embedder.torch_install import matching_torchvision, pairing_advice
+from hexpr.embedder.torch_install import matching_torchvision, pairing_advice
 
 BROKEN_TORCHVISION = 'raise RuntimeError("operator torchvision::nms does not exist")\n'
 
@@ -30,9 +30,9 @@ def test_a_torchvision_built_for_another_torch_gives_one_error_line(tmp_path):
     fake = tmp_path / "fake" / "torchvision"          # a torchvision whose C++ operators do not register
     fake.mkdir(parents=True)
     (fake / "__init__.py").write_text(BROKEN_TORCHVISION)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join([str(fake.parent), str(REPO)])}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(fake.parent)}
     cache = tmp_path / "cache"
-    result = subprocess.run([sys.executable, str(REPO / "pipeline.py"), "embed", str(csv), "-b", TINY_BACKBONE,
+    result = subprocess.run([sys.executable, "-m", "hexpr", "embed", str(csv), "-b", TINY_BACKBONE,
                              "--workers", "0", "--cache-dir", str(cache)],
                             env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2, result.stderr

@@ -11,12 +11,12 @@ import pytest
 from conftest import TINY_BACKBONE, write_challenge_dataset
 from typer.testing import CliRunner
 
-from heads.base import make_head
-from heads.bagging import SeedBagged
-from heads.fitting import fit_head, load_model
-from heads.synthetic import synthetic_expression
-from heads.targets import TargetTransformed
-from heads.uncertainty import (
+from hexpr.heads.base import make_head
+from hexpr.heads.bagging import SeedBagged
+from hexpr.heads.fitting import fit_head, load_model
+from hexpr.heads.synthetic import synthetic_expression
+from hexpr.heads.targets import TargetTransformed
+from hexpr.heads.uncertainty import (
     CONFORMAL_KEY,
     RANGE_KEY,
     UncertaintyWarning,
@@ -25,7 +25,7 @@ from heads.uncertainty import (
     predict_uncertain,
     predict_with_spread,
 )
-from pipeline import app
+from hexpr.pipeline import app
 
 runner = CliRunner()
 

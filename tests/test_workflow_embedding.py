@@ -4,10 +4,10 @@ import os
 import numpy as np
 from conftest import TINY_BACKBONE
 
-from embedder.backbones import parse_backbone
-from embedder.cache import CacheEntry
-from embedder.datasets import open_dataset
-from workflow.embedding import backbone_specs, clean_cache, embed
+from hexpr.embedder.backbones import parse_backbone
+from hexpr.embedder.cache import CacheEntry
+from hexpr.embedder.datasets import open_dataset
+from hexpr.workflow.embedding import backbone_specs, clean_cache, embed
 
 
 def test_embed_caches_once_and_rows_follow_the_dataset(tiny_csv, tmp_path):

@@ -7,10 +7,10 @@ import pandas as pd
 import pytest
 from conftest import TINY_BACKBONE, write_challenge_dataset
 
-from embedder.backbones import parse_backbone
-from embedder.datasets import DatasetError
-from embedder.errors import OutputExistsError
-from workflow.fit import DEFAULT_MODELS_DIR, cv_groups, default_model_dir, fit_head, select_gene_panel, warn_if_backbones_change
+from hexpr.embedder.backbones import parse_backbone
+from hexpr.embedder.datasets import DatasetError
+from hexpr.embedder.errors import OutputExistsError
+from hexpr.workflow.fit import DEFAULT_MODELS_DIR, cv_groups, default_model_dir, fit_head, select_gene_panel, warn_if_backbones_change
 
 
 @pytest.fixture

@@ -5,13 +5,13 @@ import pandas as pd
 import pytest
 from conftest import TINY_BACKBONE, write_challenge_dataset
 
-from embedder.backbones import parse_backbone
-from embedder.datasets import open_dataset
-from embedder.errors import UsageError
-from embedder.features import ensure_features
-from heads.fitting import FittedModel
-from workflow.fit import fit_head
-from workflow.prediction import load_predictor, predict, predictor_meta
+from hexpr.embedder.backbones import parse_backbone
+from hexpr.embedder.datasets import open_dataset
+from hexpr.embedder.errors import UsageError
+from hexpr.embedder.features import ensure_features
+from hexpr.heads.fitting import FittedModel
+from hexpr.workflow.fit import fit_head
+from hexpr.workflow.prediction import load_predictor, predict, predictor_meta
 
 
 @pytest.fixture(scope="module")

@@ -3,8 +3,8 @@ import warnings
 
 import pytest
 
-from embedder.errors import HexprError
-from workflow.slides import rank_share, tile_scale
+from hexpr.embedder.errors import HexprError
+from hexpr.workflow.slides import rank_share, tile_scale
 
 RECORDED = {"patch": {"patch_um": 112.0, "patch_px": 64, "um_per_px": 1.75}}
 

@@ -22,19 +22,19 @@ from __future__ import annotations
 import importlib
 
 _PUBLIC = {
-    "embed": "workflow.embedding", "clean_cache": "workflow.embedding", "backbone_specs": "workflow.embedding",
-    "backbone_presets": "workflow.embedding",
-    "fit_head": "workflow.fit", "head_names": "workflow.fit", "check_head": "workflow.fit",
-    "check_transform": "workflow.fit",
-    "predict": "workflow.prediction", "load_predictor": "workflow.prediction", "predict_with": "workflow.prediction",
-    "predictor_meta": "workflow.prediction",
-    "predict_slide": "workflow.slides",
-    "evaluate": "workflow.scoring", "plot": "workflow.scoring",
-    "read_expression_table": "workflow.expression_tables",
-    "inspect_dataset": "workflow.explore",
-    "demo": "workflow.demo_pipeline", "write_demo_dataset": "workflow.demo_pipeline",
-    "import_dataset": "workflow.importing",
-    "finetune": "workflow.finetuning",
+    "embed": "hexpr.workflow.embedding", "clean_cache": "hexpr.workflow.embedding", "backbone_specs": "hexpr.workflow.embedding",
+    "backbone_presets": "hexpr.workflow.embedding",
+    "fit_head": "hexpr.workflow.fit", "head_names": "hexpr.workflow.fit", "check_head": "hexpr.workflow.fit",
+    "check_transform": "hexpr.workflow.fit",
+    "predict": "hexpr.workflow.prediction", "load_predictor": "hexpr.workflow.prediction", "predict_with": "hexpr.workflow.prediction",
+    "predictor_meta": "hexpr.workflow.prediction",
+    "predict_slide": "hexpr.workflow.slides",
+    "evaluate": "hexpr.workflow.scoring", "plot": "hexpr.workflow.scoring",
+    "read_expression_table": "hexpr.workflow.expression_tables",
+    "inspect_dataset": "hexpr.workflow.explore",
+    "demo": "hexpr.workflow.demo_pipeline", "write_demo_dataset": "hexpr.workflow.demo_pipeline",
+    "import_dataset": "hexpr.workflow.importing",
+    "finetune": "hexpr.workflow.finetuning",
 }
 __all__ = sorted(_PUBLIC)
 

@@ -7,20 +7,26 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from embedder.backbones import BackboneSpec, resolve_specs
-from embedder.demo_data import write_demo_dataset
-from heads.fitting import check_config
-from workflow.expression_tables import evaluate_tables, read_expression_table
-from workflow.fit import check_fit_options, fit_head
-from workflow.options import check_output_folder
-from workflow.prediction import predict
-from workflow.scoring import evaluate
+from hexpr.embedder.backbones import BackboneSpec, resolve_specs
+from hexpr.embedder.demo_data import write_demo_dataset
+from hexpr.heads.fitting import check_config
+from hexpr.workflow.expression_tables import evaluate_tables, read_expression_table
+from hexpr.workflow.fit import check_fit_options, fit_head
+from hexpr.workflow.options import check_output_folder
+from hexpr.workflow.prediction import predict
+from hexpr.workflow.scoring import evaluate
 
 
 def demo(workdir="hexpr-demo", *, n_train: int = 600, n_test: int = 200, n_genes: int = 200, size: int = 224,
          specs: list[BackboneSpec] | None = None, head: str = "ridge", folds: int = 3, seed: int = 0,
          progress: bool = True, **embed_options) -> dict:
-    """The whole pipeline offline on a generated dataset: demo-data, embed, fit-head, predict, evaluate."""
+    """The whole pipeline offline on a generated dataset: demo-data, embed, fit-head, predict, evaluate.
+
+    Example::
+
+        >>> report = hexpr.demo("hexpr-demo")           # generated data -> embed -> fit -> predict -> score
+        >>> report["test"]["score"], report["test_mean_baseline"]
+    """
     started = time.perf_counter()
     check_config(head)  # a bad head or option fails before the data is written
     check_fit_options(folds=folds, seed=seed, **embed_options)

@@ -3,29 +3,47 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from embedder.backbones import BackboneSpec
-from embedder.backbones import resolve_specs as backbone_specs
-from embedder.cache import DEFAULT_CACHE_DIR, clean_partials
-from embedder.datasets import open_dataset
-from embedder.extract import check_embed_options
-from embedder.features import FeatureSet, ensure_features
-from embedder.presets import preset_rows
+from hexpr.embedder.backbones import BackboneSpec
+from hexpr.embedder.backbones import resolve_specs as backbone_specs
+from hexpr.embedder.cache import DEFAULT_CACHE_DIR, clean_partials
+from hexpr.embedder.datasets import open_dataset
+from hexpr.embedder.extract import check_embed_options
+from hexpr.embedder.features import FeatureSet, ensure_features
+from hexpr.embedder.presets import preset_rows
 
 __all__ = ["backbone_presets", "backbone_specs", "clean_cache", "embed"]
 
 
 def embed(data: str | Path, specs: list[BackboneSpec], cache_dir=DEFAULT_CACHE_DIR, **options) -> FeatureSet:
-    """Open a dataset and make sure every backbone's features are cached; returns the aligned features."""
+    """Open a dataset and make sure every backbone's features are cached; returns the aligned features.
+
+    Example::
+
+        >>> features = hexpr.embed("demo/train.csv", hexpr.backbone_specs(["resnet18:weights=none,size=64"]))
+        >>> features.X.shape                            # (spots, features), rows aligned by id
+    """
     check_embed_options(**options)
     return ensure_features(open_dataset(data), specs, cache_dir, **options)
 
 
 def clean_cache(cache_dir=DEFAULT_CACHE_DIR) -> list[dict]:
-    """Delete the unfinished embedding folders interrupted runs left in ``cache_dir``; finished files stay."""
+    """Delete the unfinished embedding folders interrupted runs left in ``cache_dir``; finished files stay.
+
+    Example::
+
+        >>> removed = hexpr.clean_cache("cache")      # unfinished folders of interrupted runs
+        >>> [r["path"] for r in removed]
+    """
     return clean_partials(cache_dir)
 
 
 def backbone_presets(check_local: bool = True) -> list[dict]:
     """The named backbone presets (foundation models and the ImageNet defaults), one dict each, with
-    where their weights were found on this machine (no network calls)."""
+    where their weights were found on this machine (no network calls).
+
+    Example::
+
+        >>> [row["name"] for row in hexpr.backbone_presets()][:3]
+        # -> the preset names (uni, virchow2, ...), with where their weights were found
+    """
     return preset_rows(check_local=check_local)

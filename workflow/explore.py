@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from embedder.files import write_json
-from heads.metrics import top_genes
-from workflow.options import WHOLE_POSITIVE, check_choice, check_option, check_output_folder
-from workflow.outputs.plots import (
+from hexpr.embedder.files import write_json
+from hexpr.heads.metrics import top_genes
+from hexpr.workflow.options import WHOLE_POSITIVE, check_choice, check_option, check_output_folder
+from hexpr.workflow.outputs.plots import (
     DPI,
     SPOT_FILL,
     _figure,
@@ -481,6 +481,10 @@ def inspect_dataset(path: str | Path, out_dir: str | Path, n_top: int = 50, meth
     or .h5ad.  Writes into out_dir: summary.json, embedding.png (PCA or t-SNE, by group),
     gene_stats.png, heatmap.png (top-``n_top`` HVG), spot_qc.png and, with spot coordinates,
     spatial_qc.png.  Returns {"summary": dict, "files": {name: path}, "notes": [...]}.
+    Example::
+
+        >>> summary = hexpr.inspect_dataset("demo/train.csv", "inspect-out")
+        >>> sorted(summary)                          # files, notes, summary
     """
     check_choice("--method", method, MAP_METHODS)
     check_option("--n-top", n_top, WHOLE_POSITIVE)

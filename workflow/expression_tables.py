@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from embedder.datasets import ID_COLUMN, numeric_columns, open_dataset
-from embedder.errors import DataError, MissingInputError
-from heads.metrics import N_TOP_DEFAULT, challenge_score, pearson_per_gene, top_genes
+from hexpr.embedder.datasets import ID_COLUMN, numeric_columns, open_dataset
+from hexpr.embedder.errors import DataError, MissingInputError
+from hexpr.heads.metrics import N_TOP_DEFAULT, challenge_score, pearson_per_gene, top_genes
 
 
 class EvaluationError(DataError):
@@ -70,7 +70,13 @@ def evaluate_tables(pred: pd.DataFrame, truth: pd.DataFrame, n_top: int = N_TOP_
 
 
 def read_expression_table(path: str | Path) -> pd.DataFrame:
-    """A truth or prediction table: a CSV with ID + genes, a dataset (CSV with paths, HEST .h5/folder) or an .h5ad."""
+    """A truth or prediction table: a CSV with ID + genes, a dataset (CSV with paths, HEST .h5/folder) or an .h5ad.
+
+    Example::
+
+        >>> truth = hexpr.read_expression_table("demo/test_truth.csv")
+        >>> truth.shape                                 # spots x genes, indexed by id
+    """
     path = Path(path)
     if not path.exists():
         raise MissingInputError(f"{path} does not exist")

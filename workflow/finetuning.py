@@ -1,6 +1,6 @@
 """finetune: the backbones and an MLP head trained end to end (see ``heads.finetune``)."""
 from __future__ import annotations
 
-from heads.finetune import finetune
+from hexpr.heads.finetune import finetune
 
 __all__ = ["finetune"]

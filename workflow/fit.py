@@ -8,19 +8,19 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from embedder.backbones import BackboneSpec
-from embedder.cache import DEFAULT_CACHE_DIR
-from embedder.datasets import DatasetError, open_dataset
-from embedder.errors import UsageError
-from embedder.extract import check_embed_options
-from embedder.features import FeatureSet, ensure_features, with_dataset_context
-from heads.base import HEAD_CLASSES, HeadError
-from heads.fitting import AUTO, check_config, read_model_info
-from heads.fitting import fit_head as fit_head_on_features
-from heads.metrics import top_genes
-from heads.sweep import AUTO_NEIGHBOURS
-from heads.targets import make_transform
-from workflow.options import WHOLE_NON_NEGATIVE, Int, check_option
+from hexpr.embedder.backbones import BackboneSpec
+from hexpr.embedder.cache import DEFAULT_CACHE_DIR
+from hexpr.embedder.datasets import DatasetError, open_dataset
+from hexpr.embedder.errors import UsageError
+from hexpr.embedder.extract import check_embed_options
+from hexpr.embedder.features import FeatureSet, ensure_features, with_dataset_context
+from hexpr.heads.base import HEAD_CLASSES, HeadError
+from hexpr.heads.fitting import AUTO, check_config, read_model_info
+from hexpr.heads.fitting import fit_head as fit_head_on_features
+from hexpr.heads.metrics import top_genes
+from hexpr.heads.sweep import AUTO_NEIGHBOURS
+from hexpr.heads.targets import make_transform
+from hexpr.workflow.options import WHOLE_NON_NEGATIVE, Int, check_option
 
 DEFAULT_MODELS_DIR = Path(DEFAULT_CACHE_DIR) / "models"
 
@@ -127,19 +127,37 @@ def _auto_feature_sets(features: FeatureSet, dataset, neighbours: int = 0) -> tu
 
 
 def head_names() -> list[str]:
-    """The names ``--head`` accepts: every registered head, and "auto"."""
+    """The names ``--head`` accepts: every registered head, and "auto".
+
+    Example::
+
+        >>> "ridge" in hexpr.head_names()
+        # -> True
+    """
     return sorted(HEAD_CLASSES) + [AUTO]
 
 
 def check_head(name: str) -> str:
-    """``name`` if it names a head (see ``head_names``), else a HeadError listing them."""
+    """``name`` if it names a head (see ``head_names``), else a HeadError listing them.
+
+    Example::
+
+        >>> hexpr.check_head("ridge")
+        # -> 'ridge'; an unknown name raises a HeadError listing the heads
+    """
     if name not in head_names():
         raise HeadError(f"unknown head {name!r}; choose one of: {', '.join(head_names())}")
     return name
 
 
 def check_transform(spec: str) -> str:
-    """``spec`` if it is a target transform or a '+' chain of them (each part checked), else a HeadError."""
+    """``spec`` if it is a target transform or a '+' chain of them (each part checked), else a HeadError.
+
+    Example::
+
+        >>> hexpr.check_transform("log1p+standardize")
+        # -> 'log1p+standardize'
+    """
     make_transform(spec)
     return spec
 
@@ -167,6 +185,11 @@ def fit_head(data, specs: list[BackboneSpec], *, head: str = "ridge", params: di
     ``bag``: average the head over this many seeds. ``head="auto"``: score ridge and an mlp bagged
     over ``bag`` (default 5) seeds, each without and with neighbour context (k = ``neighbours``, or 6),
     by grouped CV on this training data; refit the best (see ``_auto_feature_sets``).
+    Example::
+
+        >>> report = hexpr.fit_head("demo/train.csv", hexpr.backbone_specs(["resnet18:weights=none,size=64"]),
+        ... head="ridge", folds=3)
+        >>> report["cv"]["score"], report["out_dir"]
     """
     # a bad head name, parameter, transform, sweep or option value fails before any embedding
     space = check_config(head, params, transform, sweep, trials, bag)

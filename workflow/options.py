@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from embedder.errors import OutputExistsError, UsageError
-from heads.params import Constraint, Int, Real
+from hexpr.embedder.errors import OutputExistsError, UsageError
+from hexpr.heads.params import Constraint, Int, Real
 
 WHOLE_POSITIVE = Int(1)
 WHOLE_NON_NEGATIVE = Int(0)

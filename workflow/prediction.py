@@ -6,23 +6,29 @@ from pathlib import Path
 
 import pandas as pd
 
-from embedder.cache import DEFAULT_CACHE_DIR
-from embedder.datasets import check_genes_match, open_dataset
-from embedder.extract import check_embed_options
-from embedder.features import check_features_match, ensure_features, specs_from_meta, with_dataset_context
-from heads.finetune import load_finetuned
-from heads.fitting import load_model
-from heads.uncertainty import DEFAULT_INTERVAL, check_interval, check_model_interval, predict_uncertain
-from workflow.options import check_choice, check_output_file
-from workflow.outputs.anndata import write_anndata
-from workflow.outputs.tables import write_table
+from hexpr.embedder.cache import DEFAULT_CACHE_DIR
+from hexpr.embedder.datasets import check_genes_match, open_dataset
+from hexpr.embedder.extract import check_embed_options
+from hexpr.embedder.features import check_features_match, ensure_features, specs_from_meta, with_dataset_context
+from hexpr.heads.finetune import load_finetuned
+from hexpr.heads.fitting import load_model
+from hexpr.heads.uncertainty import DEFAULT_INTERVAL, check_interval, check_model_interval, predict_uncertain
+from hexpr.workflow.options import check_choice, check_output_file
+from hexpr.workflow.outputs.anndata import write_anndata
+from hexpr.workflow.outputs.tables import write_table
 
 PREDICTION_FORMATS = ("csv", "h5ad")
 
 
 def load_predictor(model_path):
     """The model at ``model_path``: a head fitted by fit-head (``FittedModel``) or, where the folder
-    holds ``finetuned.pt``, an end-to-end fine-tuned network (``FinetunedModel``)."""
+    holds ``finetuned.pt``, an end-to-end fine-tuned network (``FinetunedModel``).
+
+    Example::
+
+        >>> model = hexpr.load_predictor("cache/models/ridge_resnet18")
+        >>> len(model.genes)
+    """
     model_dir = Path(model_path) if Path(model_path).is_dir() else Path(model_path).parent
     if (model_dir / "finetuned.pt").is_file():
         return load_finetuned(model_dir)
@@ -31,7 +37,12 @@ def load_predictor(model_path):
 
 def predictor_meta(model) -> dict:
     """What the model's inputs come from: a fitted head's feature description; for a fine-tuned
-    network its backbones and the patch size it was trained on (when recorded)."""
+    network its backbones and the patch size it was trained on (when recorded).
+
+    Example::
+
+        >>> hexpr.predictor_meta(hexpr.load_predictor("cache/models/ridge_resnet18"))["backbones"]
+    """
     if hasattr(model, "feature_meta"):
         return model.feature_meta
     return {"backbones": [s.to_dict() for s in model.specs], "patch": model.info.get("patch")}
@@ -42,7 +53,13 @@ def predict_with(model, dataset, *, cache_dir=DEFAULT_CACHE_DIR, progress: bool 
     """(predictions, config, embedding cache files) of ``model`` (see ``load_predictor``) for every
     patch of ``dataset``: a fitted head embeds through the cache (with its TTA and neighbour
     context), a fine-tuned network embeds on the fly. A fitted head's predictions are clipped to
-    its training range unless ``clip`` is False."""
+    its training range unless ``clip`` is False.
+
+    Example::
+
+        >>> model = hexpr.load_predictor("cache/models/ridge_resnet18")
+        >>> predictions, config, caches = hexpr.predict_with(model, dataset)
+    """
     frame, _, config, cache_files = predict_with_uncertainty(model, dataset, interval=None, clip=clip, cache_dir=cache_dir,
                                                              progress=progress, label=label, **embed_options)
     return frame, config, cache_files
@@ -80,7 +97,13 @@ def predict(model_path, data, *, out=None, fmt: str | None = None, cache_dir=DEF
     """Embed ``data`` with exactly the model's backbones, predict, write CSV (or .h5ad).
     Predictions are clipped to the training range unless ``clip`` is False. The uncertainty
     (``std``, and ``lower``/``upper`` at coverage ``interval``) goes into .h5ad layers only; a CSV
-    holds the predictions alone."""
+    holds the predictions alone.
+
+    Example::
+
+        >>> report = hexpr.predict("cache/models/ridge_resnet18", "demo/test.csv", out="pred.csv")
+        >>> report["out"]
+    """
     if fmt is not None:
         check_choice("--format", fmt, PREDICTION_FORMATS)
     check_output_file("--out", out)

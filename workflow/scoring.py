@@ -3,17 +3,23 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from embedder.files import write_json
-from heads.metrics import N_TOP_DEFAULT
-from workflow.expression_tables import evaluate_tables, read_expression_table
-from workflow.options import WHOLE_POSITIVE, check_option, check_output_folder
-from workflow.outputs.plots import make_report_plots
-from workflow.outputs.tables import write_table
+from hexpr.embedder.files import write_json
+from hexpr.heads.metrics import N_TOP_DEFAULT
+from hexpr.workflow.expression_tables import evaluate_tables, read_expression_table
+from hexpr.workflow.options import WHOLE_POSITIVE, check_option, check_output_folder
+from hexpr.workflow.outputs.plots import make_report_plots
+from hexpr.workflow.outputs.tables import write_table
 
 
 def evaluate(pred_path: str | Path, truth_path: str | Path, out_dir: str | Path | None = None,
              n_top: int = N_TOP_DEFAULT, gene_list_path: str | Path | None = None) -> dict:
-    """Score predictions against truth; writes ``<pred>.scores.json`` and ``<pred>.per_gene.csv``."""
+    """Score predictions against truth; writes ``<pred>.scores.json`` and ``<pred>.per_gene.csv``.
+
+    Example::
+
+        >>> scores = hexpr.evaluate("pred.csv", "demo/test_truth.csv")
+        >>> scores["score"]                              # the 2024 challenge score
+    """
     check_option("--n-top", n_top, WHOLE_POSITIVE)
     check_output_folder("--out-dir", out_dir)
     pred_path = Path(pred_path)
@@ -33,7 +39,12 @@ def evaluate(pred_path: str | Path, truth_path: str | Path, out_dir: str | Path 
 
 
 def plot(pred_path, truth_path, out_dir, *, genes=None, n_genes: int = 4, n_top: int = N_TOP_DEFAULT) -> dict:
-    """The report figures (Pearson distribution, scatter, spatial maps) of predictions against truth."""
+    """The report figures (Pearson distribution, scatter, spatial maps) of predictions against truth.
+
+    Example::
+
+        >>> hexpr.plot("pred.csv", "demo/test_truth.csv", "figures")
+    """
     check_option("--n-genes", n_genes, WHOLE_POSITIVE)
     check_option("--n-top", n_top, WHOLE_POSITIVE)
     check_output_folder("--out", out_dir)

@@ -9,19 +9,19 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from embedder.cache import DEFAULT_CACHE_DIR
-from embedder.datasets import DatasetError
-from embedder.errors import OutputExistsError
-from embedder.extract import check_embed_options, default_num_workers, resolve_device
-from embedder.files import atomic_dir
-from embedder.importers.names import safe_name
-from embedder.slides import SlideError, find_slides, open_slide, slide_thumbnail
-from embedder.tiling import tile_dataset, tile_grid, tissue_fraction, tissue_mask
-from heads.uncertainty import DEFAULT_INTERVAL, check_interval, check_model_interval
-from workflow.options import POSITIVE, SHARE, WHOLE_NON_NEGATIVE, check_option, check_output_folder
-from workflow.outputs.gene_sets import SCORE_METHOD, read_gene_sets, score_gene_sets
-from workflow.outputs.slide_maps import SlideMap, parse_geojson_genes, parse_outputs, write_slide_outputs
-from workflow.prediction import load_predictor, predict_with_uncertainty, predictor_meta
+from hexpr.embedder.cache import DEFAULT_CACHE_DIR
+from hexpr.embedder.datasets import DatasetError
+from hexpr.embedder.errors import OutputExistsError
+from hexpr.embedder.extract import check_embed_options, default_num_workers, resolve_device
+from hexpr.embedder.files import atomic_dir
+from hexpr.embedder.importers.names import safe_name
+from hexpr.embedder.slides import SlideError, find_slides, open_slide, slide_thumbnail
+from hexpr.embedder.tiling import tile_dataset, tile_grid, tissue_fraction, tissue_mask
+from hexpr.heads.uncertainty import DEFAULT_INTERVAL, check_interval, check_model_interval
+from hexpr.workflow.options import POSITIVE, SHARE, WHOLE_NON_NEGATIVE, check_option, check_output_folder
+from hexpr.workflow.outputs.gene_sets import SCORE_METHOD, read_gene_sets, score_gene_sets
+from hexpr.workflow.outputs.slide_maps import SlideMap, parse_geojson_genes, parse_outputs, write_slide_outputs
+from hexpr.workflow.prediction import load_predictor, predict_with_uncertainty, predictor_meta
 
 DEFAULT_TILE_UM = 112.0          # HEST's patch: 224 px at 0.5 µm/px
 DEFAULT_TILE_UM_PER_PX = 0.5
@@ -142,6 +142,10 @@ def predict_slide(model_path, slides, out_dir, *, um_per_px: float | None = None
     h5ad and SpatialData tables get layers ``std`` (bagged heads) and ``lower``/``upper`` (conformal
     interval at coverage ``interval``), and each heatmap gene an ``uncertainty_<gene>.png``.
     An existing slide folder needs ``overwrite``.
+    Example::
+
+        >>> report = hexpr.predict_slide("cache/models/ridge_resnet18", ["slide.svs"], "maps",
+        ... outputs=["h5ad", "geojson"])
     """
     check_option("--min-tissue", min_tissue, SHARE)
     check_option("--stride-um", stride_um, POSITIVE, optional=True)

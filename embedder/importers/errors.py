@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from embedder.slides import SlideError, SlideWarning, record_warning
+from hexpr.embedder.slides import SlideError, SlideWarning, record_warning
 
 
 class ImporterError(SlideError):

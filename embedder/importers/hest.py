@@ -26,7 +26,7 @@ import h5py
 import numpy as np
 import pandas as pd
 
-from embedder.slides import SLIDE_SUFFIXES
+from hexpr.embedder.slides import SLIDE_SUFFIXES
 
 from .errors import ImporterError, warn
 from .expression import counts_to_csr

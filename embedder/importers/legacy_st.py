@@ -19,7 +19,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from embedder.slides import SLIDE_SUFFIXES
+from hexpr.embedder.slides import SLIDE_SUFFIXES
 
 from .errors import ImporterError, warn
 from .expression import counts_to_csr

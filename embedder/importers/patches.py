@@ -16,7 +16,7 @@ from typing import Any, Callable
 import h5py
 import numpy as np
 
-from embedder.slides import ArraySlide, SlideImage, _to_rgb8, read_square
+from hexpr.embedder.slides import ArraySlide, SlideImage, _to_rgb8, read_square
 
 from .errors import ImporterError
 from .sample import SampleData

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from embedder.slides import WHITE
+from hexpr.embedder.slides import WHITE
 
 from .options import ImportSettings
 from .sample import SampleData

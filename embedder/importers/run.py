@@ -16,7 +16,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import scipy.sparse as sp
 
-from embedder.slides import SlideError, SlideImage
+from hexpr.embedder.slides import SlideError, SlideImage
 
 from .challenge_output import PNGSink, csv_leading_fields, write_csv_header, write_csv_rows
 from .errors import ImporterError, warn

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from embedder import slides
-from embedder.slides import SlideError, SlideImage
+from hexpr.embedder import slides
+from hexpr.embedder.slides import SlideError, SlideImage
 
 from .errors import ImporterError, warn
 

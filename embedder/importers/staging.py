@@ -8,7 +8,7 @@ import shutil
 import uuid
 from pathlib import Path
 
-from embedder.files import swap_in_dir
+from hexpr.embedder.files import swap_in_dir
 
 
 class Staging:

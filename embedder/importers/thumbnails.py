@@ -15,7 +15,7 @@ from pathlib import Path
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from embedder.slides import THUMBNAIL_MAX_SIDE, SlideImage, thumbnail_factor
+from hexpr.embedder.slides import THUMBNAIL_MAX_SIDE, SlideImage, thumbnail_factor
 
 from .staging import Staging
 

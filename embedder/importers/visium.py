@@ -26,7 +26,7 @@ import pandas as pd
 import scipy.io
 import scipy.sparse as sp
 
-from embedder.slides import SLIDE_SUFFIXES
+from hexpr.embedder.slides import SLIDE_SUFFIXES
 
 from .errors import ImporterError, warn
 from .expression import counts_to_csr

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from embedder.files import atomic_path
+from hexpr.embedder.files import atomic_path
 
 
 def _h5ad_safe(value):

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from embedder.errors import DataError, MissingInputError
+from hexpr.embedder.errors import DataError, MissingInputError
 
 SCORE_PREFIX = "score_"
 GMT_SUFFIXES = (".gmt",)

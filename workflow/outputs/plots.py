@@ -28,11 +28,11 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from embedder.datasets import open_dataset
-from embedder.errors import DataError, MissingInputError
-from embedder.files import atomic_write
-from heads.metrics import N_TOP_DEFAULT, pearson_per_gene
-from workflow.expression_tables import EvaluationError, align, evaluate_tables, read_expression_table
+from hexpr.embedder.datasets import open_dataset
+from hexpr.embedder.errors import DataError, MissingInputError
+from hexpr.embedder.files import atomic_write
+from hexpr.heads.metrics import N_TOP_DEFAULT, pearson_per_gene
+from hexpr.workflow.expression_tables import EvaluationError, align, evaluate_tables, read_expression_table
 
 DPI = 100
 SPOT_FILL = 0.8             # drawn spot diameter / nearest-neighbour spot spacing

@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from embedder.errors import UsageError
-from workflow.outputs.anndata import provenance_uns, write_anndata
-from workflow.outputs.geojson import write_tile_geojson
-from workflow.outputs.plots import plot_tile_map, safe_filename
-from workflow.outputs.spatialdata import require_spatialdata, write_spatialdata
+from hexpr.embedder.errors import UsageError
+from hexpr.workflow.outputs.anndata import provenance_uns, write_anndata
+from hexpr.workflow.outputs.geojson import write_tile_geojson
+from hexpr.workflow.outputs.plots import plot_tile_map, safe_filename
+from hexpr.workflow.outputs.spatialdata import require_spatialdata, write_spatialdata
 
 DEFAULT_GEOJSON_GENES = 50          # QuPath measurements per tile: the most variable predicted genes
 H5AD_COMPRESSION = "gzip"

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from embedder.errors import UsageError
+from hexpr.embedder.errors import UsageError
 
 EXTRA = "spatialdata"
 IMAGE, SHAPES, TABLE = "slide", "tiles", "table"

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from embedder.datasets import ID_COLUMN
-from embedder.files import CSV_FLOAT_FORMAT, write_csv
+from hexpr.embedder.datasets import ID_COLUMN
+from hexpr.embedder.files import CSV_FLOAT_FORMAT, write_csv
 
 
 def write_table(path: str | Path, frame: pd.DataFrame, index_label: str | None = ID_COLUMN) -> Path:
