@@ -9,19 +9,25 @@ from pathlib import Path
 from typing import Annotated, Literal, Optional
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from hexpr import workflow
+from hexpr.cli_support import HexprTyper, Output, VersionOpt, emit, error_line, json_option, notice
+from hexpr.cli_support import err as console
 from hexpr.embedder.errors import HexprError
 
-app = typer.Typer(
+app = HexprTyper(
     help="hexpr: predict spatial gene expression from H&E patches. Embed once, fit many heads.",
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
 )
-console = Console(stderr=True)
-out = Console()
+out = Output()   # results: stdout (tab-separated tables and unwrapped lines in a pipe)
+
+
+@app.callback()
+def _root(version: VersionOpt = False):
+    """hexpr: predict spatial gene expression from H&E patches. Embed once, fit many heads."""
+
 
 # ----------------------------------------------------------------------------- choices
 # Fixed choices are typed here, so typer lists them in --help and refuses others before any work;
@@ -85,7 +91,7 @@ RawOpt = Annotated[bool, typer.Option("--no-clip", "--raw", help="Raw prediction
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):
-    console.print(f"[yellow]Warning:[/yellow] {message}", highlight=False, soft_wrap=True)
+    notice(str(message), "[yellow]Warning:[/yellow]")
 
 
 def _friendly_errors(func):
@@ -97,7 +103,7 @@ def _friendly_errors(func):
         try:
             return func(*args, **kwargs)
         except HexprError as exc:
-            console.print(f"[bold red]Error:[/bold red] {escape(str(exc))}", highlight=False, soft_wrap=True)
+            error_line(str(exc))
             raise typer.Exit(2) from None
     return wrapper
 
@@ -153,21 +159,23 @@ def embed(
 
 @app.command()
 @_friendly_errors
+@json_option
 def backbones(
     local_only: Annotated[bool, typer.Option("--local", help="Only presets whose weights were found on this machine.")] = False,
 ):
     """List the named backbone presets (pathology foundation models and the ImageNet defaults): width, input size,
     parameters, token pooling, licence, and where their weights were found locally (no network calls)."""
-    rows = workflow.backbone_presets()
-    table = Table(title="backbone presets (use as -b NAME or -b NAME:weights=PATH)")
-    for column in ("name", "dim", "input", "params", "pooling", "licence", "weights here"):
-        table.add_column(column, overflow="fold")
-    for r in rows:
-        if local_only and not r["weights_local"]:
-            continue
-        table.add_row(r["name"], str(r["dim"]), r["input"], str(r["params"]), r["pooling"], r["licence"],
-                      r["weights_local"] or f"no ({r['hub_repo']})")
-    out.print(table)
+    rows = [r for r in workflow.backbone_presets() if r["weights_local"] or not local_only]
+
+    def render(report):
+        table = Table(title="backbone presets (use as -b NAME or -b NAME:weights=PATH)")
+        for column in ("name", "dim", "input", "params", "pooling", "licence", "weights here"):
+            table.add_column(column, overflow="fold")
+        for r in report["presets"]:
+            table.add_row(r["name"], str(r["dim"]), r["input"], str(r["params"]), r["pooling"], r["licence"],
+                          r["weights_local"] or f"no ({r['hub_repo']})")
+        out.print(table)
+    emit({"presets": rows}, render)
 
 
 @app.command("clean-cache")
@@ -182,6 +190,7 @@ def clean_cache(cache_dir: CacheDirOpt = Path("cache")):
 
 @app.command()
 @_friendly_errors
+@json_option
 def evaluate(
     predictions: Annotated[Path, typer.Argument(help="CSV (ID + genes) or .h5ad of predictions, e.g. from predict or oof_predictions.csv.")],
     truth: Annotated[Path, typer.Argument(help="Truth: CSV (ID + genes), a training dataset, or an .h5ad.")],
@@ -198,7 +207,7 @@ def evaluate(
     keys = ["score", "mean_corr_cells", "max_corr_genes", "heg_corr", "hvg_corr", "mean_corr_genes", "mean_corr_hvg",
             "mean_corr_gene_list", "n_spots", "n_genes", "n_constant_spots", "n_constant_genes", "scores_json", "per_gene_csv",
             "plots"]
-    _print_mapping(f"{predictions} vs {truth}", {k: report[k] for k in keys if k in report})
+    emit(report, lambda r: _print_mapping(f"{predictions} vs {truth}", {k: r[k] for k in keys if k in r}))
 
 
 def _params(pairs: list[str] | None) -> dict:
@@ -250,6 +259,7 @@ def _random_init_notice(names: list[str]) -> None:
 
 @app.command("fit-head")
 @_friendly_errors
+@json_option
 def fit_head(
     data: Annotated[Path, typer.Argument(help="Training data: challenge CSV with gene columns, or HEST .h5/folder with .h5ad.")],
     head: Annotated[str, typer.Option("--head", help=HEAD_HELP, callback=_library_check(_check_head))] = "ridge",
@@ -278,12 +288,13 @@ def fit_head(
                                seed=seed, n_jobs=jobs, out_dir=out_dir, cache_dir=cache_dir, tta=tta, genes=genes,
                                neighbours=neighbours, bag=bag, progress=not quiet,
                                batch_size=batch_size, num_workers=workers, device=device)
-    _print_cv(report)
+    emit(report, _print_cv)
     _random_init_notice(report["random_init_backbones"])
 
 
 @app.command()
 @_friendly_errors
+@json_option
 def predict(
     model: Annotated[Path, typer.Argument(help="Model folder (or model.joblib) written by fit-head.")],
     data: Annotated[Path, typer.Argument(help="Patches to predict: challenge CSV (ID, path) or HEST .h5/folder.")],
@@ -299,12 +310,15 @@ def predict(
     result = workflow.predict(model, data, out=out_path, fmt=fmt, cache_dir=cache_dir, template=template,
                               progress=not quiet, batch_size=batch_size, num_workers=workers, device=device,
                               interval=interval, clip=not raw)
-    layers = f" with layers {', '.join(result['layers'])}" if result.get("layers") else ""
-    out.print(f"wrote {result['n_spots']} spots x {result['n_genes']} genes to {result['out']}{layers}")
+    def render(r):
+        layers = f" with layers {', '.join(r['layers'])}" if r.get("layers") else ""
+        out.print(f"wrote {r['n_spots']} spots x {r['n_genes']} genes to {r['out']}{layers}")
+    emit(result, render)
 
 
 @app.command("predict-slide")
 @_friendly_errors
+@json_option
 def predict_slide(
     model: Annotated[Path, typer.Argument(help="Model folder (or model.joblib) written by fit-head.")],
     slides: Annotated[list[Path], typer.Argument(help="Slide files (TIFF/SVS, NDPI/MRXS/SCN via OpenSlide, JPEG/PNG) or folders of them.")],
@@ -331,20 +345,21 @@ def predict_slide(
                                     outputs=outputs, geojson_genes=geojson_genes, gene_sets=gene_sets,
                                     cache_dir=cache_dir, progress=not quiet, batch_size=batch_size, num_workers=workers,
                                     device=device, precision=precision, interval=interval, clip=not raw)
-    tile = result["tile"]
-    table = Table(title=f"predict-slide: tiles of {tile['tile_um']:g} µm at {tile['tile_um_per_px']:g} µm/px ({tile['source']})")
-    for column in ("slide", "µm/px", "tiles (tissue/grid)", "seconds", "tiles/s", "output"):
-        table.add_column(column)
-    for path, r in result["slides"].items():
-        table.add_row(Path(path).name, f"{r['um_per_px']:.4g} ({r['um_per_px_source']})", f"{r['n_tiles']}/{r['n_grid_tiles']}",
-                      str(r["seconds"]), str(r["tiles_per_second"]), r["out_dir"])
-    if result["slides"]:   # under torchrun sharing tiles, rank 0 writes and reports
+    def render(report):
+        tile = report["tile"]
+        table = Table(title=f"predict-slide: tiles of {tile['tile_um']:g} µm at {tile['tile_um_per_px']:g} µm/px ({tile['source']})")
+        for column in ("slide", "µm/px", "tiles (tissue/grid)", "seconds", "tiles/s", "output"):
+            table.add_column(column)
+        for path, r in report["slides"].items():
+            table.add_row(str(path), f"{r['um_per_px']:.4g} ({r['um_per_px_source']})", f"{r['n_tiles']}/{r['n_grid_tiles']}",
+                          str(r["seconds"]), str(r["tiles_per_second"]), str(r["out_dir"]))
         out.print(table)
+    if result["slides"]:   # under torchrun sharing tiles, rank 0 writes and reports
+        emit(result, render)
     if result["failed"]:
         n_all = len(result["failed"]) + len(result["slides"])
-        console.print(f"[bold red]Error:[/bold red] {len(result['failed'])} of {n_all} slides failed (why: the warnings "
-                      f"above), the others were written: {escape(', '.join(result['failed']))}", highlight=False,
-                      soft_wrap=True)
+        error_line(f"{len(result['failed'])} of {n_all} slides failed (why: the warnings above), the others were "
+                   f"written: {', '.join(result['failed'])}")
         raise typer.Exit(1)
 
 
@@ -391,11 +406,12 @@ def plot(
     for sample, path in (made.get("spatial_maps") or {}).items():
         out.print(f"spatial map {sample}: {path}")
     for note in made.get("notes", []):
-        console.print(f"[yellow]{note}[/yellow]", highlight=False, soft_wrap=True)
+        notice(note)
 
 
 @app.command()
 @_friendly_errors
+@json_option
 def inspect(
     data: Annotated[Path, typer.Argument(help="Training data with expression (challenge CSV, HEST folder/.h5, or .h5ad).")],
     out_dir: Annotated[Path, typer.Option("--out", help="Folder for summary.json and the PNG views.")] = Path("inspect"),
@@ -404,24 +420,28 @@ def inspect(
 ):
     """Dataset summary (spots, genes, groups, ranges, constant genes, outlier spots) and exploratory plots."""
     result = workflow.inspect_dataset(data, out_dir, n_top=n_top, method=method)
-    summary = result["summary"]
-    groups, values = summary.get("groups", {}), summary.get("values", {})
-    outliers, constant = summary.get("outlier_spots", {}), summary.get("constant_genes", {})
-    _print_mapping(f"inspect {data}", {
-        "spots": summary["n_spots"], "genes": summary["n_genes"],
-        "groups": ", ".join(f"{g} ({n})" for g, n in (groups.get("counts") or {}).items()) or "none",
-        "values": f"{values.get('kind', '?')}: {values.get('kind_reason', '')}",
-        "constant genes": f"{constant.get('n', 0)} (e.g. {', '.join((constant.get('names') or [])[:5])})",
-        "outlier spots": f"{outliers.get('n', 0)} (e.g. {', '.join((outliers.get('ids') or [])[:5])})",
-    })
-    for name, path in result["files"].items():
-        out.print(f"{name}: {path}")
+
+    def render(result):
+        summary = result["summary"]
+        groups, values = summary.get("groups", {}), summary.get("values", {})
+        outliers, constant = summary.get("outlier_spots", {}), summary.get("constant_genes", {})
+        _print_mapping(f"inspect {data}", {
+            "spots": summary["n_spots"], "genes": summary["n_genes"],
+            "groups": ", ".join(f"{g} ({n})" for g, n in (groups.get("counts") or {}).items()) or "none",
+            "values": f"{values.get('kind', '?')}: {values.get('kind_reason', '')}",
+            "constant genes": f"{constant.get('n', 0)} (e.g. {', '.join((constant.get('names') or [])[:5])})",
+            "outlier spots": f"{outliers.get('n', 0)} (e.g. {', '.join((outliers.get('ids') or [])[:5])})",
+        })
+        for name, path in result["files"].items():
+            out.print(f"{name}: {path}")
+    emit(result, render)
     for note in result.get("notes", []):
-        console.print(f"[yellow]{note}[/yellow]", highlight=False, soft_wrap=True)
+        notice(note)
 
 
 @app.command("import")
 @_friendly_errors
+@json_option
 def import_(
     source: Annotated[list[Path], typer.Argument(help="her2st-style legacy ST root, Space Ranger output folder(s), or HEST-1k root.")],
     out_dir: Annotated[Path, typer.Option("--out", help="Dataset folder to write (patches/ + st/, or PNG + dataset.csv).")],
@@ -441,16 +461,19 @@ def import_(
                              target_um_per_px=um_per_px, source_um_per_px=source_um_per_px, normalize=normalize,
                              filter_background=filter_background, output=output, sample_ids=sample, progress=not quiet,
                              image=image)
-    table = Table(title=f"imported {summary['kind']} -> {summary['out_dir']} ({summary['seconds']} s)")
-    for column in ("sample", "patches", "µm/px slide", "padded", "dropped (outside/background)"):
-        table.add_column(column)
-    for name, info in summary["samples"].items():
-        table.add_row(name, str(info.get("n_patches")), f"{info.get('source_um_per_px', float('nan')):.4f}",
-                      str(info.get("n_padded", 0)),
-                      f"{info.get('n_outside_dropped', 0)}/{info.get('n_background_dropped', 0)}")
-    out.print(table)
-    out.print(f"{summary['n_patches']} patches of {summary['patch_size_px']} px ({summary['patch_um']} µm), "
-              f"{summary['n_genes']} genes ({summary['n_genes_dropped']} not shared by all samples dropped)")
+
+    def render(summary):
+        table = Table(title=f"imported {summary['kind']} -> {summary['out_dir']} ({summary['seconds']} s)")
+        for column in ("sample", "patches", "µm/px slide", "padded", "dropped (outside/background)"):
+            table.add_column(column)
+        for name, info in summary["samples"].items():
+            table.add_row(name, str(info.get("n_patches")), f"{info.get('source_um_per_px', float('nan')):.4f}",
+                          str(info.get("n_padded", 0)),
+                          f"{info.get('n_outside_dropped', 0)}/{info.get('n_background_dropped', 0)}")
+        out.print(table)
+        out.print(f"{summary['n_patches']} patches of {summary['patch_size_px']} px ({summary['patch_um']} µm), "
+                  f"{summary['n_genes']} genes ({summary['n_genes_dropped']} not shared by all samples dropped)")
+    emit(summary, render)
 
 
 @app.command()

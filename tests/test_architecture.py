@@ -21,7 +21,9 @@ def project_imports(path: Path) -> set[str]:
 
 
 def test_cli_imports_only_workflow_and_the_error_root():
-    assert project_imports(ROOT / "pipeline.py") == {"hexpr.workflow", "hexpr.embedder.errors"}
+    assert project_imports(ROOT / "pipeline.py") == {"hexpr.workflow", "hexpr.embedder.errors", "hexpr.cli_support"}
+    # the command line's shared look loads no use case (--help, --version and usage errors stay fast)
+    assert project_imports(ROOT / "cli_support.py") == {"hexpr.embedder.files"}
 
 
 def test_no_test_or_library_module_imports_a_benchmark():
