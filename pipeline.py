@@ -454,13 +454,15 @@ def import_(
     normalize: Annotated[Normalization, typer.Option(help="log1p_cp10k | none (raw counts are kept in layers['counts']).")] = "log1p_cp10k",
     filter_background: Annotated[bool, typer.Option(help="Drop mostly-white patches.")] = False,
     output: Annotated[ImportOutput, typer.Option(help="hest (patch .h5 + .h5ad) | challenge (PNG + CSV).")] = "hest",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty --out folder as a whole "
+                                                                "(without it, an existing dataset is refused).")] = False,
     quiet: QuietOpt = False,
 ):
     """Cut spot-centred patches from slides at a fixed µm size and write a dataset hexpr trains on."""
     summary = workflow.import_dataset(source if len(source) > 1 else source[0], out_dir, kind=kind, patch_um=patch_um,
                              target_um_per_px=um_per_px, source_um_per_px=source_um_per_px, normalize=normalize,
                              filter_background=filter_background, output=output, sample_ids=sample, progress=not quiet,
-                             image=image)
+                             image=image, overwrite=overwrite)
 
     def render(summary):
         table = Table(title=f"imported {summary['kind']} -> {summary['out_dir']} ({summary['seconds']} s)")

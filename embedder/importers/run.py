@@ -3,7 +3,7 @@
 Per sample: spots without a coordinate or outside the slide are dropped, a patch is cut (or
 copied from HEST's ready patches) for each remaining spot, background patches are optionally
 dropped, expression is normalised and the HEST-style or challenge-layout files are written under
-temporary names (:class:`~.staging.Staging`), renamed only when every sample succeeded.
+a temporary folder (:class:`~.staging.Staging`), swapped in as a whole only when every sample succeeded.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from .progress import Progress
 from .provenance import patch_file_attrs, sample_provenance
 from .sample import SampleData, SampleSpec
 from .slide_image import drop_spots_outside, open_image
-from .staging import Staging
+from .staging import Staging, check_import_target
 from .thumbnails import write_thumbnail
 
 
@@ -55,10 +55,13 @@ def run_import(
     progress: bool = True,
     messages: list[str] | None = None,
     max_inmemory_bytes: int | None = None,
+    overwrite: bool = False,
 ) -> dict:
-    """Write all samples of ``specs`` with one common gene set; returns the summary dict."""
+    """Write all samples of ``specs`` with one common gene set; returns the summary dict. The dataset
+    folder is written whole: a non-empty ``out_dir`` is refused unless ``overwrite``, which replaces it."""
     t0 = time.perf_counter()
     check_options(patch_um, target_um_per_px, normalize, output)
+    check_import_target(Path(out_dir), overwrite)
     messages = [] if messages is None else messages
     ids = [s.sample_id for s in specs]
     dups = sorted({i for i in ids if ids.count(i) > 1})
@@ -129,8 +132,6 @@ def _import_all(specs: Sequence[SampleSpec], genes: list[str], cfg: ImportSettin
     finally:
         if csv_fh is not None:
             csv_fh.close()
-    if tmp_csv is not None:
-        staging.moves.append((tmp_csv, cfg.out_dir / "dataset.csv"))
     return samples
 
 

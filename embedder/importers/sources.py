@@ -11,6 +11,7 @@ from .legacy_st import legacy_st_specs
 from .options import check_options
 from .run import run_import
 from .sample import SampleSpec
+from .staging import check_import_target
 from .visium import visium_spec
 
 KINDS = ("auto", "legacy_st", "visium", "hest")
@@ -35,7 +36,8 @@ def detect_kind(source: Path | str) -> str:
     raise ImporterError(
         f"cannot tell the kind of {p}: expected ST-cnts/ + ST-spotfiles/ + ST-imgs/ (legacy ST, her2st), "
         f"spatial/ + filtered_feature_bc_matrix.h5 (10x Visium), or st/ + wsis/ or patches/ (HEST-1k); "
-        f"pass kind=... if the layout is one of these")
+        f"if it is one of these under other names, say which with --kind legacy_st | visium | hest "
+        f"(kind=... in Python)")
 
 
 def import_dataset(
@@ -52,18 +54,21 @@ def import_dataset(
     progress: bool = True,
     image: Path | str | None = None,
     prefer: str = "auto",
+    overwrite: bool = False,
 ) -> dict:
     """Import one source folder (or several, written with one common gene set).
 
     sample_ids: for legacy ST / HEST, the sections / samples to import (default all); for Visium,
     the name of each folder's sample (default the folder name).  image: full-resolution slide when
     not found in the folder (Visium; legacy ST with one section).  prefer: HEST route
-    ('auto' | 'patches' | 'wsi').  Returns a summary dict (per-sample counts of patches, padded /
+    ('auto' | 'patches' | 'wsi').  overwrite: replace a non-empty ``out_dir`` as a whole (refused
+    otherwise; the new dataset never mixes with an old one).  Returns a summary dict (per-sample counts of patches, padded /
     dropped spots, scale, files, warnings, seconds).
     """
     if kind not in KINDS:
         raise ImporterError(f"kind={kind!r}; use one of {KINDS}")
     check_options(patch_um, target_um_per_px, normalize, output, source_um_per_px)
+    check_import_target(Path(out_dir), overwrite)
     sources = [source] if isinstance(source, (str, Path)) else list(source)
     if not sources:
         raise ImporterError("no source given")
@@ -88,6 +93,7 @@ def import_dataset(
                                 patch_um=patch_um, target_um_per_px=target_um_per_px, normalize=normalize)
     summary = run_import(specs, out_dir, kind=kinds[0] if len(set(kinds)) == 1 else "mixed", patch_um=patch_um,
                          target_um_per_px=target_um_per_px, normalize=normalize,
-                         filter_background=filter_background, output=output, progress=progress)
+                         filter_background=filter_background, output=output, progress=progress,
+                         overwrite=overwrite)
     summary["sources"] = [str(s) for s in sources]
     return summary
