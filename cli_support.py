@@ -211,13 +211,14 @@ def usage_message(exc: UsageError) -> str:
     hint = str(hint).strip("'\"") if hint else ""
     kind = type(exc).__name__
     text = _choices_text(exc.message)
+    text = text[:1].lower() + text[1:]
     if kind == "MissingParameter":
         text = f"missing {'option' if hint.startswith('-') else 'argument'} {hint}"
     elif hint:
         text = f"{hint}: {text}"
     ctx = getattr(exc, "ctx", None)
     where = f" (see: {ctx.command_path} --help)" if ctx is not None else ""
-    return " ".join(f"{text[:1].lower()}{text[1:]}{where}".split())
+    return " ".join(f"{text}{where}".split())
 
 
 class OneLineUsageError(UsageError):

@@ -68,13 +68,17 @@ HEAD_HELP = ("Head: mean | ridge | hest | mlp | gbm | knn | bleep | ensemble | b
 TRANSFORM_HELP = "none | log1p | standardize | robust | minmax, or a chain of them joined by '+' (e.g. log1p+standardize)."
 
 # ----------------------------------------------------------------------------- shared options
+# Input paths are checked by typer (exists=True) or a light workflow check before any heavy import:
+# a mistyped path is reported in well under a second (benchmarks/cli_latency.py).
+ModelArg = Annotated[Path, typer.Argument(help="Model folder (or model.joblib) written by fit-head.",
+                                          callback=_library_check(lambda path: workflow.check_model_path(path)))]
 BackboneOpt = Annotated[Optional[list[str]], typer.Option(
     "--backbone", "-b",
     help="Backbone, repeatable: a timm model NAME, optionally followed by :KEY=VALUE pairs joined by commas, "
          "e.g. resnet18:weights=none,size=48. Keys: weights = PATH | pretrained | none; mean = a/b/c; std = a/b/c; "
          "size = N (input px); interpolation = bicubic | bilinear | nearest; crop_pct = 0.875; any other key is passed "
          "to timm.create_model. Default: efficientnet_b1 and vit_small_patch16_224.augreg_in1k.")]
-BackboneConfigOpt = Annotated[Optional[Path], typer.Option("--backbone-config", help="JSON/YAML list of backbone specs.")]
+BackboneConfigOpt = Annotated[Optional[Path], typer.Option("--backbone-config", help="JSON/YAML list of backbone specs.", exists=True)]
 NoPretrainedOpt = Annotated[bool, typer.Option("--no-pretrained", help="Random-init weights (testing only; recorded in the cache).")]
 CacheDirOpt = Annotated[Path, typer.Option("--cache-dir", help="Where embeddings are cached.")]
 TtaOpt = Annotated[bool, typer.Option("--tta", help="Average features over the 8 dihedral flips/rotations.")]
@@ -139,7 +143,7 @@ def demo_data(
 @app.command()
 @_friendly_errors
 def embed(
-    data: Annotated[Path, typer.Argument(help="Challenge CSV, HEST .h5 patch file, or folder with patches/.")],
+    data: Annotated[Path, typer.Argument(help="Challenge CSV, HEST .h5 patch file, or folder with patches/.", exists=True)],
     backbone: BackboneOpt = None, backbone_config: BackboneConfigOpt = None, no_pretrained: NoPretrainedOpt = False,
     cache_dir: CacheDirOpt = Path("cache"), tta: TtaOpt = False, batch_size: BatchOpt = None,
     workers: WorkersOpt = None, device: DeviceOpt = "auto", precision: PrecisionOpt = "auto", chunk_size: ChunkOpt = 512,
@@ -192,10 +196,10 @@ def clean_cache(cache_dir: CacheDirOpt = Path("cache")):
 @_friendly_errors
 @json_option
 def evaluate(
-    predictions: Annotated[Path, typer.Argument(help="CSV (ID + genes) or .h5ad of predictions, e.g. from predict or oof_predictions.csv.")],
-    truth: Annotated[Path, typer.Argument(help="Truth: CSV (ID + genes), a training dataset, or an .h5ad.")],
+    predictions: Annotated[Path, typer.Argument(help="CSV (ID + genes) or .h5ad of predictions, e.g. from predict or oof_predictions.csv.", exists=True)],
+    truth: Annotated[Path, typer.Argument(help="Truth: CSV (ID + genes), a training dataset, or an .h5ad.", exists=True)],
     n_top: Annotated[int, typer.Option(help="Genes in the HEG/HVG panels (>= 1).")] = 50,
-    genes: Annotated[Optional[Path], typer.Option(help="File of gene names (one per line): also report mean Pearson over them.")] = None,
+    genes: Annotated[Optional[Path], typer.Option(help="File of gene names (one per line): also report mean Pearson over them.", exists=True)] = None,
     out_dir: Annotated[Optional[Path], typer.Option(help="Where to write scores JSON and per-gene CSV (default: beside predictions).")] = None,
     plots: Annotated[bool, typer.Option("--plots", help="Also write the plots of `hexpr plot` into the output folder.")] = False,
 ):
@@ -261,13 +265,13 @@ def _random_init_notice(names: list[str]) -> None:
 @_friendly_errors
 @json_option
 def fit_head(
-    data: Annotated[Path, typer.Argument(help="Training data: challenge CSV with gene columns, or HEST .h5/folder with .h5ad.")],
+    data: Annotated[Path, typer.Argument(help="Training data: challenge CSV with gene columns, or HEST .h5/folder with .h5ad.", exists=True)],
     head: Annotated[str, typer.Option("--head", help=HEAD_HELP, callback=_library_check(_check_head))] = "ridge",
     param: Annotated[Optional[list[str]], typer.Option("--param", "-p", help="Head hyper-parameter key=value (JSON values), repeatable.")] = None,
     transform: Annotated[str, typer.Option(help="Target transform: " + TRANSFORM_HELP,
                                            callback=_library_check(_check_transform))] = "none",
     folds: Annotated[int, typer.Option(help="Cross-validation folds, >= 2 (GroupKFold when the data has groups).")] = 5,
-    sweep: Annotated[Optional[Path], typer.Option(help="YAML/JSON grid: {param: [values]} (use 'features' to sweep backbones).")] = None,
+    sweep: Annotated[Optional[Path], typer.Option(help="YAML/JSON grid: {param: [values]} (use 'features' to sweep backbones).", exists=True)] = None,
     trials: Annotated[Optional[int], typer.Option(help="Random search: this many configs (>= 1) from the head's default space.")] = None,
     sweep_backbones: Annotated[bool, typer.Option("--sweep-backbones", help="Rank each backbone and their concatenation by CV.")] = False,
     genes: Annotated[Optional[str], typer.Option(help="Gene panel from the training data: hvg:N, heg:N, or a file of names.")] = None,
@@ -296,11 +300,11 @@ def fit_head(
 @_friendly_errors
 @json_option
 def predict(
-    model: Annotated[Path, typer.Argument(help="Model folder (or model.joblib) written by fit-head.")],
-    data: Annotated[Path, typer.Argument(help="Patches to predict: challenge CSV (ID, path) or HEST .h5/folder.")],
+    model: ModelArg,
+    data: Annotated[Path, typer.Argument(help="Patches to predict: challenge CSV (ID, path) or HEST .h5/folder.", exists=True)],
     out_path: Annotated[Optional[Path], typer.Option("--out", help="Output .csv or .h5ad (default <model>/predictions/<data>.csv).")] = None,
     fmt: Annotated[Optional[PredictionFormat], typer.Option("--format", help="csv | h5ad (default from --out's suffix).")] = None,
-    template: Annotated[Optional[Path], typer.Option(help="sample_submission.csv fixing ids/columns (default: the one beside DATA).")] = None,
+    template: Annotated[Optional[Path], typer.Option(help="sample_submission.csv fixing ids/columns (default: the one beside DATA).", exists=True)] = None,
     interval: IntervalOpt = 0.9, raw: RawOpt = False,
     cache_dir: CacheDirOpt = Path("cache"), batch_size: BatchOpt = None, workers: WorkersOpt = None,
     device: DeviceOpt = "auto", quiet: QuietOpt = False,
@@ -320,8 +324,8 @@ def predict(
 @_friendly_errors
 @json_option
 def predict_slide(
-    model: Annotated[Path, typer.Argument(help="Model folder (or model.joblib) written by fit-head.")],
-    slides: Annotated[list[Path], typer.Argument(help="Slide files (TIFF/SVS, NDPI/MRXS/SCN via OpenSlide, JPEG/PNG) or folders of them.")],
+    model: ModelArg,
+    slides: Annotated[list[Path], typer.Argument(help="Slide files (TIFF/SVS, NDPI/MRXS/SCN via OpenSlide, JPEG/PNG) or folders of them.", exists=True)],
     out_dir: Annotated[Path, typer.Option("--out", help="Output folder: one <slide>/ folder per slide.")] = Path("slide-predictions"),
     um_per_px: Annotated[Optional[float], typer.Option("--um-per-px", help="Slide µm per pixel, > 0 (needed when the slide does not record it, e.g. JPEG/PNG; refused when it differs from the slide's own by > 10% unless --force-um-per-px).")] = None,
     force_um_per_px: Annotated[bool, typer.Option("--force-um-per-px", help="Use --um-per-px even where it disagrees with the slide's recorded scale by more than 10%.")] = False,
@@ -333,7 +337,7 @@ def predict_slide(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing <out>/<slide> folders.")] = False,
     outputs: Annotated[Optional[str], typer.Option("--outputs", help="Comma-separated outputs per slide: h5ad, geojson, heatmaps, spatialdata (needs hexpr[spatialdata]) (default: h5ad,geojson,heatmaps).")] = None,
     geojson_genes: Annotated[Optional[str], typer.Option("--geojson-genes", help="Genes in tiles.geojson: this many most variable predicted (+ every --gene), or 'all' (default: 50).")] = None,
-    gene_sets: Annotated[Optional[Path], typer.Option("--gene-sets", help="Gene programs to score per tile: .gmt, or a CSV/TSV of set,gene rows.")] = None,
+    gene_sets: Annotated[Optional[Path], typer.Option("--gene-sets", help="Gene programs to score per tile: .gmt, or a CSV/TSV of set,gene rows.", exists=True)] = None,
     interval: IntervalOpt = 0.9, raw: RawOpt = False,
     cache_dir: CacheDirOpt = Path("cache"), batch_size: BatchOpt = None, workers: WorkersOpt = None,
     device: DeviceOpt = "auto", precision: PrecisionOpt = "auto", quiet: QuietOpt = False,
@@ -393,8 +397,8 @@ def demo(
 @app.command()
 @_friendly_errors
 def plot(
-    predictions: Annotated[Path, typer.Argument(help="Predictions: CSV (ID + genes) or .h5ad.")],
-    truth: Annotated[Path, typer.Argument(help="Truth: CSV, a dataset (HEST folder/.h5 gives coordinates and thumbnails) or .h5ad.")],
+    predictions: Annotated[Path, typer.Argument(help="Predictions: CSV (ID + genes) or .h5ad.", exists=True)],
+    truth: Annotated[Path, typer.Argument(help="Truth: CSV, a dataset (HEST folder/.h5 gives coordinates and thumbnails) or .h5ad.", exists=True)],
     out_dir: Annotated[Path, typer.Option("--out", help="Folder for the PNG files.")] = Path("plots"),
     gene: Annotated[Optional[list[str]], typer.Option("--gene", help="Genes to map (repeatable; default: best-predicted of the top HVG).")] = None,
     n_genes: Annotated[int, typer.Option(help="Genes to map when --gene is not given (>= 1).")] = 4,
@@ -413,7 +417,7 @@ def plot(
 @_friendly_errors
 @json_option
 def inspect(
-    data: Annotated[Path, typer.Argument(help="Training data with expression (challenge CSV, HEST folder/.h5, or .h5ad).")],
+    data: Annotated[Path, typer.Argument(help="Training data with expression (challenge CSV, HEST folder/.h5, or .h5ad).", exists=True)],
     out_dir: Annotated[Path, typer.Option("--out", help="Folder for summary.json and the PNG views.")] = Path("inspect"),
     n_top: Annotated[int, typer.Option(help="Top genes for the heatmap / highlights (>= 1).")] = 50,
     method: Annotated[MapMethod, typer.Option(help="2-D map of spots: pca | tsne.")] = "pca",
@@ -443,13 +447,13 @@ def inspect(
 @_friendly_errors
 @json_option
 def import_(
-    source: Annotated[list[Path], typer.Argument(help="her2st-style legacy ST root, Space Ranger output folder(s), or HEST-1k root.")],
+    source: Annotated[list[Path], typer.Argument(help="her2st-style legacy ST root, Space Ranger output folder(s), or HEST-1k root.", exists=True)],
     out_dir: Annotated[Path, typer.Option("--out", help="Dataset folder to write (patches/ + st/, or PNG + dataset.csv).")],
     kind: Annotated[ImportKind, typer.Option(help="Source layout: auto (detected) | legacy_st | visium | hest.")] = "auto",
     patch_um: Annotated[float, typer.Option(help="Patch side in micrometres, > 0.")] = 112.0,
     um_per_px: Annotated[float, typer.Option(help="Patch resolution in µm/px, > 0 (0.5 -> 112 µm = 224 px, HEST's convention).")] = 0.5,
     source_um_per_px: Annotated[Optional[float], typer.Option(help="Slide µm/px, > 0, when it cannot be derived (scalefactors or spot grid).")] = None,
-    image: Annotated[Optional[Path], typer.Option(help="Full-resolution slide image when not found in the folder.")] = None,
+    image: Annotated[Optional[Path], typer.Option(help="Full-resolution slide image when not found in the folder.", exists=True)] = None,
     sample: Annotated[Optional[list[str]], typer.Option(help="Only these sample ids (legacy ST/HEST) or names (Visium), repeatable.")] = None,
     normalize: Annotated[Normalization, typer.Option(help="log1p_cp10k | none (raw counts are kept in layers['counts']).")] = "log1p_cp10k",
     filter_background: Annotated[bool, typer.Option(help="Drop mostly-white patches.")] = False,
@@ -481,9 +485,9 @@ def import_(
 @app.command()
 @_friendly_errors
 def finetune(
-    data: Annotated[Path, typer.Argument(help="Training data with targets (challenge CSV or HEST).")],
+    data: Annotated[Path, typer.Argument(help="Training data with targets (challenge CSV or HEST).", exists=True)],
     out_dir: Annotated[Path, typer.Option("--out", help="Folder for checkpoints and the exported model.")] = Path("cache/finetuned"),
-    head_init: Annotated[Optional[Path], typer.Option(help="Start the head from a fitted mlp head (fit-head model folder).")] = None,
+    head_init: Annotated[Optional[Path], typer.Option(help="Start the head from a fitted mlp head (fit-head model folder).", exists=True)] = None,
     loss: Annotated[FinetuneLoss, typer.Option(help="Training loss: mse | huber | logcosh | pearson | mse+pearson | weighted_mse.")] = "mse",
     transform: Annotated[str, typer.Option(help="Target transform (minmax, the challenge's choice): " + TRANSFORM_HELP,
                                            callback=_library_check(_check_transform))] = "minmax",

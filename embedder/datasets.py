@@ -23,6 +23,7 @@ import pandas as pd
 
 from hexpr.embedder.errors import DataError
 from hexpr.embedder.images import array_to_rgb_uint8, read_image_file
+from hexpr.embedder.slides import SLIDE_SUFFIXES
 
 ID_COLUMN = "ID"
 PATH_COLUMN = "path"
@@ -464,4 +465,7 @@ def open_dataset(path: str | Path, template: str | Path | None = None) -> PatchD
         csvs = sorted(p for p in path.glob("*.csv") if p.name != TEMPLATE_NAME)
         hint = f" CSV files here: {_listing(p.name for p in csvs)}; pass one of them." if csvs else ""
         raise DatasetError(f"{path}: folder holds neither patches/*.h5 nor *.h5.{hint}")
+    if path.suffix.lower() in SLIDE_SUFFIXES:
+        raise DatasetError(f"{path} is a slide image, not a dataset of patches; to predict a whole slide use "
+                           f"`hexpr predict-slide MODEL {path}` (predict reads a challenge CSV, a HEST .h5 or a folder)")
     raise DatasetError(f"{path}: unknown dataset form (expected .csv, .h5 or a folder)")

@@ -43,19 +43,7 @@ from hexpr.embedder.files import atomic_write
 from hexpr.heads.params import N_COMPONENTS, SEED, Bool, param_problems
 
 # the registry: head name -> "module:Class" (a head's module, and its heavy imports, load on first use)
-HEAD_CLASSES = {
-    "mean": "hexpr.heads.mean:MeanHead",
-    "ridge": "hexpr.heads.ridge:RidgeHead",
-    "hest": "hexpr.heads.ridge:HestRidgeHead",
-    "mlp": "hexpr.heads.mlp:MLPHead",
-    "gbm": "hexpr.heads.gbm:GBMHead",
-    "knn": "hexpr.heads.knn:KNNHead",
-    "bleep": "hexpr.heads.knn:BleepHead",
-    "ensemble": "hexpr.heads.ensemble:EnsembleHead",
-    "ridge_streamed": "hexpr.heads.streamed_ridge:StreamedRidgeHead",
-    "mlp_streamed": "hexpr.heads.chunked_mlp:ChunkedMLPHead",
-    "bagged": "hexpr.heads.bagging:SeedBagged",
-}
+from hexpr.heads.registry import HEAD_CLASSES  # noqa: E402 - the one registry table (names only, light)
 HEADS: dict[str, type["Head"]] = {}   # the classes of HEAD_CLASSES imported so far
 
 

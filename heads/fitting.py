@@ -51,7 +51,7 @@ OOF_FILE = "oof_predictions.csv"
 REPORT_FILE = "cv_report.json"
 LEADERBOARD_FILE = "leaderboard.csv"
 FORMAT_VERSION = 1
-AUTO = "auto"
+from hexpr.heads.registry import AUTO  # noqa: E402
 
 
 @dataclass
@@ -109,7 +109,7 @@ def load_model(path) -> FittedModel:
     if path.is_dir():
         path = path / MODEL_FILE
     if not path.exists():
-        raise MissingInputError(f"no fitted model at {path}; run the fit step first")
+        raise MissingInputError(f"no fitted model at {path}; fit one with `hexpr fit-head DATA`")
     try:  # a truncated, foreign or incompatible file can fail in many ways inside unpickling
         obj = joblib.load(path)
     except Exception as exc:  # noqa: BLE001 - every unreadable file is the same user problem

@@ -96,3 +96,39 @@ def test_long_lines_are_not_wrapped_in_a_pipe(capsys, monkeypatch):
     line = "model saved in " + "/x" * 60 + " (out-of-fold predictions: " + "/y" * 30 + ")"
     cli_support.Output().print(line)
     assert capsys.readouterr().out == line + "\n"
+
+
+QUICK_MISTAKES = [
+    (["fit-head", "{w}/trian.csv"], "Error: DATA: path"),
+    (["predict", "{w}/no-model", "{w}/test.csv"], "Error: MODEL: no fitted model"),
+    (["import", "{w}/her2st", "--out", "{w}/dataset"], "Error: SOURCE: path"),
+    (["inspect", "{w}/train.csv", "--method", "umap"], "Error: --method: 'umap' is not one of: pca, tsne"),
+    (["fit-head", "{w}/train.csv", "--head", "rigde"], "Error: --head: unknown head 'rigde'; did you mean ridge?"),
+    (["fit-head", "{w}/train.csv", "--hed", "ridge"], "Error: no such option: --hed"),
+]
+
+
+@pytest.mark.parametrize("args, says", QUICK_MISTAKES, ids=[" ".join(a[:1] + a[-1:]) for a, _ in QUICK_MISTAKES])
+def test_mistyped_paths_and_options_are_reported_before_heavy_libraries_load(tmp_path, args, says):
+    """(How fast, in seconds: benchmarks/cli_latency.py.) Here: no torch, sklearn, pandas or timm is imported."""
+    (tmp_path / "train.csv").write_text("ID,path,G0\nspot0,img/0.png,1.0\n")
+    probe = ("import sys\nfrom hexpr.pipeline import main\nsys.argv = ['hexpr', *sys.argv[1:]]\ntry:\n    main()\n"
+             "except SystemExit as exc:\n    heavy = sorted(m for m in ('torch', 'sklearn', 'pandas', 'timm', 'h5py') if m in sys.modules)\n"
+             "    print('EXIT', exc.code, 'HEAVY', ','.join(heavy) or '-', file=sys.stderr)\n")
+    done = subprocess.run([sys.executable, "-c", probe, *[a.replace("{w}", str(tmp_path)) for a in args]],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path, env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"})
+    lines = done.stderr.strip().splitlines()
+    assert lines[-1] == "EXIT 2 HEAVY -", done.stderr
+    assert len(lines) == 2 and lines[0].startswith(says), done.stderr
+
+
+def test_a_missing_model_names_fit_head_and_lists_the_saved_models(tmp_path, monkeypatch):
+    for name in ("train__ridge", "train__mlp"):
+        (tmp_path / "cache" / "models" / name).mkdir(parents=True)
+        (tmp_path / "cache" / "models" / name / "model.joblib").write_bytes(b"x")
+    (tmp_path / "cache" / "models" / "not-a-model").mkdir()
+    monkeypatch.chdir(tmp_path)
+    r = run("predict", "cache/models/train__rigde", tmp_path)
+    assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1, r.output
+    assert "hexpr fit-head" in r.output
+    assert "models in cache/models/: cache/models/train__mlp, cache/models/train__ridge" in r.output

@@ -94,3 +94,11 @@ def test_import_refuses_an_existing_dataset_and_replaces_it_whole_with_overwrite
     assert files == sorted(str(p.relative_to(tmp_path / "probe")).replace("first", "second")
                            for p in (tmp_path / "probe").rglob("*") if p.is_file())    # the new import alone
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []     # no temporary folder left
+
+
+def test_predict_given_a_slide_image_points_to_predict_slide(fitted, tmp_path):
+    root, _, _, _ = fitted
+    Image.fromarray(synthetic_slide()).save(tmp_path / "slide.png")
+    r = run("predict", root / "model", tmp_path / "slide.png", "--cache-dir", root / "cache", "--quiet")
+    assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1, r.output
+    assert f"hexpr predict-slide MODEL {tmp_path / 'slide.png'}" in r.output

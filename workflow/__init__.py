@@ -6,8 +6,8 @@ name, then rename) and returns a plain dict report. Names are loaded on first us
 
     embed, clean_cache, backbone_specs,     workflow.embedding
     backbone_presets
-    fit_head, head_names, check_head,
-    check_transform                         workflow.fit
+    fit_head, check_transform               workflow.fit
+    head_names, check_head, check_model_path  workflow.options (light: the CLI checks before heavy imports)
     predict, load_predictor, predict_with   workflow.prediction
     predict_slide                           workflow.slides
     evaluate, plot                          workflow.scoring
@@ -24,7 +24,7 @@ import importlib
 _PUBLIC = {
     "embed": "hexpr.workflow.embedding", "clean_cache": "hexpr.workflow.embedding", "backbone_specs": "hexpr.workflow.embedding",
     "backbone_presets": "hexpr.workflow.embedding",
-    "fit_head": "hexpr.workflow.fit", "head_names": "hexpr.workflow.fit", "check_head": "hexpr.workflow.fit",
+    "fit_head": "hexpr.workflow.fit", "head_names": "hexpr.workflow.options", "check_head": "hexpr.workflow.options",
     "check_transform": "hexpr.workflow.fit",
     "predict": "hexpr.workflow.prediction", "load_predictor": "hexpr.workflow.prediction", "predict_with": "hexpr.workflow.prediction",
     "predictor_meta": "hexpr.workflow.prediction",
@@ -35,6 +35,7 @@ _PUBLIC = {
     "demo": "hexpr.workflow.demo_pipeline", "write_demo_dataset": "hexpr.workflow.demo_pipeline",
     "import_dataset": "hexpr.workflow.importing",
     "finetune": "hexpr.workflow.finetuning",
+    "check_model_path": "hexpr.workflow.options",
 }
 __all__ = sorted(_PUBLIC)
 

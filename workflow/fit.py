@@ -14,13 +14,13 @@ from hexpr.embedder.datasets import DatasetError, open_dataset
 from hexpr.embedder.errors import UsageError
 from hexpr.embedder.extract import check_embed_options
 from hexpr.embedder.features import FeatureSet, ensure_features, with_dataset_context
-from hexpr.heads.base import HEAD_CLASSES, HeadError
+from hexpr.heads.base import HeadError
 from hexpr.heads.fitting import AUTO, check_config, read_model_info
 from hexpr.heads.fitting import fit_head as fit_head_on_features
 from hexpr.heads.metrics import top_genes
 from hexpr.heads.sweep import AUTO_NEIGHBOURS
 from hexpr.heads.targets import make_transform
-from hexpr.workflow.options import WHOLE_NON_NEGATIVE, Int, check_option
+from hexpr.workflow.options import WHOLE_NON_NEGATIVE, Int, check_head, check_option, head_names  # noqa: F401
 
 DEFAULT_MODELS_DIR = Path(DEFAULT_CACHE_DIR) / "models"
 
@@ -124,30 +124,6 @@ def _auto_feature_sets(features: FeatureSet, dataset, neighbours: int = 0) -> tu
     X = {name: f.X for name, (f, _) in named.items()}
     meta = {name: {**f.meta(), "neighbours": kk} for name, (f, kk) in named.items()}
     return X, meta
-
-
-def head_names() -> list[str]:
-    """The names ``--head`` accepts: every registered head, and "auto".
-
-    Example::
-
-        >>> "ridge" in hexpr.head_names()
-        # -> True
-    """
-    return sorted(HEAD_CLASSES) + [AUTO]
-
-
-def check_head(name: str) -> str:
-    """``name`` if it names a head (see ``head_names``), else a HeadError listing them.
-
-    Example::
-
-        >>> hexpr.check_head("ridge")
-        # -> 'ridge'; an unknown name raises a HeadError listing the heads
-    """
-    if name not in head_names():
-        raise HeadError(f"unknown head {name!r}; choose one of: {', '.join(head_names())}")
-    return name
 
 
 def check_transform(spec: str) -> str:

@@ -13,7 +13,7 @@ from hexpr.embedder.features import check_features_match, ensure_features, specs
 from hexpr.heads.finetune import load_finetuned
 from hexpr.heads.fitting import load_model
 from hexpr.heads.uncertainty import DEFAULT_INTERVAL, check_interval, check_model_interval, predict_uncertain
-from hexpr.workflow.options import check_choice, check_output_file
+from hexpr.workflow.options import check_choice, check_model_path, check_output_file
 from hexpr.workflow.outputs.anndata import write_anndata
 from hexpr.workflow.outputs.tables import write_table
 
@@ -29,6 +29,7 @@ def load_predictor(model_path):
         >>> model = hexpr.load_predictor("cache/models/ridge_resnet18")
         >>> len(model.genes)
     """
+    check_model_path(model_path)
     model_dir = Path(model_path) if Path(model_path).is_dir() else Path(model_path).parent
     if (model_dir / "finetuned.pt").is_file():
         return load_finetuned(model_dir)
@@ -109,6 +110,7 @@ def predict(model_path, data, *, out=None, fmt: str | None = None, cache_dir=DEF
     check_output_file("--out", out)
     check_embed_options(**embed_options)
     interval = check_interval(interval)
+    check_model_path(model_path)
     model_dir = Path(model_path) if Path(model_path).is_dir() else Path(model_path).parent
     dataset = open_dataset(data, template=template)
     model = load_predictor(model_path)
