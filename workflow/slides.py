@@ -14,6 +14,7 @@ from hexpr.embedder.datasets import DatasetError
 from hexpr.embedder.errors import OutputExistsError
 from hexpr.embedder.extract import check_embed_options, default_num_workers, resolve_device
 from hexpr.embedder.files import atomic_dir
+from hexpr.embedder.gene_names import unknown_gene_message
 from hexpr.embedder.importers.names import safe_name
 from hexpr.embedder.slides import SlideError, find_slides, open_slide, slide_thumbnail
 from hexpr.embedder.tiling import tile_dataset, tile_grid, tissue_fraction, tissue_mask
@@ -106,8 +107,7 @@ def _heatmap_genes(frame: pd.DataFrame, genes: list[str] | None, n: int) -> list
     if genes:
         unknown = [g for g in genes if g not in frame.columns]
         if unknown:
-            raise DatasetError(f"--gene {unknown[0]!r} is not predicted by this model ({frame.shape[1]} genes, e.g. "
-                               f"{list(frame.columns[:5])})")
+            raise DatasetError(unknown_gene_message("--gene", unknown[0], frame.columns, "the genes this model predicts"))
         return list(dict.fromkeys(genes))
     variance = frame.var(axis=0).fillna(0).sort_values(ascending=False, kind="stable")
     return list(variance.index[:n])

@@ -31,6 +31,7 @@ import pandas as pd
 from hexpr.embedder.datasets import open_dataset
 from hexpr.embedder.errors import DataError, MissingInputError
 from hexpr.embedder.files import atomic_write
+from hexpr.embedder.gene_names import unknown_gene_message
 from hexpr.heads.metrics import N_TOP_DEFAULT, pearson_per_gene
 from hexpr.workflow.expression_tables import EvaluationError, align, evaluate_tables, read_expression_table
 
@@ -213,8 +214,9 @@ def _check_genes(genes: Sequence[str], frame: pd.DataFrame, name: str) -> list[s
         raise ValueError("no gene to plot: pass at least one gene name")
     columns = set(frame.columns)
     missing = [g for g in genes if g not in columns]
-    if missing:
-        raise ValueError(f"{len(missing)} gene(s) not in {name}: {missing[:5]}")
+    if missing:   # a DataError (a ValueError) naming what the user may have meant: HER2 -> ERBB2
+        raise DataError(unknown_gene_message("--gene", missing[0], frame.columns, name)
+                        + (f" (and {len(missing) - 1} more gene(s) missing: {missing[1:6]})" if len(missing) > 1 else ""))
     return genes
 
 
