@@ -59,6 +59,7 @@ class PatchDataset:
     groups: pd.Series | None = None
     coords: np.ndarray | None = None
     template_genes: list[str] | None = None
+    target_unit: str | None = None      # what the targets measure, when the source records it (e.g. "log1p CP10k")
     _fingerprint: str | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
@@ -355,7 +356,11 @@ def _find_expression(patch_file: Path) -> Path | None:
     return None
 
 
-def _read_expression(path: Path) -> tuple[pd.DataFrame, pd.Series | None]:
+# uns['hexpr_import']['normalization'] of an imported sample -> the unit its values are in
+TARGET_UNITS = {"log1p_cp10k": "log1p CP10k", "none": "counts"}
+
+
+def _read_expression(path: Path) -> tuple[pd.DataFrame, pd.Series | None, str | None]:
     try:
         adata = anndata.read_h5ad(path)
     except Exception as exc:  # noqa: BLE001
@@ -369,7 +374,9 @@ def _read_expression(path: Path) -> tuple[pd.DataFrame, pd.Series | None]:
         r, c = np.argwhere(bad)[0]
         raise DatasetError(f"{path}: NaN/inf expression at barcode {frame.index[r]!r}, gene {frame.columns[c]!r} ({int(bad.sum())} cells)")
     group = adata.obs["group"].astype(str) if "group" in adata.obs.columns else None
-    return frame, group
+    record = adata.uns.get("hexpr_import")
+    unit = TARGET_UNITS.get(str(record.get("normalization"))) if isinstance(record, dict) else None
+    return frame, group, unit
 
 
 def read_hest(path: Path) -> HestPatchDataset:
@@ -383,7 +390,7 @@ def read_hest(path: Path) -> HestPatchDataset:
         patch_files = [path]
         prefix_ids = False
 
-    ids, rows, coords, groups, expr_frames = [], [], [], [], []
+    ids, rows, coords, groups, expr_frames, units = [], [], [], [], [], set()
     has_coords = True
     for file_index, patch_file in enumerate(patch_files):
         barcodes, file_coords, n = _read_patch_file(patch_file)
@@ -392,7 +399,8 @@ def read_hest(path: Path) -> HestPatchDataset:
         keep = np.arange(n)
         sample_group = pd.Series(sample, index=barcodes)
         if expr_path is not None:
-            frame, obs_group = _read_expression(expr_path)
+            frame, obs_group, unit = _read_expression(expr_path)
+            units.add(unit)
             present = np.array([b in frame.index for b in barcodes])
             if not present.all():
                 warnings.warn(
@@ -440,6 +448,7 @@ def read_hest(path: Path) -> HestPatchDataset:
         targets=targets,
         groups=pd.Series(groups, index=pd.Index(ids, name=ID_COLUMN), name=GROUP_COLUMN),
         coords=np.vstack(coords) if has_coords and coords else None,
+        target_unit=units.pop() if len(units) == 1 else None,
     )
     dataset.patch_files = patch_files
     dataset.rows = np.asarray(rows, dtype=np.int64)

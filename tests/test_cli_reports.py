@@ -9,6 +9,7 @@ from test_importers import make_visium
 from test_predict_slide import synthetic_slide
 from typer.testing import CliRunner
 
+from hexpr.embedder.datasets import open_dataset
 from hexpr.pipeline import app
 
 runner = CliRunner()
@@ -82,6 +83,7 @@ def test_import_refuses_an_existing_dataset_and_replaces_it_whole_with_overwrite
     out = tmp_path / "dataset"
     report, human = both("import", first["root"], "--out", tmp_path / "probe", "--um-per-px", "1", "--quiet", "--overwrite")
     assert rows(human)["first"][0] == str(report["samples"]["first"]["n_patches"])
+    assert open_dataset(tmp_path / "probe").target_unit == "log1p CP10k"     # named on colour bars downstream
     assert run("import", first["root"], "--out", out, "--um-per-px", "1", "--quiet").exit_code == 0
     (out / "notes.txt").write_text("a file from before\n")
     before = sorted(p.relative_to(out) for p in out.rglob("*"))

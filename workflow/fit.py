@@ -191,6 +191,7 @@ def fit_head(data, specs: list[BackboneSpec], *, head: str = "ridge", params: di
     patch = dataset.patch_scale()  # the tile size predict-slide uses
     for m in (meta.values() if isinstance(X, dict) else [meta]):
         m["patch"] = patch
+        m["target_unit"] = dataset.target_unit   # heatmaps and colour bars name it
     groups, folds = cv_groups(dataset.groups, folds)
     report = fit_head_on_features(
         X, dataset.targets[panel].to_numpy(), panel, head=head, params=params,

@@ -238,7 +238,8 @@ def _predict_one_slide(fitted, model_path, path: Path, final_dir: Path, scale: d
         geojson_genes = None if n_geojson is None else list(dict.fromkeys(_heatmap_genes(frame, None, n_geojson) + (genes or [])))
         slide_map = SlideMap(path.stem, frame, tiles.centres, tile_px, stride_px, thumbnail, thumb_scale, obs, provenance,
                              scores=score_gene_sets(frame, writing["gene_sets"]), heatmap_genes=chosen,
-                             geojson_genes=geojson_genes, layers=layers)
+                             geojson_genes=geojson_genes, layers=layers, model=Path(model_path).name,
+                             unit=(predictor_meta(fitted) or {}).get("target_unit"))
         with atomic_dir(final_dir) as tmp:
             written = write_slide_outputs(slide_map, tmp, writing["outputs"])
         heatmaps = {g: str(final_dir / name) for g, name in written.get("heatmaps", {}).items()

@@ -28,7 +28,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from hexpr.embedder.datasets import open_dataset
+from hexpr.embedder.datasets import TARGET_UNITS, open_dataset
 from hexpr.embedder.errors import DataError, MissingInputError
 from hexpr.embedder.files import atomic_write
 from hexpr.embedder.gene_names import unknown_gene_message
@@ -344,7 +344,7 @@ def plot_spatial_maps(pred: pd.DataFrame | None, truth: pd.DataFrame, coords, ge
                       thumbnail: np.ndarray | str | Path | None = None, thumbnail_scale: float | None = None,
                       groups: pd.Series | None = None, sample: str | None = None, shared_scale: bool = False,
                       truth_label: str = "measured", pred_label: str = "predicted", title: str | None = None,
-                      dpi: int = DPI) -> Path:
+                      dpi: int = DPI, unit: str | None = None) -> Path:
     """Measured | predicted spatial maps, one row per gene, over the slide thumbnail.
 
     truth: DataFrame indexed by spot id.  coords: (N, 2) full-resolution pixel centres (x=col,
@@ -355,7 +355,9 @@ def plot_spatial_maps(pred: pd.DataFrame | None, truth: pd.DataFrame, coords, ge
     groups / sample: coordinates only make sense within one slide; when ``groups`` holds several
     values, ``sample`` picks the spots of one of them (else ValueError).
     Colour ranges are per panel (1st-99th percentile) unless ``shared_scale`` (the measured range).
+    unit: what the values measure, on each colour bar (default: "the truth table's units").
     """
+    unit = unit or "the truth table's units"
     genes = _check_genes(genes, truth, "truth")
     if isinstance(coords, pd.DataFrame):
         missing = truth.index.difference(coords.index)
@@ -411,13 +413,13 @@ def plot_spatial_maps(pred: pd.DataFrame | None, truth: pd.DataFrame, coords, ge
         tv = truth[gene].to_numpy(np.float64)
         lo, hi = _robust_range(tv)
         draw_spatial_panel(axes[k, 0], xy, tv, thumb, d, view, vmin=lo, vmax=hi,
-                           cbar_label=f"{gene} ({truth_label})", title=f"{gene}: {truth_label}")
+                           cbar_label=f"{gene} {truth_label} ({unit})", title=f"{gene}: {truth_label}")
         if pred is not None:
             pv = pred[gene].to_numpy(np.float64)
             plo, phi = (lo, hi) if shared_scale else _robust_range(pv)
             rt = f"  (r = {r[k]:.2f})" if r is not None else ""
             draw_spatial_panel(axes[k, 1], xy, pv, thumb, d, view, vmin=plo, vmax=phi,
-                               cbar_label=f"{gene} ({pred_label})", title=f"{gene}: {pred_label}{rt}")
+                               cbar_label=f"{gene} {pred_label} ({unit})", title=f"{gene}: {pred_label}{rt}")
     head = title or (f"{sample + ': ' if sample is not None else ''}{truth_label}"
                      + (f" vs {pred_label}" if pred is not None else "") + f" ({len(truth)} spots)")
     scale_note = "shared colour scale" if shared_scale else "own colour scale per panel (1st-99th percentile)"
@@ -444,6 +446,7 @@ class TruthSource:
     targets: pd.DataFrame
     groups: pd.Series | None
     samples: list[SpatialSample]
+    unit: str | None = None       # what the values measure, when the source records it (hexpr import)
 
 
 def _thumbnail_from_record(record: dict, bases: Sequence[Path]) -> tuple[Path | None, float | None]:
@@ -496,7 +499,9 @@ def _read_h5ad_truth(path: Path) -> TruthSource:
             thumb, scale = (_thumbnail_from_record(prov, [path.parent.parent, path.parent]) if len(names) == 1
                             else (None, None))
             samples.append(SpatialSample(name, [ids[i] for i in np.flatnonzero(sel)], coords[sel], thumb, scale))
-    return TruthSource(targets, groups, samples)
+    record = adata.uns.get("hexpr_import") if adata.uns is not None else None
+    unit = TARGET_UNITS.get(str(record.get("normalization"))) if isinstance(record, dict) else None
+    return TruthSource(targets, groups, samples, unit)
 
 
 def _read_plain_csv(path: Path) -> TruthSource:
@@ -565,7 +570,7 @@ def load_truth(path: str | Path) -> TruthSource:
                 samples.append(SpatialSample(pf.stem, [dataset.ids[i] for i in sel], dataset.coords[sel], thumb, scale))
         else:
             samples = _csv_samples(path, list(dataset.ids), dataset.groups, dataset.coords)
-    return TruthSource(dataset.targets, dataset.groups, samples)
+    return TruthSource(dataset.targets, dataset.groups, samples, dataset.target_unit)
 
 
 def choose_genes(per_gene: pd.DataFrame, n_genes: int = 4) -> list[str]:
@@ -639,7 +644,7 @@ def make_report_plots(pred_path: str | Path, truth_path: str | Path, out_dir: st
             if thumb is None:
                 notes.append(f"{s.name}: no slide thumbnail found; spots drawn on white")
             path = plot_spatial_maps(pred, truth.loc[ids], coords, genes, out_dir / f"spatial_{safe_filename(s.name)}.png",
-                                     thumbnail=thumb, thumbnail_scale=s.thumbnail_scale, sample=None, dpi=dpi,
+                                     thumbnail=thumb, thumbnail_scale=s.thumbnail_scale, sample=None, dpi=dpi, unit=source.unit,
                                      title=f"{s.name}: measured vs predicted ({len(ids)} spots)")
             out["spatial_maps"][s.name] = str(path)
     out["notes"] = notes
@@ -666,8 +671,10 @@ def tile_raster(values: np.ndarray, centres: np.ndarray, cell_px: float) -> tupl
 
 def plot_tile_map(values, centres, cell_px: float, thumbnail: np.ndarray, thumbnail_scale: float,
                   out_png: str | Path, title: str | None = None, cmap: str = "viridis", alpha: float = 0.8,
-                  width_in: float = TILE_MAP_W_IN, height_in: float = TILE_MAP_H_IN, dpi: int = DPI) -> Path:
-    """Predicted value of each tile as a heatmap over the slide thumbnail (one gene, one PNG).
+                  width_in: float = TILE_MAP_W_IN, height_in: float = TILE_MAP_H_IN, dpi: int = DPI,
+                  cbar_label: str = "predicted expression") -> Path:
+    """A value of each tile as a heatmap over the slide thumbnail (one gene, one PNG); ``cbar_label``
+    says what the colours show and in which unit.
 
     ``centres`` are tile centres in level-0 pixels, ``cell_px`` the tile stride in level-0 pixels,
     ``thumbnail_scale`` thumbnail px per level-0 px. The view is the tiles' bounding box plus a margin.
@@ -699,5 +706,5 @@ def plot_tile_map(values, centres, cell_px: float, thumbnail: np.ndarray, thumbn
     ax.set_yticks([])
     if title:
         ax.set_title(title, fontsize=11)
-    fig.colorbar(im, ax=ax, shrink=0.85, label="predicted expression")
+    fig.colorbar(im, ax=ax, shrink=0.85, label=cbar_label)
     return save_png(fig, out_png)

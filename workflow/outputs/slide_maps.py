@@ -39,6 +39,11 @@ class SlideMap:
     heatmap_genes: list[str] = field(default_factory=list)
     geojson_genes: list[str] | None = None                       # None: every gene
     layers: dict[str, pd.DataFrame] = field(default_factory=dict)   # uncertainty: std, lower, upper (tiles x genes)
+    model: str = "the model"           # the model's name, in the heatmaps' titles
+    unit: str | None = None            # what the predictions measure (the training targets' unit), on colour bars
+
+    def unit_label(self) -> str:
+        return self.unit or "training target units"
 
     def tile_obs(self) -> pd.DataFrame:
         """Per-tile columns plus the gene-set scores, indexed like ``predictions``."""
@@ -68,26 +73,33 @@ def _write_spatialdata(m: SlideMap, folder: Path) -> dict[str, str]:
     return {"spatialdata": "spatialdata.zarr"}
 
 
-def uncertainty_map(layers: dict[str, pd.DataFrame], gene: str) -> tuple[pd.Series, str] | None:
+def uncertainty_map(layers: dict[str, pd.DataFrame], gene: str, interval: float | None = None
+                    ) -> tuple[pd.Series, str] | None:
     """(values, what they are) drawn as ``uncertainty_<gene>.png``: the interval width, else the members' std."""
     if "lower" in layers and "upper" in layers:
-        return layers["upper"][gene] - layers["lower"][gene], "prediction interval width"
+        coverage = f"{interval:.0%} " if interval else ""
+        return layers["upper"][gene] - layers["lower"][gene], f"{coverage}prediction interval width"
     if "std" in layers:
         return layers["std"][gene], "bagged members' std"
     return None
 
 
 def _write_heatmaps(m: SlideMap, folder: Path) -> dict[str, str]:
-    maps = [(g, "heatmap", m.predictions[g], f"predicted {g}", "viridis") for g in m.heatmap_genes]
-    maps += [(s, "heatmap", m.scores[s], f"gene set {s}", "viridis") for s in m.scores.columns]
+    """One PNG a map; each title names the slide, the model and the gene, each colour bar what it shows and its unit."""
+    unit = m.unit_label()
+    maps = [(g, "heatmap", m.predictions[g], f"predicted {g}", f"predicted {g} ({unit})", "viridis")
+            for g in m.heatmap_genes]
+    maps += [(s, "heatmap", m.scores[s], f"gene set {s}", f"{s} score (mean z-score of its genes)", "viridis")
+             for s in m.scores.columns]
     for g in m.heatmap_genes:
-        drawn = uncertainty_map(m.layers, g)
+        drawn = uncertainty_map(m.layers, g, ((m.provenance.get("config") or {}).get("uncertainty") or {}).get("interval"))
         if drawn is not None:
-            maps.append((f"uncertainty:{g}", "uncertainty", drawn[0], f"{g}, {drawn[1]}", "magma"))
+            maps.append((f"uncertainty:{g}", "uncertainty", drawn[0], f"uncertainty of {g}: {drawn[1]}",
+                         f"{g} {drawn[1]} ({unit})", "magma"))
     return {key: plot_tile_map(values.to_numpy(), m.centres, m.stride_px, m.thumbnail, m.thumbnail_scale,
-                               folder / f"{prefix}_{safe_filename(key.split(':', 1)[-1])}.png", title=f"{m.name}: {title}",
-                               cmap=cmap).name
-            for key, prefix, values, title, cmap in maps}
+                               folder / f"{prefix}_{safe_filename(key.split(':', 1)[-1])}.png",
+                               title=f"{m.name}: {title}\nmodel {m.model}", cmap=cmap, cbar_label=label).name
+            for key, prefix, values, title, label, cmap in maps}
 
 
 @dataclass(frozen=True)
