@@ -15,7 +15,7 @@ from rich.table import Table
 from hexpr import workflow
 from hexpr.cli_support import HexprTyper, Output, VersionOpt, emit, error_line, json_option, notice
 from hexpr.cli_support import err as console
-from hexpr.embedder.errors import HexprError
+from hexpr.embedder.errors import HexprError, RandomInitWarning
 
 app = HexprTyper(
     help="hexpr: predict spatial gene expression from H&E patches. Embed once, fit many heads.",
@@ -94,8 +94,15 @@ IntervalOpt = Annotated[float, typer.Option("--interval", help="Coverage of the 
 RawOpt = Annotated[bool, typer.Option("--no-clip", "--raw", help="Raw predictions: do not clip them to the training targets' range.")]
 
 
+_SHOWN: set[tuple[str, str]] = set()   # warnings printed by this command (Python's "once" forgets after catch_warnings)
+
+
 def _show_warning(message, category, filename, lineno, file=None, line=None):
-    notice(str(message), "[yellow]Warning:[/yellow]")
+    """One unwrapped line on stderr, once per text: ``Note:`` for information (a ``...Note`` category), else ``Warning:``."""
+    if (category.__name__, str(message)) in _SHOWN:
+        return
+    _SHOWN.add((category.__name__, str(message)))
+    notice(str(message), "[dim]Note:[/dim]" if category.__name__.endswith("Note") else "[yellow]Warning:[/yellow]")
 
 
 def _friendly_errors(func):
@@ -104,11 +111,22 @@ def _friendly_errors(func):
     def wrapper(*args, **kwargs):
         warnings.showwarning = _show_warning
         warnings.simplefilter("once")
+        _SHOWN.clear()
         try:
             return func(*args, **kwargs)
         except HexprError as exc:
             error_line(str(exc))
             raise typer.Exit(2) from None
+    return wrapper
+
+
+def _notes_random_init(func):
+    """For a command that ends with the random-init NOTE: the same fact is not also a warning (said once)."""
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RandomInitWarning)
+            return func(*args, **kwargs)
     return wrapper
 
 
@@ -264,6 +282,7 @@ def _random_init_notice(names: list[str]) -> None:
 @app.command("fit-head")
 @_friendly_errors
 @json_option
+@_notes_random_init
 def fit_head(
     data: Annotated[Path, typer.Argument(help="Training data: challenge CSV with gene columns, or HEST .h5/folder with .h5ad.", exists=True)],
     head: Annotated[str, typer.Option("--head", help=HEAD_HELP, callback=_library_check(_check_head))] = "ridge",
@@ -369,6 +388,7 @@ def predict_slide(
 
 @app.command()
 @_friendly_errors
+@_notes_random_init
 def demo(
     workdir: Annotated[Path, typer.Option(help="Folder for the demo's data, cache, model and outputs.")] = Path("hexpr-demo"),
     n_train: Annotated[int, typer.Option(help="Generated training spots (>= 4).")] = 600,
@@ -484,6 +504,7 @@ def import_(
 
 @app.command()
 @_friendly_errors
+@_notes_random_init
 def finetune(
     data: Annotated[Path, typer.Argument(help="Training data with targets (challenge CSV or HEST).", exists=True)],
     out_dir: Annotated[Path, typer.Option("--out", help="Folder for checkpoints and the exported model.")] = Path("cache/finetuned"),

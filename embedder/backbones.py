@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hexpr.embedder.errors import ModelError
+from hexpr.embedder.errors import ModelError, RandomInitWarning  # noqa: F401 (RandomInitWarning: re-exported)
 from hexpr.embedder.files import read_config
 from hexpr.embedder.presets import POOLINGS, Preset, get_preset, preset_names
 from hexpr.embedder.torch_install import require_torchvision
@@ -47,10 +47,6 @@ _CLASS_KWARGS = ("mlp_layer", "act_layer", "norm_layer", "embed_layer", "block_f
 
 class BackboneError(ModelError):
     """A backbone cannot be created or its weights cannot be loaded; the message says how to fix it."""
-
-
-class RandomInitWarning(UserWarning):
-    """Features come from randomly initialised weights."""
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,11 @@ class MissingInputError(DataError, FileNotFoundError):
     """An input path (data, model, slide) does not exist."""
 
 
+class RandomInitWarning(UserWarning):
+    """Features come from randomly initialised weights (testing only). Commands that end with a note
+    saying so (fit-head, demo, finetune) do not repeat it as a warning."""
+
+
 def brief(exc: BaseException, limit: int = 120) -> str:
     """``Type: first line of the message``, cut at ``limit`` characters: a low-level cause in one line."""
     lines = str(exc).strip().splitlines()

@@ -36,8 +36,13 @@ WHITE = 255
 MAX_INMEMORY_IMAGE_BYTES = 1 << 30      # TIFFs larger than this (decoded) are read by region
 TILE_CACHE_BYTES = 256 << 20            # decoded-tile cache of the region reader
 SUPER_TILE_PX = 1024                    # side of the cached read unit of the region reader
-PIL_MAX_PIXELS = 2_000_000_000          # decompression-bomb limit used for JPEG/PNG slides
-MAX_WHOLE_DECODE_PIXELS = 10_000 * 10_000   # JPEG/PNG larger than this are refused (no region reading)
+# JPEG/PNG slides cannot be read by region: they are decoded whole, up to MAX_WHOLE_DECODE_PIXELS (100 Mpx,
+# about 300 MB of RGB). Pillow's own decompression-bomb guard (a "could be decompression bomb DOS attack"
+# warning from 89 Mpx) is replaced by this bound: an ordinary whole-section JPEG (her2st's are 92 Mpx) opens
+# with one calm note, anything larger, a real bomb included, is one Error: that says to convert it to a
+# tiled pyramidal TIFF (read by region, any size).
+MAX_WHOLE_DECODE_PIXELS = 10_000 * 10_000
+PILLOW_WARNING_PIXELS = 89_478_485       # Pillow's default MAX_IMAGE_PIXELS, where its alarming warning starts
 SCALE_MISMATCH_TOLERANCE = 0.10         # a given µm/px this far from the slide's own is refused unless forced
 THUMBNAIL_MAX_SIDE = 2048               # longest side of thumbnails, at most
 THUMBNAIL_BAND_BYTES = 16 << 20         # full-res rows read at a time when reducing by region
@@ -149,41 +154,64 @@ def thumbnail_factor(width: int, height: int, max_side: int | None = None) -> in
     return max(1, math.ceil(max(int(width), int(height)) / max(1, max_side)))
 
 
+class LargeImageNote(UserWarning):
+    """Information, not a problem: a large JPEG/PNG slide is decoded whole (within hexpr's bound)."""
+
+
+class _PillowGuard:
+    """Image.open without Pillow's bomb guard (its warning from 89 Mpx alarms on ordinary sections): PILSlide
+    checks the size from the header, before any pixel is decoded, against MAX_WHOLE_DECODE_PIXELS."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __enter__(self):
+        self._old = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None
+        return self
+
+    def __exit__(self, kind, exc, tb):
+        Image.MAX_IMAGE_PIXELS = self._old
+        return False
+
+
+def _too_large(path: Path, width: int, height: int) -> SlideError:
+    return SlideError(
+        f"{path}: {width:,} x {height:,} px {path.suffix.lstrip('.').upper()} cannot be read by region and is above "
+        f"hexpr's bound for decoding an image whole ({MAX_WHOLE_DECODE_PIXELS:,} px; far larger files may be "
+        f"decompression bombs); if it is a real slide, convert it to a tiled pyramidal TIFF, e.g. `vips tiffsave "
+        f"{path.name} {path.stem}.tif --tile --pyramid --compression jpeg --Q 90` (then pass --um-per-px, or add "
+        f"--xres/--yres in px per mm)")
+
+
 class PILSlide(SlideImage):
-    """JPEG/PNG slide: header read at open, pixels decoded once on first use."""
+    """JPEG/PNG slide: header read at open, pixels decoded once on first use (up to MAX_WHOLE_DECODE_PIXELS)."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        old = Image.MAX_IMAGE_PIXELS
-        Image.MAX_IMAGE_PIXELS = PIL_MAX_PIXELS
         try:
-            with Image.open(self.path) as im:
+            with _PillowGuard(self.path), Image.open(self.path) as im:     # the header only
                 self.width, self.height = im.size
                 orient = im.getexif().get(274, 1) if hasattr(im, "getexif") else 1
         except Exception as e:  # noqa: BLE001
             raise SlideError(f"cannot read image {self.path}: {e}") from e
-        finally:
-            Image.MAX_IMAGE_PIXELS = old
         self.exif_orientation = orient
         self._im: Image.Image | None = None
         if self.width * self.height > MAX_WHOLE_DECODE_PIXELS:
-            raise SlideError(
-                f"{self.path}: {self.width:,} x {self.height:,} px {self.path.suffix.lstrip('.').upper()} cannot be read "
-                f"by region and is too large to decode whole (limit {MAX_WHOLE_DECODE_PIXELS:,} px); convert it to a "
-                f"tiled pyramidal TIFF, e.g. `vips tiffsave {self.path.name} {self.path.stem}.tif --tile --pyramid "
-                f"--compression jpeg --Q 90` (then pass --um-per-px, or add --xres/--yres in px per mm)")
+            raise _too_large(self.path, self.width, self.height)
+        if self.width * self.height > PILLOW_WARNING_PIXELS:
+            warnings.warn(f"JPEG/PNG slides over {PILLOW_WARNING_PIXELS / 1e6:.0f} Mpx are decoded whole (they cannot be "
+                          f"read by region); hexpr reads them up to {MAX_WHOLE_DECODE_PIXELS / 1e6:.0f} Mpx",
+                          LargeImageNote, stacklevel=2)   # one text for all: said once per run
 
     def _load(self) -> Image.Image:
         if self._im is None:
-            old = Image.MAX_IMAGE_PIXELS
-            Image.MAX_IMAGE_PIXELS = PIL_MAX_PIXELS
             try:
-                im = Image.open(self.path)
-                im.load()
+                with _PillowGuard(self.path):
+                    im = Image.open(self.path)
+                    im.load()
             except Exception as e:  # noqa: BLE001
                 raise SlideError(f"cannot decode image {self.path}: {e}") from e
-            finally:
-                Image.MAX_IMAGE_PIXELS = old
             if im.mode != "RGB":
                 if im.mode in ("RGBA", "LA", "P", "PA"):
                     rgba = im.convert("RGBA")
@@ -204,7 +232,7 @@ class PILSlide(SlideImage):
         if f > 1 and self._im is None and self.path.suffix.lower() in (".jpg", ".jpeg") and self.exif_orientation == 1:
             tw, th = -(-self.width // f), -(-self.height // f)
             try:
-                with Image.open(self.path) as im:
+                with _PillowGuard(self.path), Image.open(self.path) as im:
                     im.draft("RGB", (tw, th))           # decodes at 1/2, 1/4 or 1/8 scale, never smaller than asked
                     im = im.convert("RGB")
                     bw, bh = tw * f * im.width / self.width, th * f * im.height / self.height

@@ -29,6 +29,7 @@ def demo_run(tmp_path_factory):
 def test_demo_end_to_end_beats_training_mean(demo_run):
     work, output = demo_run
     assert "random init" in output and "training mean" in output
+    assert output.count("random init") == 1 and "randomly initialised" not in output     # said once, in the NOTE
     scores = json.loads((work / "predictions.scores.json").read_text())
     truth = pd.read_csv(work / "data" / "test_truth.csv")
     pred = pd.read_csv(work / "predictions.csv")

@@ -25,7 +25,8 @@ def common_genes(specs: Sequence[SampleSpec], messages: list[str] | None) -> tup
     if len(specs) > 1 and info["n_genes_dropped"]:
         warn(messages, f"gene intersection over {len(specs)} samples keeps {len(genes)} genes and "
                        f"drops {info['n_genes_dropped']} of {len(union)} "
-                       f"(per sample: {info['dropped_per_sample']})")
+                       f"(dropped per sample: "
+                       + ", ".join(f"{sample} {n:,}" for sample, n in info["dropped_per_sample"].items()) + ")")
     if not genes:
         raise ImporterError("the samples share no gene symbol; check that they use the same gene "
                             "naming (symbols vs Ensembl ids) or import them separately")
