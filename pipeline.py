@@ -257,7 +257,8 @@ def _print_cv(report: dict) -> None:
     for label in terms.values():
         table.add_column(label, justify="right")
     for i, fold in enumerate(report.get("folds", [])):
-        table.add_row(f"fold {i + 1}", *(f"{fold.get(t, float('nan')):.4f}" for t in terms))
+        held_out = f" ({', '.join(fold['held_out'])})" if fold.get("held_out") else ""   # the section(s) it held out
+        table.add_row(f"fold {i + 1}{held_out}", *(f"{fold.get(t, float('nan')):.4f}" for t in terms))
     table.add_row(f"[bold]{report['head']}", *(f"[bold]{report['cv'].get(t, float('nan')):.4f}" for t in terms))
     table.add_row("mean head", *(f"{report['mean_head'].get(t, float('nan')):.4f}" for t in terms))
     out.print(table)

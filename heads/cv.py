@@ -110,6 +110,8 @@ def cross_validate(make_model, X, Y, folds, *, n_top: int = N_TOP_DEFAULT, group
             floor = MeanHead().fit(X[train], Y[train]).predict(X[test])
             row = {"fold": i, "n_train": int(len(train)), "n_test": int(len(test)),
                    "fit_seconds": round(fit_seconds, 3)}
+            if groups is not None:   # which slides / sections this fold held out
+                row["held_out"] = [str(g) for g in dict.fromkeys(groups[test].tolist())]
             row.update(score_with_panels(oof[test], Y[test], panels))
             row.update({"mean_head_" + k: v for k, v in score_with_panels(floor, Y[test], panels).items()})
             rows.append(row)

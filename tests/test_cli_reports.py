@@ -50,6 +50,15 @@ def test_fit_head_json_holds_the_cv_table(fitted):
     assert report["out_dir"] in human and report["n_spots"] == 24
 
 
+def test_cv_folds_name_the_sections_they_held_out(fitted):
+    _, _, report, human = fitted
+    table = rows(human)
+    held = [fold["held_out"] for fold in report["folds"]]
+    assert sorted(g for groups in held for g in groups) == ["slide0", "slide1", "slide2"]   # each section once
+    for i, fold in enumerate(report["folds"]):
+        assert table[f"fold {i + 1} ({', '.join(fold['held_out'])})"][0] == f"{fold['score']:.4f}"
+
+
 def test_predict_evaluate_inspect_json(fitted, tmp_path):
     root, train, _, _ = fitted
     report, human = both("predict", root / "model", train, "--out", tmp_path / "pred.csv", "--cache-dir", root / "cache",
