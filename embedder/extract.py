@@ -18,7 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Column
 
 from hexpr.embedder.backbones import BackboneSpec, LoadedBackbone, Preprocess, create_backbone
 from hexpr.embedder.cache import DEFAULT_CACHE_DIR, CacheEntry, cache_key, describe_partials, locked_entries, partial_folders
@@ -204,10 +206,14 @@ def _forward(backbone: LoadedBackbone, batch_uint8: torch.Tensor, device: torch.
 
 
 def _progress_bar(enabled: bool):
+    """On stderr. The numbers keep their width at any terminal width (80 columns included); the
+    description takes what is left and is cut with an ellipsis first."""
     return Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]:>7.1f} img/s"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-        disable=not enabled, transient=False,
+        TextColumn("[bold]{task.description}", table_column=Column(ratio=1, no_wrap=True, overflow="ellipsis")),
+        BarColumn(bar_width=16), MofNCompleteColumn(table_column=Column(no_wrap=True)),
+        TextColumn("{task.fields[rate]:>6.1f} img/s", table_column=Column(no_wrap=True)),
+        TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+        console=Console(stderr=True), disable=not enabled, transient=False, expand=True,
     )
 
 

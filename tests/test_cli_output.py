@@ -132,3 +132,30 @@ def test_a_missing_model_names_fit_head_and_lists_the_saved_models(tmp_path, mon
     assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1, r.output
     assert "hexpr fit-head" in r.output
     assert "models in cache/models/: cache/models/train__mlp, cache/models/train__ridge" in r.output
+
+
+def test_progress_goes_to_stderr_and_results_to_stdout(tmp_path):
+    from conftest import TINY_BACKBONE, write_challenge_dataset
+
+    data = write_challenge_dataset(tmp_path / "data", n=6)
+    r = run("embed", data, "-b", TINY_BACKBONE, "--cache-dir", tmp_path / "cache")
+    assert r.exit_code == 0, r.output
+    assert "embed data" in r.stderr and "img/s" in r.stderr             # the progress bar
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith("# embeddings of") and all("\t" in line for line in lines[1:])     # the table alone
+    assert lines[1].split("\t") == ["backbone", "weights", "width", "cache file"] and len(lines) == 3
+
+
+def test_the_embedding_progress_bar_keeps_its_numbers_at_80_columns():
+    import io
+
+    from hexpr.embedder import extract
+
+    for width in (60, 80):
+        console = cli_support.Console(file=io.StringIO(), width=width, force_terminal=True, color_system=None)
+        bar = extract._progress_bar(True)
+        task = bar.add_task("embed train (resnet18:size=48, vit_small_patch16_224.augreg_in1k)", total=600, rate=7.7)
+        bar.update(task, advance=120)
+        console.print(bar.make_tasks_table(bar.tasks))
+        line = console.file.getvalue().rstrip("\n")
+        assert len(line) <= width and "120/600" in line and "7.7 img/s" in line and "ETA" in line, line

@@ -1,9 +1,10 @@
-"""One progress bar per sample (rich), or nothing when progress is off."""
+"""One progress bar per sample (rich, on stderr), or nothing when progress is off."""
 
 from __future__ import annotations
 
 from typing import Callable
 
+from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 from rich.progress import Progress as RichProgress
 
@@ -13,7 +14,7 @@ class Progress:
         self._p = None
         if enabled:
             self._p = RichProgress(TextColumn("[bold]{task.description}"), BarColumn(),
-                                   MofNCompleteColumn(), TimeElapsedColumn())
+                                   MofNCompleteColumn(), TimeElapsedColumn(), console=Console(stderr=True))
 
     def __enter__(self):
         if self._p is not None:
