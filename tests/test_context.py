@@ -210,3 +210,32 @@ def test_context_edges_are_padded_and_warned(sections, tmp_path):
     dataset = open_dataset(sections["data"])
     with pytest.warns(ContextWarning, match=r"of 84 context squares of 600 µm reach beyond the image edge"):
         ensure_features(dataset, _spec(), sections["cache"], context_um="600", **EMBED)
+
+
+def test_predict_slide_cuts_the_models_scales_around_each_tile(sections, tmp_path):
+    """A model fitted with a 300 µm context predicts a slide from the tile and the 300 µm square around its
+    centre; the context features equal those of 300 µm tiles at the same centres (predict-slide's own tiling)."""
+    from hexpr.embedder.slides import open_slide
+    from hexpr.embedder.tiling import tile_dataset
+
+    model_dir = tmp_path / "model"
+    workflow.fit_head(sections["data"], _spec(), head="ridge", folds=2, out_dir=model_dir, cache_dir=sections["cache"],
+                      context_um="300", **EMBED)
+    slide = sections["raw"] / "ST-imgs" / "S1" / "HE.png"
+    r = runner.invoke(app, ["predict-slide", str(model_dir), str(slide), "--um-per-px", str(UM_PER_PX), "--out", str(tmp_path / "maps"),
+                            "--cache-dir", str(tmp_path / "cache"), "--outputs", "h5ad", "--min-tissue", "0", "--workers", "0", "--precision", "fp32",
+                            "--quiet"])
+    assert r.exit_code == 0, r.output
+    maps = ad.read_h5ad(tmp_path / "maps" / "HE" / "predictions.h5ad")
+    provenance = maps.uns["hexpr"]
+    assert list(provenance["feature_meta"]["context_um"]) == [300.0] and len(provenance["cache_files"]) == 2
+    assert provenance["tile_um"] == pytest.approx(PATCH_UM)
+    centres, ids = maps.obsm["spatial"], list(maps.obs_names)
+    with open_slide(slide, UM_PER_PX) as opened:
+        tiles = tile_dataset(slide, UM_PER_PX, centres, ids, PATCH_UM, 40, slide=opened)
+        wide = tile_dataset(slide, UM_PER_PX, centres, ids, 300, 40, slide=opened)
+        own = ensure_features(tiles, _spec(), tmp_path / "c2", **EMBED)
+        context = ensure_features(wide, _spec(), tmp_path / "c2", **EMBED)
+    model = load_model(model_dir)
+    expected = predict_uncertain(model, np.hstack([own.X, context.X]), interval=None).mean
+    np.testing.assert_allclose(maps.X, expected, rtol=1e-4, atol=1e-5)
