@@ -239,3 +239,27 @@ def test_predict_slide_cuts_the_models_scales_around_each_tile(sections, tmp_pat
     model = load_model(model_dir)
     expected = predict_uncertain(model, np.hstack([own.X, context.X]), interval=None).mean
     np.testing.assert_allclose(maps.X, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_auto_tries_context_scales_with_grouped_cv(sections, tmp_path):
+    """On imported data auto scores the plain embeddings, k-neighbour context and 3x, 3x + 6x context squares;
+    the chosen recipe's scales are what the model records."""
+    out = tmp_path / "auto"
+    report = workflow.fit_head(sections["data"], _spec(), head="auto", params={"epochs": 2, "hidden": [8]}, bag=2, folds=2,
+                               out_dir=out, cache_dir=sections["cache"], **EMBED)
+    recipes = [c["recipe"] for c in report["auto"]["candidates"]]
+    for features in ("plain", "k6", "c300", "c300+600"):
+        assert f"ridge on {features}" in recipes and f"mlp bag2 on {features}" in recipes
+    chosen = report["features"]
+    expected = {"plain": [], "k6": [], "c300": [300.0], "c300+600": [300.0, 600.0]}[chosen]
+    assert load_model(out).feature_meta["context_um"] == expected
+    board = pd.read_csv(out / "leaderboard.csv")
+    assert len(board) == 8
+
+
+def test_auto_without_source_images_tries_no_context(tmp_path):
+    csv = write_challenge_dataset(tmp_path / "csv", n=12, groups=2)
+    with pytest.warns(UserWarning, match="tries no context scales: .*challenge CSV"):
+        report = workflow.fit_head(csv, _spec(), head="auto", params={"epochs": 2, "hidden": [8]}, bag=2, folds=2,
+                                   out_dir=tmp_path / "auto", cache_dir=tmp_path / "cache", **EMBED)
+    assert not any(c["recipe"].endswith(("c300", "c300+600")) for c in report["auto"]["candidates"])
