@@ -65,6 +65,7 @@ def main() -> None:
     parser.add_argument("--neighbours", type=int, default=6)
     parser.add_argument("--tta", action="store_true", help="also the rows on TTA features (8 views per square)")
     parser.add_argument("--no-auto", action="store_true", help="skip the auto rows")
+    parser.add_argument("--auto-only", action="store_true", help="only the auto rows (e.g. a second run with another --out)")
     parser.add_argument("--work", type=Path, default=None)
     parser.add_argument("--smoke", action="store_true", help="tiny MLPs, 60 genes, 2 seeds: checks the script; numbers mean nothing")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "context_her2st.json")
@@ -93,8 +94,12 @@ def main() -> None:
         print(f"embedded {prefix or 'plain '}({embed_seconds[prefix.strip() or 'plain']} s, cached afterwards); "
               f"context squares padded at the image edge: {padded}", flush=True)
 
-    results, chosen = [], {}
+    rows_path = args.out.with_suffix(".rows.json")   # finished sections, kept so that a rerun continues
+    saved = json.loads(rows_path.read_text()) if rows_path.is_file() and not args.smoke else {"results": [], "chosen": {}}
+    results, chosen = saved["results"], saved["chosen"]
     for held_out in sections:
+        if any(r["held_out"] == held_out for r in results):
+            continue
         test, train = groups == held_out, groups != held_out
         panel = np.sort(top_genes(Y[train], args.panel, "variance"))
         y_train, y_test = Y[train][:, panel], Y[test][:, panel]
@@ -105,7 +110,7 @@ def main() -> None:
 
         record("training mean", np.tile(y_train.mean(axis=0), (test.sum(), 1)))
         for prefix in ("", "TTA ") if args.tta else ("",):
-            for name in VIEWS:
+            for name in () if args.auto_only else VIEWS:
                 X = views[prefix + name]
                 record(f"ridge {prefix}{name}", make_head("ridge").fit(X[train], y_train).predict(X[test]))
                 preds = [make_head("mlp", **mlp_params, seed=s, device="cpu").fit(X[train], y_train).predict(X[test])
@@ -126,6 +131,8 @@ def main() -> None:
                 record(label, load_model(Path(tmp) / "model").predict(views[long][test]), chosen=report["auto"]["chosen"])
             chosen.setdefault(label, {})[held_out] = report["auto"]["chosen"]
             print(f"  {held_out}: {label} chose {report['auto']['chosen']} ({time.perf_counter() - started:.0f} s)", flush=True)
+        rows_path.parent.mkdir(parents=True, exist_ok=True)
+        rows_path.write_text(json.dumps({"results": results, "chosen": chosen}))
     write_table(args, results, chosen, embed_seconds, round(time.perf_counter() - started, 1))
 
 

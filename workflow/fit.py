@@ -138,7 +138,7 @@ def _auto_feature_sets(features: FeatureSet, dataset, neighbours: int = 0, conte
     else:
         warnings.warn("the data has no spot coordinates: head 'auto' tries no neighbour context", stacklevel=3)
     scales, with_scales = context or ((), None)
-    for n in sorted({1, len(scales)} - {0}):
+    for n in sorted({1, len(scales)}) if scales else ():
         named["c" + "+".join(f"{s:g}" for s in scales[:n])] = (with_scales(scales[:n]), 0)
     X = {name: f.X for name, (f, _) in named.items()}
     meta = {name: {**f.meta(), "neighbours": kk} for name, (f, kk) in named.items()}
