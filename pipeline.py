@@ -64,7 +64,7 @@ def _check_transform(spec):
 
 
 HEAD_HELP = ("Head: mean | ridge | hest | mlp | gbm | knn | bleep | ensemble | bagged | ridge_streamed | mlp_streamed | "
-             "auto (ridge or bagged mlp, with or without neighbour context, picked by grouped CV).")
+             "auto (ridge or bagged mlp, with or without neighbour context or context scales, picked by grouped CV).")
 TRANSFORM_HELP = "none | log1p | standardize | robust | minmax, or a chain of them joined by '+' (e.g. log1p+standardize)."
 
 # ----------------------------------------------------------------------------- shared options
@@ -91,6 +91,10 @@ ChunkOpt = Annotated[int, typer.Option("--chunk-size", help="Rows per resumable 
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 IntervalOpt = Annotated[float, typer.Option("--interval", help="Coverage of the conformal prediction intervals (h5ad layers "
                                                              "lower/upper), strictly between 0 and 1.")]
+ContextOpt = Annotated[Optional[str], typer.Option(
+    "--context-um", help="Context scales: also embed squares of these sizes in µm (comma-separated, e.g. 336,672) around "
+                         "each spot, cut from its source slide, and append their features (needs a dataset written by "
+                         "hexpr import; each size larger than the patch).")]
 RawOpt = Annotated[bool, typer.Option("--no-clip", "--raw", help="Raw predictions: do not clip them to the training targets' range.")]
 
 
@@ -165,17 +169,19 @@ def embed(
     backbone: BackboneOpt = None, backbone_config: BackboneConfigOpt = None, no_pretrained: NoPretrainedOpt = False,
     cache_dir: CacheDirOpt = Path("cache"), tta: TtaOpt = False, batch_size: BatchOpt = None,
     workers: WorkersOpt = None, device: DeviceOpt = "auto", precision: PrecisionOpt = "auto", chunk_size: ChunkOpt = 512,
-    quiet: QuietOpt = False,
+    context_um: ContextOpt = None, quiet: QuietOpt = False,
 ):
     """Embed every patch with frozen backbones and cache the features (resumes after an interruption)."""
-    features = workflow.embed(data, _specs(backbone, backbone_config, no_pretrained), cache_dir, tta=tta,
+    features = workflow.embed(data, _specs(backbone, backbone_config, no_pretrained), cache_dir, tta=tta, context_um=context_um,
                               batch_size=batch_size, num_workers=workers, device=device, precision=precision, chunk_size=chunk_size,
                               progress=not quiet)
     table = Table(title=f"embeddings of {data}")
-    for column in ("backbone", "weights", "width", "cache file"):
+    for column in ("backbone", "weights", "field of view", "width", "cache file"):
         table.add_column(column)
     for block in features.blocks:
-        table.add_row(block["spec"]["name"], str(block["identity"]["weights"]), str(block["stop"] - block["start"]), block["path"])
+        view = f"{block['context_um']:g} µm context ({block['n_padded']} padded)" if "context_um" in block else "patch"
+        table.add_row(block["spec"]["name"], str(block["identity"]["weights"]), view, str(block["stop"] - block["start"]),
+                      block["path"])
     out.print(table)
 
 
@@ -303,14 +309,14 @@ def fit_head(
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="Model folder, replaced as a whole (default cache/models/<data>__<head>, "
                                                                       "plus __sweep or __backbone-sweep for sweeps).")] = None,
     backbone: BackboneOpt = None, backbone_config: BackboneConfigOpt = None, no_pretrained: NoPretrainedOpt = False,
-    cache_dir: CacheDirOpt = Path("cache"), tta: TtaOpt = False, batch_size: BatchOpt = None,
+    cache_dir: CacheDirOpt = Path("cache"), tta: TtaOpt = False, context_um: ContextOpt = None, batch_size: BatchOpt = None,
     workers: WorkersOpt = None, device: DeviceOpt = "auto", quiet: QuietOpt = False,
 ):
     """Fit a head on cached embeddings with cross-validation (and sweeps); refit on all data and save it."""
     report = workflow.fit_head(data, _specs(backbone, backbone_config, no_pretrained), head=head, params=_params(param),
                                transform=transform, folds=folds, sweep=sweep, trials=trials, sweep_backbones=sweep_backbones,
                                seed=seed, n_jobs=jobs, out_dir=out_dir, cache_dir=cache_dir, tta=tta, genes=genes,
-                               neighbours=neighbours, bag=bag, progress=not quiet,
+                               neighbours=neighbours, bag=bag, context_um=context_um, progress=not quiet,
                                batch_size=batch_size, num_workers=workers, device=device)
     emit(report, _print_cv)
     _random_init_notice(report["random_init_backbones"])

@@ -8,6 +8,7 @@ import numpy as np
 
 from hexpr.embedder.backbones import BackboneSpec
 from hexpr.embedder.cache import DEFAULT_CACHE_DIR, CacheError, load_aligned
+from hexpr.embedder.context import check_context, context_datasets, format_um
 from hexpr.embedder.datasets import PatchDataset
 from hexpr.embedder.extract import embed_dataset
 
@@ -19,6 +20,7 @@ class FeatureSet:
     blocks: list[dict]  # per backbone: key, path, spec, identity, start, stop
     tta: bool = False
     warnings: list[str] = field(default_factory=list)
+    context_um: tuple = ()  # context scales (µm) whose blocks follow the patch's own, in this order
 
     @property
     def n_features(self) -> int:
@@ -33,6 +35,7 @@ class FeatureSet:
             "cache_keys": [b["key"] for b in self.blocks],
             "tta": self.tta,
             "n_features": self.n_features,
+            "context_um": [float(s) for s in self.context_um],
         }
 
     def select(self, labels: list[str]) -> "FeatureSet":
@@ -49,11 +52,13 @@ class FeatureSet:
             stop = start + b["stop"] - b["start"]
             blocks.append({**b, "start": start, "stop": stop})
             start = stop
+        if self.context_um:
+            raise CacheError("choosing backbones from features with context scales is not supported; "
+                             "fit each backbone with --context-um on its own")
         return FeatureSet(self.ids, np.concatenate(columns, axis=1), blocks, self.tta, self.warnings)
 
 
-def ensure_features(dataset: PatchDataset, specs: list[BackboneSpec], cache_dir=DEFAULT_CACHE_DIR, *, tta: bool = False, **embed_options) -> FeatureSet:
-    """Embed what is missing from the cache, then return the features aligned to ``dataset.ids``."""
+def _embedded(dataset: PatchDataset, specs: list[BackboneSpec], cache_dir, tta: bool, **embed_options) -> FeatureSet:
     entries = embed_dataset(dataset, specs, cache_dir, tta=tta, **embed_options)
     incomplete = [e for e in entries if not e.exists()]
     if incomplete:
@@ -61,6 +66,45 @@ def ensure_features(dataset: PatchDataset, specs: list[BackboneSpec], cache_dir=
                          f"kept in {', '.join(str(e.partial_dir) for e in incomplete)}: run again to resume")
     X, blocks = load_aligned([e.path for e in entries], dataset.ids)
     return FeatureSet(dataset.ids, X, blocks, tta)
+
+
+def ensure_features(dataset: PatchDataset, specs: list[BackboneSpec], cache_dir=DEFAULT_CACHE_DIR, *, tta: bool = False,
+                    context_um=(), context_why: str = "context (--context-um)", **embed_options) -> FeatureSet:
+    """Embed what is missing from the cache, then return the features aligned to ``dataset.ids``.
+
+    ``context_um``: context scales (µm); each adds, after the patch's own features, the features of
+    a square of that size around the same centre cut from the source slide (``embedder.context``),
+    embedded with the same backbones and TTA and cached under its own key."""
+    scales = check_context(dataset, context_um, context_why)   # a bad size or no source image: before any work
+    features = _embedded(dataset, specs, cache_dir, tta, **embed_options)
+    return with_context_scales(features, dataset, specs, scales, cache_dir, tta=tta, why=context_why,
+                               **embed_options) if scales else features
+
+
+def with_context_scales(features: FeatureSet, dataset: PatchDataset, specs: list[BackboneSpec], scales, cache_dir=DEFAULT_CACHE_DIR,
+                        *, tta: bool = False, why: str = "context (--context-um)", **embed_options) -> FeatureSet:
+    """``features`` (of the patches alone) with one block per backbone and context scale appended,
+    scale by scale in the order given; each block records its scale (``context_um``) and how many
+    of its squares were padded at an image edge (``n_padded``)."""
+    if features.context_um:
+        raise CacheError(f"these features already hold context scales {format_um(features.context_um)} µm")
+    columns, blocks, start = [features.X], list(features.blocks), features.n_features
+    regions = context_datasets(dataset, scales, why)
+    try:
+        for region, record in regions:
+            scale = _embedded(region, specs, cache_dir, tta, **embed_options)
+            for b in scale.blocks:
+                width = b["stop"] - b["start"]
+                blocks.append({**b, "kind": "context_scale", **record, "start": start, "stop": start + width,
+                               "identity": {**b["identity"], "context_um": record["context_um"],
+                                            "context_px": record["context_px"]}})
+                start += width
+            columns.append(scale.X)
+    finally:
+        for region, _ in regions:
+            region.close()
+    return FeatureSet(features.ids, np.concatenate(columns, axis=1), blocks, features.tta, features.warnings,
+                      tuple(float(s) for s in scales))
 
 
 def specs_from_meta(meta: dict) -> list[BackboneSpec]:
@@ -71,6 +115,9 @@ def check_features_match(features: FeatureSet, meta: dict, model_path: str = "th
     """Refuse features that were not made the way the head's training features were."""
     expected = [json.dumps(i, sort_keys=True) for i in meta["identities"]]
     got = [json.dumps(b["identity"], sort_keys=True) for b in features.blocks]
+    if [float(s) for s in meta.get("context_um") or []] != [float(s) for s in features.context_um]:
+        raise CacheError(f"{model_path} was fitted with context scales [{format_um(meta.get('context_um') or [])}] µm, "
+                         f"but these features have [{format_um(features.context_um)}] µm; refit, or embed the same scales")
     if expected != got or bool(features.tta) != bool(meta.get("tta", False)):
         raise CacheError(
             f"{model_path} was fitted on features from {expected} (tta={meta.get('tta')}), but these features come "
@@ -106,7 +153,7 @@ def add_neighbour_context(features: FeatureSet, coords, groups, k: int) -> Featu
     block = {"kind": "context", "key": f"neighbour-mean-k{k}", "path": "", "spec": {"name": f"neighbour_mean_k{k}"},
              "identity": {"neighbour_mean_k": k}, "start": width, "stop": 2 * width}
     return FeatureSet(features.ids, np.concatenate([features.X, context], axis=1), features.blocks + [block],
-                      features.tta, features.warnings)
+                      features.tta, features.warnings, features.context_um)
 
 
 def with_dataset_context(features: FeatureSet, dataset: PatchDataset, neighbours: int) -> FeatureSet:

@@ -175,6 +175,10 @@ def _load_head_init(path, specs: list[BackboneSpec]) -> _HeadInit:
     if int(meta.get("neighbours", 0) or 0):
         raise FinetuneError(f"head_init {path}: the head was fitted with neighbour-context features "
                             f"(neighbours={meta['neighbours']}); fine-tuning uses each spot's own patch only")
+    if meta.get("context_um"):
+        raise FinetuneError(f"head_init {path}: the head was fitted with context scales "
+                            f"({', '.join(f'{s:g}' for s in meta['context_um'])} µm); fine-tuning uses each spot's own "
+                            f"patch only: start from a head fitted without --context-um")
     theirs = [BackboneSpec.from_dict(d) for d in meta["backbones"]]
     if [s.to_json() for s in theirs] != [s.to_json() for s in specs]:
         raise FinetuneError(

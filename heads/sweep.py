@@ -309,6 +309,7 @@ def score_configs(configs: list[dict], features, Y, folds, *, n_top: int = N_TOP
 AUTO_HEADS = ("ridge", "mlp")
 AUTO_BAG = 5
 AUTO_NEIGHBOURS = 6
+AUTO_CONTEXT_MULTIPLES = (3, 6)   # context scales auto tries: none, 3x, then 3x + 6x the patch size
 
 
 def with_bag(config: dict, bag: int | None) -> dict:

@@ -6,6 +6,7 @@ from pathlib import Path
 from hexpr.embedder.backbones import BackboneSpec
 from hexpr.embedder.backbones import resolve_specs as backbone_specs
 from hexpr.embedder.cache import DEFAULT_CACHE_DIR, clean_partials
+from hexpr.embedder.context import parse_context_um
 from hexpr.embedder.datasets import open_dataset
 from hexpr.embedder.extract import check_embed_options
 from hexpr.embedder.features import FeatureSet, ensure_features
@@ -14,8 +15,10 @@ from hexpr.embedder.presets import preset_rows
 __all__ = ["backbone_presets", "backbone_specs", "clean_cache", "embed"]
 
 
-def embed(data: str | Path, specs: list[BackboneSpec], cache_dir=DEFAULT_CACHE_DIR, **options) -> FeatureSet:
+def embed(data: str | Path, specs: list[BackboneSpec], cache_dir=DEFAULT_CACHE_DIR, *, context_um=(), **options) -> FeatureSet:
     """Open a dataset and make sure every backbone's features are cached; returns the aligned features.
+    ``context_um`` (e.g. ``"336,672"``): also embed squares of those sizes around each spot, cut from the
+    source slides (one cache file per backbone and scale; see ``embedder.context``).
 
     Example::
 
@@ -23,7 +26,8 @@ def embed(data: str | Path, specs: list[BackboneSpec], cache_dir=DEFAULT_CACHE_D
         >>> features.X.shape                            # (spots, features), rows aligned by id
     """
     check_embed_options(**options)
-    return ensure_features(open_dataset(data), specs, cache_dir, **options)
+    scales = parse_context_um(context_um)
+    return ensure_features(open_dataset(data), specs, cache_dir, context_um=scales, **options)
 
 
 def clean_cache(cache_dir=DEFAULT_CACHE_DIR) -> list[dict]:

@@ -13,12 +13,13 @@ from hexpr.embedder.cache import DEFAULT_CACHE_DIR
 from hexpr.embedder.datasets import DatasetError, open_dataset
 from hexpr.embedder.errors import UsageError
 from hexpr.embedder.extract import check_embed_options
-from hexpr.embedder.features import FeatureSet, ensure_features, with_dataset_context
+from hexpr.embedder.context import check_context, fitting_sizes, format_um, parse_context_um
+from hexpr.embedder.features import FeatureSet, ensure_features, with_context_scales, with_dataset_context
 from hexpr.heads.base import HeadError
 from hexpr.heads.fitting import AUTO, check_config, read_model_info
 from hexpr.heads.fitting import fit_head as fit_head_on_features
 from hexpr.heads.metrics import top_genes
-from hexpr.heads.sweep import AUTO_NEIGHBOURS
+from hexpr.heads.sweep import AUTO_CONTEXT_MULTIPLES, AUTO_NEIGHBOURS
 from hexpr.heads.targets import make_transform
 from hexpr.workflow.options import WHOLE_NON_NEGATIVE, Int, check_head, check_option, head_names  # noqa: F401
 
@@ -111,16 +112,34 @@ def warn_if_backbones_change(out_dir: Path, specs: list[BackboneSpec], sweep_bac
     return _describe_specs(old) or "unknown backbones"
 
 
-def _auto_feature_sets(features: FeatureSet, dataset, neighbours: int = 0) -> tuple[dict, dict]:
+def auto_context_scales(dataset, context_um=()) -> tuple[float, ...]:
+    """The context scales ``head="auto"`` tries (as prefixes: the first alone, then all): the given
+    ones, else 3x and 6x the patch size where the dataset has source images they fit in (a warning
+    says why not, and auto then tries none)."""
+    if context_um:
+        return tuple(context_um)
+    sizes, why = fitting_sizes(dataset, AUTO_CONTEXT_MULTIPLES)
+    if why:
+        warnings.warn(f"head 'auto' tries {'context scales of ' + format_um(sizes) + ' µm only' if sizes else 'no context scales'}: "
+                      f"{why}", stacklevel=3)
+    return sizes
+
+
+def _auto_feature_sets(features: FeatureSet, dataset, neighbours: int = 0, context=None) -> tuple[dict, dict]:
     """The feature sets ``head="auto"`` chooses between: the embeddings alone ("plain") and, when the
     dataset has coordinates, with the mean embedding of the k nearest spots appended ("k6"; k =
-    ``neighbours`` or 6). Returns (name -> X, name -> feature meta with its ``neighbours``)."""
+    ``neighbours`` or 6). ``context``: (scales, scales -> features with those context scales); adds
+    one set per prefix of the scales ("c336", "c336+672"). Returns (name -> X, name -> feature meta
+    with its ``neighbours``)."""
     k = int(neighbours) or AUTO_NEIGHBOURS
     named = {"plain": (features, 0)}
     if dataset.coords is not None:
         named[f"k{k}"] = (with_dataset_context(features, dataset, k), k)
     else:
         warnings.warn("the data has no spot coordinates: head 'auto' tries no neighbour context", stacklevel=3)
+    scales, with_scales = context or ((), None)
+    for n in sorted({1, len(scales)}) if scales else ():
+        named["c" + "+".join(f"{s:g}" for s in scales[:n])] = (with_scales(scales[:n]), 0)
     X = {name: f.X for name, (f, _) in named.items()}
     meta = {name: {**f.meta(), "neighbours": kk} for name, (f, kk) in named.items()}
     return X, meta
@@ -153,14 +172,18 @@ def fit_head(data, specs: list[BackboneSpec], *, head: str = "ridge", params: di
              transform: str = "none", folds: int = 5, sweep=None, trials: int | None = None,
              sweep_backbones: bool = False, seed: int = 0, n_jobs: int = -1, out_dir=None,
              cache_dir=DEFAULT_CACHE_DIR, tta: bool = False, genes: str | Path | None = None, neighbours: int = 0,
-             bag: int | None = None, progress: bool = True, **embed_options) -> dict:
+             bag: int | None = None, context_um=(), progress: bool = True, **embed_options) -> dict:
     """Embed if needed, cross-validate (optionally sweep heads and backbones), refit and save the head.
 
     ``genes``: the gene panel (``hvg:N``, ``heg:N`` or a file), chosen from this training data only and
     saved with the model. ``neighbours``: append the mean embedding of the k nearest spots.
     ``bag``: average the head over this many seeds. ``head="auto"``: score ridge and an mlp bagged
     over ``bag`` (default 5) seeds, each without and with neighbour context (k = ``neighbours``, or 6),
-    by grouped CV on this training data; refit the best (see ``_auto_feature_sets``).
+    by grouped CV on this training data; refit the best (see ``_auto_feature_sets``); with source images
+    it also tries context scales (``context_um``, else 3x and 3x + 6x the patch size).
+    ``context_um`` (e.g. ``"336,672"``): append the features of squares of those sizes (µm) around each
+    spot, cut from the source slides (``embedder.context``); the model records them and predict cuts
+    the same squares.
     Example::
 
         >>> report = hexpr.fit_head("demo/train.csv", hexpr.backbone_specs(["resnet18:weights=none,size=64"]),
@@ -173,20 +196,28 @@ def fit_head(data, specs: list[BackboneSpec], *, head: str = "ridge", params: di
     sweep = sweep if space is None else space
     if head == "auto" and sweep_backbones:
         raise HeadError("head 'auto' and --sweep-backbones do not combine; pick the backbones, then run auto")
+    scales = parse_context_um(context_um)
+    if scales and sweep_backbones:
+        raise UsageError("--context-um and --sweep-backbones do not combine; rank the backbones first, then fit "
+                         "the chosen one with --context-um")
     dataset = _training_dataset(data)
+    check_context(dataset, scales)   # no source image, or a size that does not fit: before any embedding
     panel = select_gene_panel(dataset.targets, genes)
     out_dir = Path(out_dir) if out_dir is not None else default_model_dir(dataset.name, head, space is not None, sweep_backbones)
     replaced = warn_if_backbones_change(out_dir, specs, sweep_backbones)
     features = ensure_features(dataset, specs, cache_dir, tta=tta, progress=progress, **embed_options)
-    if head == "auto":  # each of its feature sets carries its own k
-        X, meta = _auto_feature_sets(features, dataset, neighbours)
+    def add_scales(chosen):
+        return with_context_scales(features, dataset, specs, chosen, cache_dir, tta=tta, progress=progress, **embed_options)
+
+    if head == "auto":  # each of its feature sets carries its own k and context scales
+        X, meta = _auto_feature_sets(features, dataset, neighbours, (auto_context_scales(dataset, scales), add_scales))
     elif sweep_backbones:
         X, meta = feature_choices(features, lambda f: with_dataset_context(f, dataset, neighbours))
         meta = {name: {**m, "neighbours": int(neighbours)} for name, m in meta.items()}
         if sweep is None and trials is None:
             sweep = {}  # a grid over backbones alone
     else:
-        features = with_dataset_context(features, dataset, neighbours)
+        features = with_dataset_context(add_scales(scales) if scales else features, dataset, neighbours)
         X, meta = features.X, {**features.meta(), "neighbours": int(neighbours)}
     patch = dataset.patch_scale()  # the tile size predict-slide uses
     for m in (meta.values() if isinstance(X, dict) else [meta]):

@@ -7,6 +7,7 @@ from pathlib import Path
 import pandas as pd
 
 from hexpr.embedder.cache import DEFAULT_CACHE_DIR
+from hexpr.embedder.context import format_um
 from hexpr.embedder.datasets import check_genes_match, open_dataset
 from hexpr.embedder.extract import check_embed_options
 from hexpr.embedder.features import check_features_match, ensure_features, specs_from_meta, with_dataset_context
@@ -80,8 +81,10 @@ def predict_with_uncertainty(model, dataset, *, interval: float | None = DEFAULT
                                       num_workers=embed_options.get("num_workers"))
         return frame, {}, {"finetuned": str(model.path.parent)}, []
     meta = model.feature_meta
+    scales = meta.get("context_um") or []
     features = ensure_features(dataset, specs_from_meta(meta), cache_dir, tta=bool(meta.get("tta")),
-                               progress=progress, **embed_options)
+                               context_um=scales, context_why=f"{label}, fitted with context scales of "
+                               f"{format_um(scales)} µm,", progress=progress, **embed_options)
     features = with_dataset_context(features, dataset, int(meta.get("neighbours", 0)))
     check_features_match(features, meta, label)
     result = predict_uncertain(model, features.X, interval=interval, clip=clip)

@@ -88,6 +88,8 @@ def patch_file_attrs(data: SampleData, patch_um: float, size: int, thumb: dict) 
         "patch_size_um": float(patch_um),
         "source_pixel_size_um": float(src_mpp) if src_mpp else float("nan"),
         "patch_size_px": int(size),
+        # the slide the patches were cut from (absolute): context scales are cut from it (embedder.context)
+        "source_image": str(Path(data.image_path).resolve()) if data.image_path else "",
     }
     if thumb:
         attrs["thumbnail"] = thumb["thumbnail"]
