@@ -385,3 +385,23 @@ def test_a_viewer_without_pyramid_works_from_the_thumbnail_with_a_note(viewer_ru
         assert page.errors == []
     finally:
         page.close()
+
+
+def test_pyramid_cut_in_worker_processes_equals_one_process(tmp_path, monkeypatch):
+    """A slide read by region is cut by several processes, each opening it through the reader table:
+    the same tiles, byte for byte, as in one process."""
+    monkeypatch.setattr(pyramid_module, "BLOCK_STEPS", 1)
+    path = write_tiff(tmp_path / "s.tif", np.tile(synthetic_slide(0), (2, 2, 1)))
+    boxes = np.array([[0.0, 0.0, 2000.0, 1600.0]])
+    with open_slide(path, max_inmemory_bytes=0) as slide:             # read by region, like a gigapixel slide
+        assert slide.mode == "region"
+        monkeypatch.setattr(pyramid_module, "MIN_BLOCKS_PER_WORKER", 100)
+        assert pyramid_module.pyramid_workers(slide, 16) == 1
+        one = write_pyramid(slide, tmp_path / "one", boxes)
+        monkeypatch.setattr(pyramid_module, "MIN_BLOCKS_PER_WORKER", 2)
+        assert pyramid_module.pyramid_workers(slide, 16) == 2 or (os.cpu_count() or 1) == 1
+        several = write_pyramid(slide, tmp_path / "several", boxes)
+    files = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*.jpg"))
+    assert files == sorted(p.relative_to(tmp_path / "several") for p in (tmp_path / "several").rglob("*.jpg"))
+    assert (one.n_tiles, one.n_bytes) == (several.n_tiles, several.n_bytes) == (len(files), one.n_bytes)
+    assert all((tmp_path / "one" / f).read_bytes() == (tmp_path / "several" / f).read_bytes() for f in files)

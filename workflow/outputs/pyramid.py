@@ -14,6 +14,9 @@ Levels follow Deep Zoom (OpenSeadragon's native layout): level ``L`` is the slid
 from __future__ import annotations
 
 import math
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -21,11 +24,13 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
-from hexpr.embedder.slides import SlideImage
+from hexpr.embedder.slides import SlideImage, open_image
 
 TILE = 256                 # Deep Zoom tile side (no overlap)
 BLOCK_STEPS = 4            # fine levels cut from one block read: level-0 block = TILE * 2**4 = 4,096 px
 JPEG_QUALITY = 80
+PYRAMID_WORKERS = 4        # processes cutting fine blocks of a large slide (at most one per CPU)
+MIN_BLOCKS_PER_WORKER = 8  # fewer blocks than this per process: cut in this process
 
 
 @dataclass
@@ -105,6 +110,36 @@ def _read_reduced(slide: SlideImage, d: int, x0: int, y0: int, w: int, h: int) -
     return region.resize((w, h), Image.Resampling.BOX, box=box)
 
 
+def pyramid_workers(slide: SlideImage, n_blocks: int) -> int:
+    """Processes cutting the fine blocks: up to PYRAMID_WORKERS (one per CPU) for a slide read from a file
+    with enough blocks to pay for starting them; else 1 (this process)."""
+    if n_blocks < MIN_BLOCKS_PER_WORKER * 2 or not Path(str(slide.path)).is_file() or slide.mode not in ("region", "openslide"):
+        return 1
+    return max(1, min(PYRAMID_WORKERS, os.cpu_count() or 1, n_blocks // MIN_BLOCKS_PER_WORKER))
+
+
+def _cut_fine_block(slide: SlideImage, writer: _TileWriter, r: int, c: int, top: int, steps: int, width: int,
+                    height: int) -> None:
+    """One block of the fine levels: read once at level 0, halved ``steps`` times, cut at each step."""
+    block_px = TILE * 2 ** steps
+    x0, y0 = c * block_px, r * block_px
+    image = _read_reduced(slide, 1, x0, y0, min(block_px, width - x0), min(block_px, height - y0))
+    for step in range(steps + 1):
+        writer.cut(image, top - step, (x0 >> step) // TILE, (y0 >> step) // TILE)
+        if step < steps:
+            image = image.reduce(2)          # odd sides round up, like the Deep Zoom level sizes
+
+
+def _cut_fine_blocks(path: str, blocks: list[tuple[int, int]], folder: Path, top: int, steps: int, width: int,
+                     height: int) -> tuple[int, int]:
+    """In a worker process: open the slide through the reader table and cut ``blocks``; (tiles, bytes)."""
+    writer = _TileWriter(folder)
+    with open_image(path) as slide:
+        for r, c in blocks:
+            _cut_fine_block(slide, writer, r, c, top, steps, width, height)
+    return writer.n_tiles, writer.n_bytes
+
+
 def write_pyramid(slide: SlideImage, folder: Path, boxes: np.ndarray,
                   progress: Callable[[int, int], None] | None = None) -> Pyramid:
     """Cut ``slide`` into a Deep Zoom pyramid under ``folder``; fine levels only where ``boxes``
@@ -121,18 +156,25 @@ def write_pyramid(slide: SlideImage, folder: Path, boxes: np.ndarray,
         lw, lh = level_size(width, height, level, top)
         coarse_blocks += [(level, x, y, min(block_px, lw - x), min(block_px, lh - y))
                           for y in range(0, lh, block_px) for x in range(0, lw, block_px)]
-    fine = np.argwhere(blocks)
+    fine = [(int(r), int(c)) for r, c in np.argwhere(blocks)]
     total, done = len(fine) + len(coarse_blocks), 0
-    for r, c in fine:
-        x0, y0 = int(c) * block_px, int(r) * block_px
-        image = _read_reduced(slide, 1, x0, y0, min(block_px, width - x0), min(block_px, height - y0))
-        for step in range(steps + 1):
-            writer.cut(image, top - step, (x0 >> step) // TILE, (y0 >> step) // TILE)
-            if step < steps:
-                image = image.reduce(2)          # odd sides round up, like the Deep Zoom level sizes
-        done += 1
-        if progress:
-            progress(done, total)
+    n_workers = pyramid_workers(slide, len(fine))
+    if n_workers > 1:        # each process opens the slide itself and cuts every n-th block
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(n_workers, mp_context=ctx) as pool:
+            jobs = [pool.submit(_cut_fine_blocks, str(slide.path), fine[i::n_workers], folder, top, steps, width, height)
+                    for i in range(n_workers)]
+            for job in jobs:
+                n, size = job.result()
+                writer.n_tiles += n
+                writer.n_bytes += size
+                done += len(fine) // n_workers
+    else:
+        for r, c in fine:
+            _cut_fine_block(slide, writer, r, c, top, steps, width, height)
+            done += 1
+            if progress:
+                progress(done, total)
     for level, x, y, w, h in coarse_blocks:
         writer.cut(_read_reduced(slide, 2 ** (top - level), x, y, w, h), level, x // TILE, y // TILE)
         done += 1
