@@ -359,9 +359,10 @@ def view(
     folder: Annotated[Path, typer.Argument(help="A slide folder predict-slide wrote (OUT/<slide>), or its --out folder.")],
     slide: Annotated[Optional[Path], typer.Option("--slide", help="The slide file's new place, when it moved since predict-slide.")] = None,
     pyramid: Annotated[bool, typer.Option("--pyramid/--no-pyramid", help="Cut a tile pyramid from the slide (default), or draw the maps over the thumbnail stored in predictions.h5ad.")] = True,
+    quiet: QuietOpt = False,
 ):
     """Write the browser viewer (OUT/<slide>/viewer/index.html) of maps predict-slide already wrote; it opens from disk."""
-    result = workflow.view(folder, slide=slide, pyramid=pyramid)
+    result = workflow.view(folder, slide=slide, pyramid=pyramid, progress=not quiet)
     for page, r in result["viewers"].items():
         pyramid_text = (f"pyramid {r['pyramid_tiles']:,} tiles, {r['pyramid_bytes'] / 1e6:.1f} MB" if r["pyramid"]
                         else "no pyramid (thumbnail)")

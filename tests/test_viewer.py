@@ -7,12 +7,14 @@ import io
 import os
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import HER2ST, MOBILENET_WEIGHTS, needs_shared
 from PIL import Image
 from test_predict_slide import predict_cli, runner, synthetic_slide, tiny_model, write_tiff  # noqa: F401 (fixture)
 
@@ -291,9 +293,6 @@ def test_typing_a_gene_recolours_tiles_with_the_h5ad_value(viewer_run, browser):
         page.page.wait_for_function("hexprViewer.scores !== null")
         score = adata.obs["score_prog"].to_numpy(float)
         np.testing.assert_allclose(page.pixel(xy), viridis(score[tile], score.min(), score.max()), atol=4)
-        if os.environ.get("HEXPR_UPDATE_SCREENSHOT"):           # the README's picture
-            page.page.select_option("#mode", "value")
-            page.page.screenshot(path=str(REPO / "docs" / "viewer.png"))
         assert page.errors == []
     finally:
         page.close()
@@ -405,3 +404,48 @@ def test_pyramid_cut_in_worker_processes_equals_one_process(tmp_path, monkeypatc
     assert files == sorted(p.relative_to(tmp_path / "several") for p in (tmp_path / "several").rglob("*.jpg"))
     assert (one.n_tiles, one.n_bytes) == (several.n_tiles, several.n_bytes) == (len(files), one.n_bytes)
     assert all((tmp_path / "one" / f).read_bytes() == (tmp_path / "several" / f).read_bytes() for f in files)
+
+
+@pytest.mark.slow
+@browser_test
+@needs_shared
+def test_her2st_section_in_the_viewer(tmp_path, browser):
+    """A real section: ridge on C2 + C4 (MobileNetV2 at 64 px, 50 HVG), predict-slide C3 with the viewer;
+    the page opens cleanly, the chosen gene's colour sits on its tile, and (HEXPR_UPDATE_SCREENSHOT=1)
+    the screenshot is README's docs/viewer.png."""
+    from hexpr.embedder.backbones import parse_backbone
+    from hexpr.embedder.importers import import_dataset
+    from hexpr.workflow import fit_head, predict_slide
+
+    spec = parse_backbone(f"mobilenetv2_100:weights={MOBILENET_WEIGHTS},pad_type=same,mean=0.5/0.5/0.5,std=0.5/0.5/0.5,"
+                          "size=64")
+    opts = dict(cache_dir=tmp_path / "cache", progress=False, precision="fp32")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import_dataset(HER2ST, tmp_path / "train", sample_ids=["C2", "C4"], target_um_per_px=1.75, progress=False)
+        fit_head(tmp_path / "train", [spec], head="ridge", genes="hvg:50", folds=2, out_dir=tmp_path / "model", n_jobs=1,
+                 **opts)
+        image = next((HER2ST / "ST-imgs" / "C3").glob("*.jpg"))
+        predict_slide(tmp_path / "model", [image], tmp_path / "maps", um_per_px=0.69, outputs="h5ad,viewer", **opts)
+    slide_dir = tmp_path / "maps" / image.stem
+    adata = ad.read_h5ad(slide_dir / "predictions.h5ad")
+    page = Page(browser, slide_dir / "viewer" / "index.html", width=1280, height=760)
+    try:
+        page.wait_drawn()
+        gene = page.page.evaluate("hexprViewer.gene")
+        x = np.asarray(adata.X, float)[:, gene]
+        _set_opacity(page, 1.0)
+        tile = int(np.argmax(x))
+        np.testing.assert_allclose(page.pixel(page.screen_xy(*adata.obsm["spatial"][tile])), viridis(x[tile], x.min(), x.max()),
+                                   atol=4)
+        _set_opacity(page, 0.6)
+        page.page.mouse.move(*page.screen_xy(*adata.obsm["spatial"][tile]))
+        page.page.wait_for_function("hexprViewer.top !== null")
+        page.page.mouse.move(*page.screen_xy(*adata.obsm["spatial"][tile]))
+        page.wait_drawn()
+        page.page.screenshot(path=str(tmp_path / "viewer.png"))
+        if os.environ.get("HEXPR_UPDATE_SCREENSHOT"):
+            shutil.copyfile(tmp_path / "viewer.png", REPO / "docs" / "viewer.png")
+        assert page.errors == [] and all(u.startswith((slide_dir / "viewer").as_uri() + "/") for u in page.requests)
+    finally:
+        page.close()

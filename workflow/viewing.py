@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -69,7 +70,7 @@ def _slide_folders(path: Path) -> list[Path]:
     return inside
 
 
-def view(path, *, slide=None, pyramid: bool = True) -> dict:
+def view(path, *, slide=None, pyramid: bool = True, progress: bool = True) -> dict:
     """Write ``<slide folder>/viewer/`` (see ``workflow.outputs.viewer``) for maps predict-slide wrote.
 
     ``path``: a slide folder (OUT/<slide>) or a run folder (OUT) of them; with several, OUT/index.html
@@ -102,11 +103,25 @@ def view(path, *, slide=None, pyramid: bool = True) -> dict:
     report = {"viewers": {}}
     for folder, m in maps:
         started = time.perf_counter()
-        with atomic_dir(folder / VIEWER_DIR) as tmp:
-            written = write_viewer(m, tmp, pyramid=pyramid)
+        with atomic_dir(folder / VIEWER_DIR) as tmp, _bar(progress, f"{folder.name}: pyramid blocks") as step:
+            written = write_viewer(m, tmp, pyramid=pyramid, progress=step)
         written["seconds"] = round(time.perf_counter() - started, 2)
         report["viewers"][str(folder / VIEWER_DIR / "index.html")] = written
     index = write_run_index(folders[0].parent)
     report["index"] = str(index) if index else None
     return report
 
+
+
+@contextmanager
+def _bar(show: bool, title: str):
+    """A progress bar (rich) over the pyramid's blocks: yields the ``progress(done, total)`` callback."""
+    if not show:
+        yield None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  transient=True) as bar:
+        task = bar.add_task(title, total=None)
+        yield lambda done, total: bar.update(task, completed=done, total=total)

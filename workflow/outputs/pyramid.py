@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import multiprocessing
 import os
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -130,13 +130,19 @@ def _cut_fine_block(slide: SlideImage, writer: _TileWriter, r: int, c: int, top:
             image = image.reduce(2)          # odd sides round up, like the Deep Zoom level sizes
 
 
-def _cut_fine_blocks(path: str, blocks: list[tuple[int, int]], folder: Path, top: int, steps: int, width: int,
-                     height: int) -> tuple[int, int]:
-    """In a worker process: open the slide through the reader table and cut ``blocks``; (tiles, bytes)."""
+_WORKER_SLIDE: SlideImage | None = None     # the slide a worker process opened (see _open_in_worker)
+
+
+def _open_in_worker(path: str) -> None:
+    """Worker process start: open the slide through the reader table, once."""
+    global _WORKER_SLIDE
+    _WORKER_SLIDE = open_image(path)
+
+
+def _cut_in_worker(r: int, c: int, folder: Path, top: int, steps: int, width: int, height: int) -> tuple[int, int]:
+    """In a worker process: cut one fine block of the slide it opened; (tiles, bytes) written."""
     writer = _TileWriter(folder)
-    with open_image(path) as slide:
-        for r, c in blocks:
-            _cut_fine_block(slide, writer, r, c, top, steps, width, height)
+    _cut_fine_block(_WORKER_SLIDE, writer, r, c, top, steps, width, height)
     return writer.n_tiles, writer.n_bytes
 
 
@@ -161,14 +167,15 @@ def write_pyramid(slide: SlideImage, folder: Path, boxes: np.ndarray,
     n_workers = pyramid_workers(slide, len(fine))
     if n_workers > 1:        # each process opens the slide itself and cuts every n-th block
         ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(n_workers, mp_context=ctx) as pool:
-            jobs = [pool.submit(_cut_fine_blocks, str(slide.path), fine[i::n_workers], folder, top, steps, width, height)
-                    for i in range(n_workers)]
-            for job in jobs:
+        with ProcessPoolExecutor(n_workers, mp_context=ctx, initializer=_open_in_worker, initargs=(str(slide.path),)) as pool:
+            jobs = [pool.submit(_cut_in_worker, r, c, folder, top, steps, width, height) for r, c in fine]
+            for job in as_completed(jobs):
                 n, size = job.result()
                 writer.n_tiles += n
                 writer.n_bytes += size
-                done += len(fine) // n_workers
+                done += 1
+                if progress:
+                    progress(done, total)
     else:
         for r, c in fine:
             _cut_fine_block(slide, writer, r, c, top, steps, width, height)

@@ -142,14 +142,14 @@ def _slide_path(m) -> Path:
     return Path(str(recorded))
 
 
-def _write_pyramid(m, folder: Path):
+def _write_pyramid(m, folder: Path, progress=None):
     path = _slide_path(m)
     if not path.is_file():
         raise SlideError(f"slide file {path} (recorded in the predictions) is not there; pass --slide with its new place, "
                          f"or --no-pyramid to view the maps over the stored thumbnail")
     boxes = np.c_[np.asarray(m.centres, float) - m.tile_px / 2, np.asarray(m.centres, float) + m.tile_px / 2]
     with open_slide(path, um_per_px=float(m.provenance.get("um_per_px") or 1.0), force_um_per_px=True) as slide:
-        return write_pyramid(slide, folder / "pyramid", boxes)
+        return write_pyramid(slide, folder / "pyramid", boxes, progress=progress)
 
 
 def _thumbnail(m, folder: Path) -> dict:
@@ -166,9 +166,10 @@ def initial_gene(m) -> str:
     return str(variance.idxmax()) if len(variance) else str(m.predictions.columns[0])
 
 
-def write_viewer(m, folder: Path, *, pyramid: bool = True) -> dict:
+def write_viewer(m, folder: Path, *, pyramid: bool = True, progress=None) -> dict:
     """Write the viewer of SlideMap ``m`` into ``folder`` (created; see the module doc). ``pyramid=False``
-    draws the maps over the thumbnail alone (the page says so). Returns sizes in bytes and counts."""
+    draws the maps over the thumbnail alone (the page says so). ``progress(done, total)`` is called as
+    the pyramid's blocks are cut. Returns sizes in bytes and counts."""
     folder = Path(folder)
     (folder / "assets").mkdir(parents=True)
     for name in PAGE_ASSETS:
@@ -177,7 +178,7 @@ def write_viewer(m, folder: Path, *, pyramid: bool = True) -> dict:
     data = folder / "data"
     data.mkdir()
     thumb = _thumbnail(m, folder)
-    pyr = _write_pyramid(m, folder) if pyramid else None
+    pyr = _write_pyramid(m, folder, progress) if pyramid else None
     rows, cols = tile_cells(m)
     n_rows = int(m.provenance.get("grid_shape", [0, 0])[0] or 0) or int(rows.max(initial=-1) + 1)
     n_cols = int(m.provenance.get("grid_shape", [0, 0])[1] or 0) or int(cols.max(initial=-1) + 1)
