@@ -361,7 +361,7 @@ def predict_slide(
     min_tissue: Annotated[float, typer.Option("--min-tissue", help="Keep tiles with at least this share of tissue, 0 to 1.")] = 0.25,
     gene: Annotated[Optional[list[str]], typer.Option("--gene", help="Gene to draw a heatmap of, repeatable (default: the 3 most variable predicted).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing <out>/<slide> folders.")] = False,
-    outputs: Annotated[Optional[str], typer.Option("--outputs", help="Comma-separated outputs per slide: h5ad, geojson, heatmaps, spatialdata (needs hexpr[spatialdata]) (default: h5ad,geojson,heatmaps).")] = None,
+    outputs: Annotated[Optional[str], typer.Option("--outputs", help="Comma-separated outputs per slide: h5ad, geojson, heatmaps, spatialdata (needs hexpr[spatialdata]), viewer (a browser page; OUT/index.html links several) (default: h5ad,geojson,heatmaps).")] = None,
     geojson_genes: Annotated[Optional[str], typer.Option("--geojson-genes", help="Genes in tiles.geojson: this many most variable predicted (+ every --gene), or 'all' (default: 50).")] = None,
     gene_sets: Annotated[Optional[Path], typer.Option("--gene-sets", help="Gene programs to score per tile: .gmt, or a CSV/TSV of set,gene rows.", exists=True)] = None,
     interval: IntervalOpt = 0.9, raw: RawOpt = False,
@@ -384,6 +384,11 @@ def predict_slide(
             table.add_row(str(path), f"{r['um_per_px']:.4g} ({r['um_per_px_source']})", f"{r['n_tiles']}/{r['n_grid_tiles']}",
                           str(r["seconds"]), str(r["tiles_per_second"]), str(r["out_dir"]))
         out.print(table)
+        viewers = [str(Path(r["out_dir"]) / f) for r in report["slides"].values() for f in r["outputs"].get("viewer", [])]
+        for page in viewers:
+            out.print(f"viewer: {page}", soft_wrap=True, highlight=False)
+        if report.get("index"):
+            out.print(f"index of every slide: {report['index']}", soft_wrap=True, highlight=False)
     if result["slides"]:   # under torchrun sharing tiles, rank 0 writes and reports
         emit(result, render)
     if result["failed"]:
@@ -391,6 +396,25 @@ def predict_slide(
         error_line(f"{len(result['failed'])} of {n_all} slides failed (why: the warnings above), the others were "
                    f"written: {', '.join(result['failed'])}")
         raise typer.Exit(1)
+
+
+@app.command()
+@_friendly_errors
+def view(
+    folder: Annotated[Path, typer.Argument(help="A slide folder predict-slide wrote (OUT/<slide>), or its --out folder.")],
+    slide: Annotated[Optional[Path], typer.Option("--slide", help="The slide file's new place, when it moved since predict-slide.")] = None,
+    pyramid: Annotated[bool, typer.Option("--pyramid/--no-pyramid", help="Cut a tile pyramid from the slide (default), or draw the maps over the thumbnail stored in predictions.h5ad.")] = True,
+    quiet: QuietOpt = False,
+):
+    """Write the browser viewer (OUT/<slide>/viewer/index.html) of maps predict-slide already wrote; it opens from disk."""
+    result = workflow.view(folder, slide=slide, pyramid=pyramid, progress=not quiet)
+    for page, r in result["viewers"].items():
+        pyramid_text = (f"pyramid {r['pyramid_tiles']:,} tiles, {r['pyramid_bytes'] / 1e6:.1f} MB" if r["pyramid"]
+                        else "no pyramid (thumbnail)")
+        out.print(f"wrote {page}: {r['n_tiles']:,} tiles x {r['n_genes']:,} genes, {pyramid_text}, "
+                  f"{r['gene_bytes_each'] / 1e3:.1f} kB per gene, {r['seconds']} s", soft_wrap=True, highlight=False)
+    if result["index"]:
+        out.print(f"index of every slide: {result['index']}", soft_wrap=True, highlight=False)
 
 
 @app.command()

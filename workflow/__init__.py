@@ -16,6 +16,7 @@ name, then rename) and returns a plain dict report. Names are loaded on first us
     demo, write_demo_dataset                workflow.demo_pipeline
     import_dataset                          workflow.importing
     finetune                                workflow.finetuning
+    view, read_slide_map                    workflow.viewing
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ _PUBLIC = {
     "import_dataset": "hexpr.workflow.importing",
     "finetune": "hexpr.workflow.finetuning",
     "check_model_path": "hexpr.workflow.options",
+    "view": "hexpr.workflow.viewing", "read_slide_map": "hexpr.workflow.viewing",
 }
 __all__ = sorted(_PUBLIC)
 

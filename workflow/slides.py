@@ -22,6 +22,7 @@ from hexpr.heads.uncertainty import DEFAULT_INTERVAL, check_interval, check_mode
 from hexpr.workflow.options import POSITIVE, SHARE, WHOLE_NON_NEGATIVE, check_option, check_output_folder
 from hexpr.workflow.outputs.gene_sets import SCORE_METHOD, read_gene_sets, score_gene_sets
 from hexpr.workflow.outputs.slide_maps import SlideMap, parse_geojson_genes, parse_outputs, write_slide_outputs
+from hexpr.workflow.outputs.viewer import write_run_index
 from hexpr.workflow.prediction import load_predictor, predict_with_uncertainty, predictor_meta
 
 DEFAULT_TILE_UM = 112.0          # HEST's patch: 224 px at 0.5 µm/px
@@ -190,6 +191,9 @@ def predict_slide(model_path, slides, out_dir, *, um_per_px: float | None = None
                 raise
             warnings.warn(f"skipped {path}: {exc}", stacklevel=2)
             report["failed"][str(path)] = str(exc)
+    if "viewer" in writing["outputs"] and report["slides"]:
+        index = write_run_index(out_dir)
+        report["index"] = str(index) if index else None
     if report["failed"] and not report["slides"]:
         raise SlideError(f"none of the {len(mine)} slides could be predicted; first: {next(iter(report['failed'].values()))}")
     return report
@@ -224,7 +228,7 @@ def _predict_one_slide(fitted, model_path, path: Path, final_dir: Path, scale: d
         chosen = _heatmap_genes(frame, genes, n_heatmap_genes)
         obs = pd.DataFrame({"row": tiles.rows, "col": tiles.cols, "tissue_fraction": fraction[keep].astype(np.float32)})
         provenance = {"model": str(model_path), "config": config, "feature_meta": predictor_meta(fitted),
-                      "slide": str(path), "slide_size_px": [int(slide.width), int(slide.height)],
+                      "slide": str(Path(path).resolve()), "slide_size_px": [int(slide.width), int(slide.height)],
                       "um_per_px": slide.um_per_px, "um_per_px_source": slide.um_per_px_source,
                       "tile_um": scale["tile_um"], "tile_px_level0": tile_px, "tile_um_per_px": scale["tile_um_per_px"],
                       "tile_patch_px": scale["tile_px"], "tile_size_source": scale["source"],

@@ -18,6 +18,7 @@ from hexpr.workflow.outputs.anndata import provenance_uns, write_anndata
 from hexpr.workflow.outputs.geojson import write_tile_geojson
 from hexpr.workflow.outputs.plots import plot_tile_map, safe_filename
 from hexpr.workflow.outputs.spatialdata import require_spatialdata, write_spatialdata
+from hexpr.workflow.outputs.viewer import VIEWER_DIR, write_viewer
 
 DEFAULT_GEOJSON_GENES = 50          # QuPath measurements per tile: the most variable predicted genes
 H5AD_COMPRESSION = "gzip"
@@ -73,6 +74,11 @@ def _write_spatialdata(m: SlideMap, folder: Path) -> dict[str, str]:
     return {"spatialdata": "spatialdata.zarr"}
 
 
+def _write_viewer(m: SlideMap, folder: Path) -> dict[str, str]:
+    write_viewer(m, folder / VIEWER_DIR)
+    return {"viewer": f"{VIEWER_DIR}/index.html"}
+
+
 def uncertainty_map(layers: dict[str, pd.DataFrame], gene: str, interval: float | None = None
                     ) -> tuple[pd.Series, str] | None:
     """(values, what they are) drawn as ``uncertainty_<gene>.png``: the interval width, else the members' std."""
@@ -116,6 +122,8 @@ SLIDE_OUTPUTS: dict[str, SlideOutput] = {
                             "over the thumbnail"),
     "spatialdata": SlideOutput(_write_spatialdata, "spatialdata.zarr (SpatialData: image, tile shapes, table; "
                                "needs pip install 'hexpr[spatialdata]')", require_spatialdata),
+    "viewer": SlideOutput(_write_viewer, "viewer/index.html: the slide as a tile pyramid with the maps, opens in a browser "
+                          "from disk (no server, no network); hexpr view writes one for maps already written"),
 }
 DEFAULT_OUTPUTS = ("h5ad", "geojson", "heatmaps")
 
