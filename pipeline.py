@@ -30,7 +30,7 @@ out = Console()
 Precision = Literal["auto", "fp32", "bf16"]
 PredictionFormat = Literal["csv", "h5ad"]
 MapMethod = Literal["pca", "tsne"]
-ImportKind = Literal["auto", "legacy_st", "visium", "hest"]
+ImportKind = Literal["auto", "legacy_st", "visium", "hest", "visium_hd", "xenium"]
 Normalization = Literal["log1p_cp10k", "none"]
 ImportOutput = Literal["hest", "challenge"]
 FinetuneLoss = Literal["mse", "huber", "logcosh", "pearson", "mse+pearson", "weighted_mse"]
@@ -423,9 +423,9 @@ def inspect(
 @app.command("import")
 @_friendly_errors
 def import_(
-    source: Annotated[list[Path], typer.Argument(help="her2st-style legacy ST root, Space Ranger output folder(s), or HEST-1k root.")],
+    source: Annotated[list[Path], typer.Argument(help="her2st-style legacy ST root, Space Ranger (Visium / Visium HD) or Xenium output folder(s), or HEST-1k root.")],
     out_dir: Annotated[Path, typer.Option("--out", help="Dataset folder to write (patches/ + st/, or PNG + dataset.csv).")],
-    kind: Annotated[ImportKind, typer.Option(help="Source layout: auto (detected) | legacy_st | visium | hest.")] = "auto",
+    kind: Annotated[ImportKind, typer.Option(help="Source layout: auto (detected) | legacy_st | visium | hest | visium_hd | xenium.")] = "auto",
     patch_um: Annotated[float, typer.Option(help="Patch side in micrometres, > 0.")] = 112.0,
     um_per_px: Annotated[float, typer.Option(help="Patch resolution in µm/px, > 0 (0.5 -> 112 µm = 224 px, HEST's convention).")] = 0.5,
     source_um_per_px: Annotated[Optional[float], typer.Option(help="Slide µm/px, > 0, when it cannot be derived (scalefactors or spot grid).")] = None,
@@ -434,13 +434,18 @@ def import_(
     normalize: Annotated[Normalization, typer.Option(help="log1p_cp10k | none (raw counts are kept in layers['counts']).")] = "log1p_cp10k",
     filter_background: Annotated[bool, typer.Option(help="Drop mostly-white patches.")] = False,
     output: Annotated[ImportOutput, typer.Option(help="hest (patch .h5 + .h5ad) | challenge (PNG + CSV).")] = "hest",
+    tile_um: Annotated[Optional[float], typer.Option(help="Visium HD / Xenium: tile side in µm, >= the bin size (default: --patch-um); a bin size keeps the bins.")] = None,
+    min_tile_counts: Annotated[int, typer.Option(help="Visium HD / Xenium: drop tiles (or cells) with fewer counts, >= 0.")] = 10,
+    alignment: Annotated[Optional[Path], typer.Option(help="Xenium: H&E registration, the 10x alignment matrix CSV (H&E px -> morphology px) or a Xenium Explorer keypoints CSV.")] = None,
+    per_cell: Annotated[bool, typer.Option(help="Xenium: one observation per cell (patch centred on its centroid) instead of tiles.")] = False,
     quiet: QuietOpt = False,
 ):
     """Cut spot-centred patches from slides at a fixed µm size and write a dataset hexpr trains on."""
     summary = workflow.import_dataset(source if len(source) > 1 else source[0], out_dir, kind=kind, patch_um=patch_um,
                              target_um_per_px=um_per_px, source_um_per_px=source_um_per_px, normalize=normalize,
                              filter_background=filter_background, output=output, sample_ids=sample, progress=not quiet,
-                             image=image)
+                             image=image, tile_um=tile_um, min_tile_counts=min_tile_counts, alignment=alignment,
+                             per_cell=per_cell)
     table = Table(title=f"imported {summary['kind']} -> {summary['out_dir']} ({summary['seconds']} s)")
     for column in ("sample", "patches", "µm/px slide", "padded", "dropped (outside/background)"):
         table.add_column(column)

@@ -116,7 +116,7 @@ CASES = [
     (["demo", "--workdir", "{w}/demo", "--n-train", "2"], ERROR, "n_train"),
     (["demo-data", "{w}/dd", "--seed", "-1"], ERROR, "seed"),
     (["demo-data", "{w}/dd", "--size", "8"], ERROR, "size"),
-    (["import", "{w}/data", "--out", "{w}/imp", "--kind", "xenium"], USAGE, "'--kind'"),
+    (["import", "{w}/data", "--out", "{w}/imp", "--kind", "merfish"], USAGE, "'--kind'"),
     (["import", "{w}/data", "--out", "{w}/imp", "--normalize", "cpm"], USAGE, "'--normalize'"),
     (["import", "{w}/data", "--out", "{w}/imp", "--output", "zarr"], USAGE, "'--output'"),
     (["import", "{w}/data", "--out", "{w}/imp", "--patch-um", "0"], ERROR, "patch_um"),
