@@ -458,6 +458,33 @@ def import_(
               f"{summary['n_genes']} genes ({summary['n_genes_dropped']} not shared by all samples dropped)")
 
 
+@app.command("hest-bench")
+@_friendly_errors
+def hest_bench(
+    task: Annotated[Path, typer.Argument(help="HEST-Bench task folder (splits/, patches/, adata/, var_50genes.json).")],
+    head: Annotated[Optional[list[str]], typer.Option("--head", help="Head(s), repeatable (default: hest, the published "
+                                                                       "PCA-256 + ridge probe). " + HEAD_HELP)] = None,
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder for <task>.json and <task>.csv.")] = Path("hest-bench"),
+    seed: Annotated[int, typer.Option(help="Random seed (>= 0) of seeded heads.")] = 0,
+    backbone: BackboneOpt = None, backbone_config: BackboneConfigOpt = None, no_pretrained: NoPretrainedOpt = False,
+    cache_dir: CacheDirOpt = Path("cache"), tta: TtaOpt = False, batch_size: BatchOpt = None,
+    workers: WorkersOpt = None, device: DeviceOpt = "auto", quiet: QuietOpt = False,
+):
+    """HEST-Bench's protocol on a task: per split, fit on train samples, mean Pearson over the task's 50 genes on test."""
+    report = workflow.hest_bench(task, _specs(backbone, backbone_config, no_pretrained), heads=tuple(head or ("hest",)),
+                                 out_dir=out_dir, cache_dir=cache_dir, tta=tta, seed=seed, progress=not quiet,
+                                 batch_size=batch_size, num_workers=workers, device=device)
+    splits = [s["name"] for s in report["splits"]]
+    table = Table(title=f"HEST-Bench {report['task']}: mean Pearson over {len(report['genes'])} genes "
+                        f"(target log1p of raw counts)")
+    for column in ("head", *splits, "mean ± std"):
+        table.add_column(column)
+    for name, res in report["heads"].items():
+        table.add_row(name, *(f"{s['pearson_mean']:.4f}" for s in res["splits"]), f"{res['mean']:.4f} ± {res['std']:.4f}")
+    out.print(table)
+    out.print(f"wrote {report['files']['json']} and {report['files']['csv']}")
+
+
 @app.command()
 @_friendly_errors
 def finetune(

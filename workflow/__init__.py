@@ -16,6 +16,7 @@ name, then rename) and returns a plain dict report. Names are loaded on first us
     demo, write_demo_dataset                workflow.demo_pipeline
     import_dataset                          workflow.importing
     finetune                                workflow.finetuning
+    hest_bench                              workflow.hest_bench
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ _PUBLIC = {
     "demo": "hexpr.workflow.demo_pipeline", "write_demo_dataset": "hexpr.workflow.demo_pipeline",
     "import_dataset": "hexpr.workflow.importing",
     "finetune": "hexpr.workflow.finetuning",
+    "hest_bench": "hexpr.workflow.hest_bench",
 }
 __all__ = sorted(_PUBLIC)
 
