@@ -1,6 +1,7 @@
 """Visium HD import at full size: a synthetic 6.5 x 6.5 mm capture area of 8 µm bins pooled into tiles.
 
     python -m benchmarks.visium_hd_import [--work DIR] [--tile-um 112] [--genes 18000] [--nnz-per-bin 80]
+    python -m benchmarks.visium_hd_import --work DIR --tradeoff-only     # genes per tile at several tile sizes
 
 Writes a Space Ranger-like ``outs/`` (binned_outputs/square_008um: 812 x 812 = 659,344 in-tissue bins,
 18,000 genes, sparse counts with about ``--nnz-per-bin`` genes detected per bin, written barcode
@@ -14,7 +15,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -99,17 +102,40 @@ def run_stages(outs: Path, image: Path, out: Path, tile_um: float) -> list[dict]
 
     rows = []
     reset_peak_memory()
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     data = load_visium_hd(outs, tile_um=tile_um, image=image, sample_id="hd")
     rows.append({"stage": "load: read positions, pool bins into tiles, tile centres",
-                 "seconds": round(time.perf_counter() - t, 2), "peak_rss_mib": peak_memory_mib(),
-                 "detail": data.provenance["seconds"]})
+                 "seconds": round(time.perf_counter() - t, 2), "cpu_seconds": round(time.process_time() - c, 2),
+                 "peak_rss_mib": peak_memory_mib(), "detail": data.provenance["seconds"]})
     reset_peak_memory()
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     spec = SampleSpec(sample_id="hd", kind="visium_hd", genes=data.genes, load=lambda: data)
     res = run_import([spec], out, kind="visium_hd", patch_um=112.0, progress=False)
     rows.append({"stage": f"cut {res['n_patches']} patches, normalise, write", "seconds": round(time.perf_counter() - t, 2),
-                 "peak_rss_mib": peak_memory_mib()})
+                 "cpu_seconds": round(time.process_time() - c, 2), "peak_rss_mib": peak_memory_mib()})
+    return rows
+
+
+def tile_size_tradeoff(outs: Path, sizes=(8, 16, 32, 56, 112, 224)) -> list[dict]:
+    """Per tile size: tiles, median counts and median genes detected per tile (the bins pooled as the
+    importer pools them, no patches cut)."""
+    from hexpr.embedder.importers.tenx_h5 import TenxH5
+    from hexpr.embedder.importers.tiles import TileGrid, TileSums
+
+    m = TenxH5.open(outs / "binned_outputs" / "square_008um" / "filtered_feature_bc_matrix.h5")
+    pos = pq.read_table(outs / "binned_outputs" / "square_008um" / "spatial" / "tissue_positions.parquet")
+    row, col = pos.column("array_row").to_numpy(), pos.column("array_col").to_numpy()
+    rows = []
+    for size in sizes:
+        k = size // BIN_UM
+        grid = TileGrid.from_indices(row // k, col // k)
+        sums = TileSums(grid.n_tiles, m.n_features)
+        for a, b, chunk in m.row_chunks():
+            sums.add(chunk, grid.key[a:b])
+        counts = sums.result()
+        rows.append({"tile_um": size, "tiles": grid.n_tiles,
+                     "median_counts": float(np.median(np.asarray(counts.sum(axis=1)).ravel())),
+                     "median_genes_detected": float(np.median(np.diff(counts.indptr)))})
     return rows
 
 
@@ -120,25 +146,44 @@ def main(argv=None) -> None:
     ap.add_argument("--genes", type=int, default=18000)
     ap.add_argument("--nnz-per-bin", type=int, default=80)
     ap.add_argument("--side-um", type=float, default=SIDE_UM, help="capture area side (µm); 6500 is full size")
+    ap.add_argument("--tradeoff-only", action="store_true", help="only the tile-size table (sample reused from --work)")
     args = ap.parse_args(argv)
     work = args.work or Path(tempfile.mkdtemp(prefix="hexpr-hd-"))
     t = time.perf_counter()
-    outs, image, info = write_sample(work / "sample", args.genes, args.nnz_per_bin, args.side_um)
-    info["write_seconds"] = round(time.perf_counter() - t, 1)
+    done = work / "sample" / "info.json"
+    if done.is_file():           # a sample this script wrote before in --work: reused
+        info = json.loads(done.read_text())
+        outs, image = work / "sample" / "outs", work / "sample" / "he.tif"
+    else:
+        outs, image, info = write_sample(work / "sample", args.genes, args.nnz_per_bin, args.side_um)
+        info["write_seconds"] = round(time.perf_counter() - t, 1)
+        done.write_text(json.dumps(info))
+    if args.tradeoff_only:
+        trade = tile_size_tradeoff(outs)
+        print("\n| tile µm | tiles | median counts per tile | median genes detected per tile |\n|---|---|---|---|")
+        for r in trade:
+            print(f"| {r['tile_um']} | {r['tiles']:,} | {r['median_counts']:,.0f} | {r['median_genes_detected']:,.0f} |")
+        dest = REPO / "benchmarks" / "results" / "visium_hd_tile_sizes.json"
+        dest.write_text(json.dumps({"sample": info, "rows": trade}, indent=2))
+        print(f"wrote {dest}")
+        return
+    for d in ("staged", "e2e"):
+        shutil.rmtree(work / d, ignore_errors=True)
     print(f"synthetic sample: {info}", flush=True)
     rows = run_stages(outs, image, work / "staged", args.tile_um)
     t = time.perf_counter()
     cmd = [sys.executable, "-m", "hexpr", "import", str(outs), "--out", str(work / "e2e"), "--image", str(image),
            "--tile-um", str(args.tile_um), "--quiet"]
     subprocess.run(cmd, check=True, cwd=REPO, stdout=subprocess.DEVNULL)
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     e2e = {"stage": "end to end: python -m hexpr import (child process)", "seconds": round(time.perf_counter() - t, 2),
-           "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1)}
+           "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 2), "peak_rss_mib": round(usage.ru_maxrss / 1024, 1)}
     rows.append(e2e)
-    print(f"\n| stage | seconds | peak RSS (MiB) |\n|---|---|---|")
+    print(f"\n| stage | wall s | CPU s | peak RSS (MiB) |\n|---|---|---|---|")
     for r in rows:
-        print(f"| {r['stage']} | {r['seconds']} | {r['peak_rss_mib']:,} |")
+        print(f"| {r['stage']} | {r['seconds']} | {r['cpu_seconds']} | {r['peak_rss_mib']:,} |")
     print(f"\nload detail: {rows[0]['detail']}")
-    result = {"sample": info, "tile_um": args.tile_um, "patch_um": 112.0, "stages": rows}
+    result = {"load_average_after": [round(v, 2) for v in os.getloadavg()], "sample": info, "tile_um": args.tile_um, "patch_um": 112.0, "stages": rows}
     if args.side_um != SIDE_UM:
         print("not full size: results not written")
         return

@@ -340,3 +340,51 @@ def test_her2st_xenium_with_rotation_and_scale(c3, tmp_path):
 
         check_tiles(a, xy, counts, sec.genes, px_to_xen, tile_um, 1)
         assert a.uns["hexpr_import"]["um_per_px"] == pytest.approx(he_um_per_px, rel=1e-9)
+
+
+@needs_shared
+@pytest.mark.slow
+def test_a_head_trained_on_her2st_spots_predicts_hd_and_xenium_tiles_as_well(c3, tmp_path):
+    """Ridge on MobileNetV2 features of B4, C2, C4 (the ordinary her2st import) predicts C3's spots, and
+    C3 rebuilt as Visium HD 8 µm bins and as Xenium cells (Xenium frame rotated 90° and shifted, scale
+    through the alignment), imported as 200 µm tiles that each hold one spot: same Pearson within 0.05."""
+    from conftest import MOBILENET_WEIGHTS
+
+    from hexpr import workflow
+    from hexpr.heads.base import make_head
+    from hexpr.heads.metrics import pearson_per_gene, top_genes
+
+    spec = f"mobilenetv2_100:weights={MOBILENET_WEIGHTS},pad_type=same,mean=0.5/0.5/0.5,std=0.5/0.5/0.5,size=112"
+    specs = workflow.backbone_specs([spec], None, False)
+    cache = tmp_path / "cache"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import_dataset(HER2ST, tmp_path / "her2st", progress=False)
+    sec = her2st_section(c3)
+    b8 = section_bins(sec)
+    write_visium_hd(tmp_path / "C3hd" / "outs", [b8], sec.genes, sec.um_per_px)
+    import_dataset(tmp_path / "C3hd", tmp_path / "hd", image=sec.image, tile_um=200, progress=False)
+    uv, counts = section_cells(sec, cells_per_spot=20)
+    n_rows = int(np.ceil(sec.v.max() / 200)) + 1
+    M, to_xen = xenium_frame(sec, deg=90.0, shift_um=(200.0 * n_rows, 0.0), pixel_size=PIXEL_SIZE)
+    write_xenium(tmp_path / "C3xe", [f"c{i}" for i in range(len(uv))], to_xen(uv), sec.genes, counts, M, PIXEL_SIZE)
+    import_dataset(tmp_path / "C3xe", tmp_path / "xe", image=sec.image, tile_um=200, progress=False)
+
+    def data(path):
+        fs = workflow.embed(path, specs, cache, progress=False)
+        a = {p.stem: ad.read_h5ad(p) for p in sorted((path / "st").glob("*.h5ad"))}
+        expr = pd.concat([pd.DataFrame(np.asarray(x.X), index=[f"{s}/{b}" for b in x.obs_names], columns=x.var_names)
+                          for s, x in a.items()], join="inner")
+        return pd.DataFrame(fs.X, index=fs.ids), expr
+
+    X, E = data(tmp_path / "her2st")
+    train = np.array([not i.startswith("C3/") for i in X.index])
+    genes = list(E.columns[top_genes(E[train].to_numpy(), 50)])
+    head = make_head("ridge").fit(X[train].to_numpy(), E.loc[X.index[train], genes].to_numpy())
+    r_spots = pearson_per_gene(head.predict(X[~train].to_numpy()), E.loc[X.index[~train], genes].to_numpy()).mean()
+    assert r_spots > 0.1
+    for path in (tmp_path / "hd", tmp_path / "xe"):
+        Xt, Et = data(path)
+        assert len(Xt) == len(sec.u)
+        r_tiles = pearson_per_gene(head.predict(Xt.to_numpy()), Et.loc[Xt.index, genes].to_numpy()).mean()
+        assert abs(r_tiles - r_spots) < 0.05, (path.name, r_tiles, r_spots)

@@ -43,7 +43,8 @@ class TenxH5:
     n_features: int
 
     @classmethod
-    def open(cls, path: Path | str) -> "TenxH5":
+    def open(cls, path: Path | str, barcodes: bool = True) -> "TenxH5":
+        """Read the feature table and (unless ``barcodes=False``, e.g. for the gene list) the barcodes."""
         path = Path(path)
         try:
             f = h5py.File(path, "r")
@@ -68,11 +69,11 @@ class TenxH5:
                 if k not in g:
                     raise ImporterError(f"{path}: dataset {g.name}/{k} missing; not a 10x HDF5 count matrix")
             n_feat, n_bc = (int(v) for v in g["shape"][:])
-            barcodes = decode(g["barcodes"][:])
-            if len(barcodes) != n_bc or len(names) != n_feat:
+            bcs = decode(g["barcodes"][:]) if barcodes else []
+            if (barcodes and len(bcs) != n_bc) or len(names) != n_feat:
                 raise ImporterError(f"{path}: shape {n_feat} x {n_bc} does not match {len(names)} features and "
-                                    f"{len(barcodes)} barcodes")
-            return cls(path, g.name, barcodes, names, ftype, n_feat)
+                                    f"{len(bcs)} barcodes")
+            return cls(path, g.name, bcs, names, ftype, n_feat)
 
     def row_chunks(self, nnz_per_chunk: int = NNZ_PER_CHUNK) -> Iterator[tuple[int, int, sp.csr_matrix]]:
         """(first barcode, end barcode, counts barcodes x all features as CSR) chunk by chunk."""
@@ -123,7 +124,7 @@ def read_10x_h5(path: Path | str, messages: list[str] | None = None) -> tuple[li
 
 def read_10x_h5_genes(path: Path | str) -> list[str]:
     """Gene symbols only (cheap) — same names and order as :func:`read_10x_h5`."""
-    return TenxH5.open(path).genes()
+    return TenxH5.open(path, barcodes=False).genes()
 
 
 def finish_matrix(path, barcodes, names, ftype, m, messages):

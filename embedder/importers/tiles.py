@@ -57,7 +57,7 @@ class TileSums:
 
     def __init__(self, n_tiles: int, n_genes: int):
         self.shape = (n_tiles, n_genes)
-        self.total: sp.csr_matrix = sp.csr_matrix(self.shape, dtype=np.int64)
+        self.total: sp.csr_matrix = sp.csr_matrix(self.shape, dtype=np.int64)   # int64: no overflow in sums
         self.pending: list[sp.csr_matrix] = []
         self.pending_nnz = 0
 
@@ -67,22 +67,21 @@ class TileSums:
         ok = np.flatnonzero(keys >= 0)
         if not len(ok):
             return
-        pool = sp.csr_matrix((np.ones(len(ok), np.int64), (keys[ok], ok)), shape=(self.shape[0], counts.shape[0]))
-        part = (pool @ counts.astype(np.int64)).tocsr()
+        pool = sp.csr_matrix((np.ones(len(ok), counts.dtype), (keys[ok], ok)), shape=(self.shape[0], counts.shape[0]))
+        part = (pool @ counts).tocsr()
+        part.sum_duplicates()           # canonical (sorted, unique indices): fast CSR additions below
         self.pending.append(part)
         self.pending_nnz += part.nnz
         if self.pending_nnz > max(_MERGE_NNZ, self.total.nnz):
             self._merge()
 
     def _merge(self) -> None:
-        """One COO -> CSR conversion of the running total and the pending parts (duplicates summed)."""
-        if not self.pending:
-            return
-        parts = [m.tocoo() for m in [self.total, *self.pending]]
+        """Add the pending parts to the running total pairwise (a tree of CSR additions)."""
+        parts = [self.total, *self.pending]
         self.pending, self.pending_nnz = [], 0
-        self.total = sp.csr_matrix((np.concatenate([p.data for p in parts]),
-                                    (np.concatenate([p.row for p in parts]), np.concatenate([p.col for p in parts]))),
-                                   shape=self.shape)
+        while len(parts) > 1:
+            parts = [parts[i] + parts[i + 1] if i + 1 < len(parts) else parts[i] for i in range(0, len(parts), 2)]
+        self.total = parts[0]
 
     def result(self) -> sp.csr_matrix:
         self._merge()

@@ -279,7 +279,7 @@ def load_visium(folder: Path | str, image: Path | str | None = None, sample_id: 
         sample_id=sid, barcodes=list(common), genes=genes, counts=counts[rows], coords=coords,
         source_um_per_px=mpp, scale_info=scale, image_path=files["image"], obs=obs,
         source_files={k: str(v) for k, v in files.items()},
-        provenance={"technology": "10x Visium", "spot_diameter_um": VISIUM_SPOT_DIAMETER_UM,
+        provenance={"technology": "10x Visium", "platform": "visium", "spot_diameter_um": VISIUM_SPOT_DIAMETER_UM,
                     "matrix_format": fmt, "n_barcodes_matrix": len(barcodes),
                     "n_spots_in_tissue": int(in_tissue.sum())},
         warnings=msgs, counts_info={"n_spots": len(barcodes), "n_genes": len(genes)},

@@ -197,7 +197,7 @@ def _join_positions(matrix: TenxH5, table: pa.Table, files: dict, sid: str, msgs
 
 
 def _check_inside_image(image_path: Path, x: np.ndarray, y: np.ndarray, sid: str, msgs: list[str]) -> list[int]:
-    img = open_image(image_path, msgs)
+    img = open_image(image_path, msgs, max_inmemory_bytes=0)     # the size only: nothing decoded
     try:
         W, H = int(img.width), int(img.height)
     finally:
@@ -308,7 +308,7 @@ def visium_hd_spec(folder: Path | str, *, tile_um: float, image: Path | str | No
                    min_tile_counts: int = DEFAULT_MIN_TILE_COUNTS) -> SampleSpec:
     files = _hd_files(folder, tile_um, image)        # fail early: level, image
     sid = sample_id or default_sample_id(files["root"])
-    return SampleSpec(sample_id=sid, kind="visium_hd", genes=TenxH5.open(files["matrix"]).genes(),
+    return SampleSpec(sample_id=sid, kind="visium_hd", genes=TenxH5.open(files["matrix"], barcodes=False).genes(),
                       load=lambda: load_visium_hd(folder, tile_um=tile_um, image=image, sample_id=sid,
                                                   source_um_per_px=source_um_per_px, min_tile_counts=min_tile_counts),
                       source_files={k: str(v) for k, v in files.items() if k in ("matrix", "positions", "image")})

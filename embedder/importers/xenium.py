@@ -185,7 +185,7 @@ def load_xenium(folder: Path | str, *, tile_um: float | None, image: Path | str 
     okix = np.flatnonzero(idx >= 0)
     xy_um = cell_um[idx[okix]]
     xy_px = um_to_he_px(xy_um, M, ps)
-    img = open_image(files["image"], msgs)
+    img = open_image(files["image"], msgs, max_inmemory_bytes=0)     # the size only: nothing decoded
     W, H = int(img.width), int(img.height)
     img.close()
     out = (xy_px[:, 0] < 0) | (xy_px[:, 0] >= W) | (xy_px[:, 1] < 0) | (xy_px[:, 1] >= H)
@@ -268,7 +268,7 @@ def xenium_spec(folder: Path | str, *, tile_um: float | None, image: Path | str 
     files = _xenium_files(folder, image, alignment)      # fail early: files, image, alignment
     read_pixel_size(files["folder"])
     sid = sample_id or files["folder"].name
-    return SampleSpec(sample_id=sid, kind="xenium", genes=TenxH5.open(files["matrix"]).genes(),
+    return SampleSpec(sample_id=sid, kind="xenium", genes=TenxH5.open(files["matrix"], barcodes=False).genes(),
                       load=lambda: load_xenium(folder, tile_um=tile_um, image=image, alignment=alignment,
                                                sample_id=sid, min_tile_counts=min_tile_counts),
                       source_files={k: str(v) for k, v in files.items()})
