@@ -36,7 +36,7 @@ def _root(version: VersionOpt = False):
 Precision = Literal["auto", "fp32", "bf16"]
 PredictionFormat = Literal["csv", "h5ad"]
 MapMethod = Literal["pca", "tsne"]
-ImportKind = Literal["auto", "legacy_st", "visium", "hest"]
+ImportKind = Literal["auto", "legacy_st", "visium", "hest", "visium_hd", "xenium"]
 Normalization = Literal["log1p_cp10k", "none"]
 ImportOutput = Literal["hest", "challenge"]
 FinetuneLoss = Literal["mse", "huber", "logcosh", "pearson", "mse+pearson", "weighted_mse"]
@@ -498,9 +498,9 @@ def inspect(
 @_friendly_errors
 @json_option
 def import_(
-    source: Annotated[list[Path], typer.Argument(help="her2st-style legacy ST root, Space Ranger output folder(s), or HEST-1k root.", exists=True)],
+    source: Annotated[list[Path], typer.Argument(help="her2st-style legacy ST root, Space Ranger (Visium / Visium HD) or Xenium output folder(s), or HEST-1k root.", exists=True)],
     out_dir: Annotated[Path, typer.Option("--out", help="Dataset folder to write (patches/ + st/, or PNG + dataset.csv).")],
-    kind: Annotated[ImportKind, typer.Option(help="Source layout: auto (detected) | legacy_st | visium | hest.")] = "auto",
+    kind: Annotated[ImportKind, typer.Option(help="Source layout: auto (detected) | legacy_st | visium | hest | visium_hd | xenium.")] = "auto",
     patch_um: Annotated[float, typer.Option(help="Patch side in micrometres, > 0.")] = 112.0,
     um_per_px: Annotated[float, typer.Option(help="Patch resolution in µm/px, > 0 (0.5 -> 112 µm = 224 px, HEST's convention).")] = 0.5,
     source_um_per_px: Annotated[Optional[float], typer.Option(help="Slide µm/px, > 0, when it cannot be derived (scalefactors or spot grid).")] = None,
@@ -511,13 +511,18 @@ def import_(
     output: Annotated[ImportOutput, typer.Option(help="hest (patch .h5 + .h5ad) | challenge (PNG + CSV).")] = "hest",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty --out folder as a whole "
                                                                 "(without it, an existing dataset is refused).")] = False,
+    tile_um: Annotated[Optional[float], typer.Option(help="Visium HD / Xenium: tile side in µm, >= the bin size (default: --patch-um); a bin size keeps the bins.")] = None,
+    min_tile_counts: Annotated[int, typer.Option(help="Visium HD / Xenium: drop tiles (or cells) with fewer counts, >= 0.")] = 10,
+    alignment: Annotated[Optional[Path], typer.Option(help="Xenium: H&E registration, the 10x alignment matrix CSV (H&E px -> morphology px) or a Xenium Explorer keypoints CSV.")] = None,
+    per_cell: Annotated[bool, typer.Option(help="Xenium: one observation per cell (patch centred on its centroid) instead of tiles.")] = False,
     quiet: QuietOpt = False,
 ):
     """Cut spot-centred patches from slides at a fixed µm size and write a dataset hexpr trains on."""
     summary = workflow.import_dataset(source if len(source) > 1 else source[0], out_dir, kind=kind, patch_um=patch_um,
                              target_um_per_px=um_per_px, source_um_per_px=source_um_per_px, normalize=normalize,
                              filter_background=filter_background, output=output, sample_ids=sample, progress=not quiet,
-                             image=image, overwrite=overwrite)
+                             image=image, overwrite=overwrite, tile_um=tile_um,
+                             min_tile_counts=min_tile_counts, alignment=alignment, per_cell=per_cell)
 
     def render(summary):
         table = Table(title=f"imported {summary['kind']} -> {summary['out_dir']} ({summary['seconds']} s)")
@@ -531,6 +536,33 @@ def import_(
         out.print(f"{summary['n_patches']} patches of {summary['patch_size_px']} px ({summary['patch_um']} µm), "
                   f"{summary['n_genes']} genes ({summary['n_genes_dropped']} not shared by all samples dropped)")
     emit(summary, render)
+
+
+@app.command("hest-bench")
+@_friendly_errors
+def hest_bench(
+    task: Annotated[Path, typer.Argument(help="HEST-Bench task folder (splits/, patches/, adata/, var_50genes.json).")],
+    head: Annotated[Optional[list[str]], typer.Option("--head", help="Head(s), repeatable (default: hest, the published "
+                                                                       "PCA-256 + ridge probe). " + HEAD_HELP)] = None,
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder for <task>.json and <task>.csv.")] = Path("hest-bench"),
+    seed: Annotated[int, typer.Option(help="Random seed (>= 0) of seeded heads.")] = 0,
+    backbone: BackboneOpt = None, backbone_config: BackboneConfigOpt = None, no_pretrained: NoPretrainedOpt = False,
+    cache_dir: CacheDirOpt = Path("cache"), tta: TtaOpt = False, batch_size: BatchOpt = None,
+    workers: WorkersOpt = None, device: DeviceOpt = "auto", quiet: QuietOpt = False,
+):
+    """HEST-Bench's protocol on a task: per split, fit on train samples, mean Pearson over the task's 50 genes on test."""
+    report = workflow.hest_bench(task, _specs(backbone, backbone_config, no_pretrained), heads=tuple(head or ("hest",)),
+                                 out_dir=out_dir, cache_dir=cache_dir, tta=tta, seed=seed, progress=not quiet,
+                                 batch_size=batch_size, num_workers=workers, device=device)
+    splits = [s["name"] for s in report["splits"]]
+    table = Table(title=f"HEST-Bench {report['task']}: mean Pearson over {len(report['genes'])} genes "
+                        f"(target log1p of raw counts)")
+    for column in ("head", *splits, "mean ± std"):
+        table.add_column(column)
+    for name, res in report["heads"].items():
+        table.add_row(name, *(f"{s['pearson_mean']:.4f}" for s in res["splits"]), f"{res['mean']:.4f} ± {res['std']:.4f}")
+    out.print(table)
+    out.print(f"wrote {report['files']['json']} and {report['files']['csv']}")
 
 
 @app.command()

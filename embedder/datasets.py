@@ -350,7 +350,10 @@ def _read_patch_file(path: Path) -> tuple[list[str], np.ndarray | None, int]:
 
 
 def _find_expression(patch_file: Path) -> Path | None:
-    for candidate in (patch_file.with_suffix(".h5ad"), patch_file.parent.parent / "st" / f"{patch_file.stem}.h5ad"):
+    """``<sample>.h5ad`` beside the patch file, in ``../st/`` (hexpr import, HEST-1k) or ``../adata/`` (HEST-Bench tasks)."""
+    root = patch_file.parent.parent
+    for candidate in (patch_file.with_suffix(".h5ad"), root / "st" / f"{patch_file.stem}.h5ad",
+                      root / "adata" / f"{patch_file.stem}.h5ad"):
         if candidate.is_file():
             return candidate
     return None
@@ -379,7 +382,9 @@ def _read_expression(path: Path) -> tuple[pd.DataFrame, pd.Series | None, str | 
     return frame, group, unit
 
 
-def read_hest(path: Path) -> HestPatchDataset:
+def read_hest(path: Path, with_expression: bool = True) -> HestPatchDataset:
+    """HEST-style patches (a .h5 file, or a folder of them under patches/) with their expression
+    (``with_expression=False``: patches only, e.g. to embed them without reading the .h5ad files)."""
     if path.is_dir():
         patch_dir = path / "patches" if (path / "patches").is_dir() else path
         patch_files = sorted(patch_dir.glob("*.h5"))
@@ -395,7 +400,7 @@ def read_hest(path: Path) -> HestPatchDataset:
     for file_index, patch_file in enumerate(patch_files):
         barcodes, file_coords, n = _read_patch_file(patch_file)
         sample = patch_file.stem
-        expr_path = _find_expression(patch_file)
+        expr_path = _find_expression(patch_file) if with_expression else None
         keep = np.arange(n)
         sample_group = pd.Series(sample, index=barcodes)
         if expr_path is not None:

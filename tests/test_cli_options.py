@@ -116,7 +116,7 @@ CASES = [
     (["demo", "--workdir", "{w}/demo", "--n-train", "2"], ERROR, "n_train"),
     (["demo-data", "{w}/dd", "--seed", "-1"], ERROR, "seed"),
     (["demo-data", "{w}/dd", "--size", "8"], ERROR, "size"),
-    (["import", "{w}/data", "--out", "{w}/imp", "--kind", "xenium"], USAGE, "Error: --kind: "),
+    (["import", "{w}/data", "--out", "{w}/imp", "--kind", "merfish"], USAGE, "Error: --kind: "),
     (["import", "{w}/data", "--out", "{w}/imp", "--normalize", "cpm"], USAGE, "Error: --normalize: "),
     (["import", "{w}/data", "--out", "{w}/imp", "--output", "zarr"], USAGE, "Error: --output: "),
     (["import", "{w}/data", "--out", "{w}/imp", "--patch-um", "0"], ERROR, "patch_um"),

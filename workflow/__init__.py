@@ -17,6 +17,7 @@ name, then rename) and returns a plain dict report. Names are loaded on first us
     import_dataset                          workflow.importing
     finetune                                workflow.finetuning
     view, read_slide_map                    workflow.viewing
+    hest_bench                              workflow.hest_bench
 """
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ _PUBLIC = {
     "finetune": "hexpr.workflow.finetuning",
     "check_model_path": "hexpr.workflow.options",
     "view": "hexpr.workflow.viewing", "read_slide_map": "hexpr.workflow.viewing",
+    "hest_bench": "hexpr.workflow.hest_bench",
 }
 __all__ = sorted(_PUBLIC)
 

@@ -4,6 +4,8 @@
     import_legacy_st(root, out_dir, ...)                    legacy ST, her2st layout
     import_visium(folder(s), out_dir, ...)                  10x Space Ranger output
     import_hest(root, out_dir, ...)                         HEST-1k st/ + wsis/ or patches/
+    load_visium_hd(folder, tile_um=...)                     10x Visium HD bins pooled into tiles
+    load_xenium(folder, tile_um=... | None)                 10x Xenium cells pooled into tiles (or per cell)
 
 Output (CONTRACT.md "HEST-style files"): ``out_dir/patches/<sample>.h5`` + ``out_dir/st/<sample>.h5ad``,
 or with ``output="challenge"`` ``out_dir/<sample>/<barcode>.png`` + ``out_dir/dataset.csv``
@@ -24,11 +26,16 @@ from .legacy_st import derive_um_per_px, import_legacy_st, load_legacy_section
 from .patches import cut_patch
 from .sample import SampleData, SampleSpec
 from .slide_image import open_image
-from .sources import KINDS, detect_kind, import_dataset
-from .visium import import_visium, load_visium, read_10x_h5, read_10x_mtx
+from .sources import IMPORTERS, KINDS, ImportRequest, detect_kind, import_dataset
+from .tenx_h5 import read_10x_h5
+from .tiles import DEFAULT_MIN_TILE_COUNTS
+from .visium import import_visium, load_visium, read_10x_mtx
+from .visium_hd import load_visium_hd
+from .xenium import load_xenium
 
 __all__ = [
     "ImporterError", "ImporterWarning", "import_dataset", "detect_kind", "import_legacy_st", "import_visium",
     "import_hest", "load_legacy_section", "load_visium", "load_hest_sample", "derive_um_per_px",
     "read_10x_h5", "read_10x_mtx", "open_image", "cut_patch", "SampleData", "SampleSpec", "KINDS",
+    "IMPORTERS", "ImportRequest", "DEFAULT_MIN_TILE_COUNTS", "load_visium_hd", "load_xenium",
 ]

@@ -273,7 +273,7 @@ def load_hest_sample(root: Path | str, sid: str, *, source_um_per_px: float | No
     obs_cols = [c for c in ("array_row", "array_col", "in_tissue") if c in e.adata.obs.columns]
     data.obs = e.adata.obs.iloc[rows][obs_cols].reset_index(drop=True) if obs_cols else None
     data.source_files = {k: str(v) for k, v in files.items()}
-    data.provenance = {"technology": str(e.uns.get("technology", "")) or "HEST-1k sample", "route": route,
+    data.provenance = {"technology": str(e.uns.get("technology", "")) or "HEST-1k sample", "platform": "hest", "route": route,
                        "counts_source": e.counts_source, **pinfo}
     data.warnings = msgs
     data.counts_info = {"n_spots": len(e.obs_ids), "n_genes": len(e.genes), "source": e.counts_source}

@@ -267,7 +267,7 @@ def load_legacy_section(root: Path | str, section: str, source_um_per_px: float 
         image_path=files["image"],
         obs=obs,
         source_files={k: str(v) for k, v in files.items()},
-        provenance={"technology": "legacy ST", "spot_diameter_um": SPOT_DIAMETER_UM,
+        provenance={"technology": "legacy ST", "platform": "legacy_st", "spot_diameter_um": SPOT_DIAMETER_UM,
                     "n_spots_count_table": len(ids), "n_spots_spot_file": int(len(spots)),
                     "n_spots_unselected": n_unselected},
         warnings=msgs,

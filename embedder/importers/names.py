@@ -5,6 +5,10 @@ from __future__ import annotations
 import re
 from typing import Any, Sequence
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
 from .errors import ImporterError, warn
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -67,3 +71,10 @@ def match_ids(
             f"{list(count_ids)[:3]}) and {pos_file} ({len(pos_set)} ids, e.g. {list(pos_ids)[:3]});"
             f" check that both files belong to the same sample")
     return common
+
+
+def positions_in(ids: Sequence[str], table_ids: Any) -> np.ndarray:
+    """Row of each of ``ids`` in ``table_ids`` (a pyarrow string column or array), -1 when absent.
+    One hash join in Arrow: fast for the millions of barcodes of a Visium HD run."""
+    found = pc.index_in(pa.array(list(ids), pa.string()), value_set=pc.cast(table_ids, pa.string()))
+    return found.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)

@@ -20,7 +20,6 @@ import json
 from pathlib import Path
 from typing import Sequence
 
-import h5py
 import numpy as np
 import pandas as pd
 import scipy.io
@@ -32,6 +31,7 @@ from .errors import ImporterError, warn
 from .expression import counts_to_csr
 from .names import make_unique, match_ids
 from .run import run_import
+from .tenx_h5 import finish_matrix, read_10x_h5, read_10x_h5_genes
 from .sample import SampleData, SampleSpec
 
 VISIUM_SPOT_DIAMETER_UM = 55.0
@@ -90,42 +90,6 @@ def find_matrix(folder: Path) -> tuple[Path, str]:
                         f"filtered_feature_bc_matrix/ folder (matrix.mtx.gz, barcodes.tsv.gz, features.tsv.gz)")
 
 
-def _decode(a) -> list[str]:
-    return [x.decode("utf-8") if isinstance(x, bytes) else str(x) for x in np.asarray(a).ravel()]
-
-
-def read_10x_h5(path: Path | str, messages: list[str] | None = None) -> tuple[list[str], list[str], sp.csr_matrix]:
-    """(barcodes, gene symbols (unique), counts barcodes x genes CSR) of a 10x HDF5 matrix."""
-    path = Path(path)
-    try:
-        f = h5py.File(path, "r")
-    except Exception as e:  # noqa: BLE001
-        raise ImporterError(f"cannot open 10x matrix {path}: {e}") from e
-    with f:
-        if "matrix" in f:
-            g = f["matrix"]
-            feats = g.get("features")
-            if feats is None or "name" not in feats:
-                raise ImporterError(f"{path}: matrix/features/name missing; not a 10x feature-barcode matrix")
-            names = _decode(feats["name"][:])
-            ftype = _decode(feats["feature_type"][:]) if "feature_type" in feats else None
-        else:   # CellRanger 2: one group per genome with genes / gene_names
-            groups = [k for k in f.keys() if isinstance(f[k], h5py.Group) and "gene_names" in f[k]]
-            if not groups:
-                raise ImporterError(f"{path}: no 'matrix' group; not a 10x HDF5 count matrix")
-            g = f[groups[0]]
-            names = _decode(g["gene_names"][:])
-            ftype = None
-        for k in ("data", "indices", "indptr", "shape", "barcodes"):
-            if k not in g:
-                raise ImporterError(f"{path}: dataset {g.name}/{k} missing; not a 10x HDF5 count matrix")
-        n_feat, n_bc = (int(v) for v in g["shape"][:])
-        m = sp.csc_matrix((g["data"][:], g["indices"][:], g["indptr"][:]), shape=(n_feat, n_bc))
-        barcodes = _decode(g["barcodes"][:])
-    m = m.T.tocsr()     # barcodes x features
-    return _finish_matrix(path, barcodes, names, ftype, m, messages)
-
-
 def read_10x_mtx(folder: Path | str, messages: list[str] | None = None) -> tuple[list[str], list[str], sp.csr_matrix]:
     """Same as :func:`read_10x_h5` for a matrix.mtx(.gz) + barcodes + features/genes folder."""
     folder = Path(folder)
@@ -153,39 +117,14 @@ def read_10x_mtx(folder: Path | str, messages: list[str] | None = None) -> tuple
     if m.shape != (len(names), len(barcodes)):
         raise ImporterError(f"{mtx}: matrix shape {m.shape} does not match {len(names)} features x "
                             f"{len(barcodes)} barcodes of {ft.name} / {bc.name}")
-    return _finish_matrix(folder, barcodes, names, ftype, sp.csr_matrix(m.T), messages)
-
-
-def _finish_matrix(path, barcodes, names, ftype, m, messages):
-    if ftype is not None:
-        keep = np.array([t == "Gene Expression" for t in ftype])
-        if not keep.all():
-            if keep.any():
-                warn(messages, f"{path}: {int((~keep).sum())} non-'Gene Expression' feature(s) dropped")
-                m = m[:, np.flatnonzero(keep)]
-                names = [n for n, k in zip(names, keep) if k]
-    genes, n_ren = make_unique(names)
-    if n_ren:
-        warn(messages, f"{path}: {n_ren} duplicated gene symbol(s) renamed with -1, -2, ... suffixes")
-    if len(set(barcodes)) != len(barcodes):
-        raise ImporterError(f"{path}: duplicated barcodes in the count matrix")
-    counts, _ = counts_to_csr(m)
-    return barcodes, genes, counts
+    return finish_matrix(folder, barcodes, names, ftype, sp.csr_matrix(m.T), messages)
 
 
 def read_matrix_genes(path: Path, fmt: str) -> list[str]:
     """Gene symbols only (cheap) — same names and order as the full readers."""
     if fmt == "h5":
-        with h5py.File(path, "r") as f:
-            if "matrix" in f and "features" in f["matrix"]:
-                feats = f["matrix"]["features"]
-                names = _decode(feats["name"][:])
-                if "feature_type" in feats:
-                    t = _decode(feats["feature_type"][:])
-                    if any(x == "Gene Expression" for x in t):
-                        names = [n for n, x in zip(names, t) if x == "Gene Expression"]
-                return make_unique(names)[0]
-    elif fmt == "mtx":
+        return read_10x_h5_genes(path)
+    if fmt == "mtx":
         for n in ("features.tsv.gz", "features.tsv", "genes.tsv.gz", "genes.tsv"):
             p = path / n
             if p.is_file():
@@ -340,7 +279,7 @@ def load_visium(folder: Path | str, image: Path | str | None = None, sample_id: 
         sample_id=sid, barcodes=list(common), genes=genes, counts=counts[rows], coords=coords,
         source_um_per_px=mpp, scale_info=scale, image_path=files["image"], obs=obs,
         source_files={k: str(v) for k, v in files.items()},
-        provenance={"technology": "10x Visium", "spot_diameter_um": VISIUM_SPOT_DIAMETER_UM,
+        provenance={"technology": "10x Visium", "platform": "visium", "spot_diameter_um": VISIUM_SPOT_DIAMETER_UM,
                     "matrix_format": fmt, "n_barcodes_matrix": len(barcodes),
                     "n_spots_in_tissue": int(in_tissue.sum())},
         warnings=msgs, counts_info={"n_spots": len(barcodes), "n_genes": len(genes)},
