@@ -434,13 +434,15 @@ def import_(
     normalize: Annotated[Normalization, typer.Option(help="log1p_cp10k | none (raw counts are kept in layers['counts']).")] = "log1p_cp10k",
     filter_background: Annotated[bool, typer.Option(help="Drop mostly-white patches.")] = False,
     output: Annotated[ImportOutput, typer.Option(help="hest (patch .h5 + .h5ad) | challenge (PNG + CSV).")] = "hest",
+    pool_spots: Annotated[Optional[int], typer.Option(help="Pool K x K neighbouring spots of the grid into one observation (summed counts; the spots' patches are its sub-tiles).")] = None,
+    subtile_um: Annotated[Optional[float], typer.Option(help="Cut each spot's footprint into sub-tiles of this side in µm (sets the patch size).")] = None,
     quiet: QuietOpt = False,
 ):
     """Cut spot-centred patches from slides at a fixed µm size and write a dataset hexpr trains on."""
     summary = workflow.import_dataset(source if len(source) > 1 else source[0], out_dir, kind=kind, patch_um=patch_um,
                              target_um_per_px=um_per_px, source_um_per_px=source_um_per_px, normalize=normalize,
                              filter_background=filter_background, output=output, sample_ids=sample, progress=not quiet,
-                             image=image)
+                             image=image, pool_spots=pool_spots, subtile_um=subtile_um)
     table = Table(title=f"imported {summary['kind']} -> {summary['out_dir']} ({summary['seconds']} s)")
     for column in ("sample", "patches", "µm/px slide", "padded", "dropped (outside/background)"):
         table.add_column(column)
@@ -449,6 +451,8 @@ def import_(
                       str(info.get("n_padded", 0)),
                       f"{info.get('n_outside_dropped', 0)}/{info.get('n_background_dropped', 0)}")
     out.print(table)
+    if summary.get("pool_spots") or summary.get("subtile_um"):
+        out.print(f"bags: {summary['n_observations']} observations over {summary['n_patches']} sub-tile patches")
     out.print(f"{summary['n_patches']} patches of {summary['patch_size_px']} px ({summary['patch_um']} µm), "
               f"{summary['n_genes']} genes ({summary['n_genes_dropped']} not shared by all samples dropped)")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
+from .bags import check_bag_options
 from .errors import ImporterError
 from .hest import hest_specs
 from .legacy_st import legacy_st_specs
@@ -52,18 +53,22 @@ def import_dataset(
     progress: bool = True,
     image: Path | str | None = None,
     prefer: str = "auto",
+    pool_spots: int | None = None,
+    subtile_um: float | None = None,
 ) -> dict:
     """Import one source folder (or several, written with one common gene set).
 
     sample_ids: for legacy ST / HEST, the sections / samples to import (default all); for Visium,
     the name of each folder's sample (default the folder name).  image: full-resolution slide when
     not found in the folder (Visium; legacy ST with one section).  prefer: HEST route
-    ('auto' | 'patches' | 'wsi').  Returns a summary dict (per-sample counts of patches, padded /
+    ('auto' | 'patches' | 'wsi').  pool_spots / subtile_um: write bags (``importers.bags``: K x K spots
+    pooled into one observation, or each spot cut into sub-tiles of that many µm).  Returns a summary dict (per-sample counts of patches, padded /
     dropped spots, scale, files, warnings, seconds).
     """
     if kind not in KINDS:
         raise ImporterError(f"kind={kind!r}; use one of {KINDS}")
-    check_options(patch_um, target_um_per_px, normalize, output, source_um_per_px)
+    check_bag_options(pool_spots, subtile_um, output)
+    check_options(subtile_um or patch_um, target_um_per_px, normalize, output, source_um_per_px)
     sources = [source] if isinstance(source, (str, Path)) else list(source)
     if not sources:
         raise ImporterError("no source given")
@@ -88,6 +93,7 @@ def import_dataset(
                                 patch_um=patch_um, target_um_per_px=target_um_per_px, normalize=normalize)
     summary = run_import(specs, out_dir, kind=kinds[0] if len(set(kinds)) == 1 else "mixed", patch_um=patch_um,
                          target_um_per_px=target_um_per_px, normalize=normalize,
-                         filter_background=filter_background, output=output, progress=progress)
+                         filter_background=filter_background, output=output, progress=progress,
+                         pool_spots=pool_spots, subtile_um=subtile_um)
     summary["sources"] = [str(s) for s in sources]
     return summary
