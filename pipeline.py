@@ -314,6 +314,7 @@ def predict_slide(
     tile_um: Annotated[Optional[float], typer.Option("--tile-um", help="Tile side in µm, > 0 (default: the model's training patch, else 112).")] = None,
     tile_um_per_px: Annotated[Optional[float], typer.Option("--tile-um-per-px", help="Tile pixel size in µm for the model, > 0 (default: the model's, else 0.5).")] = None,
     stride_um: Annotated[Optional[float], typer.Option("--stride-um", help="Tile step in µm, > 0 (default: the tile side; smaller = overlap).")] = None,
+    resolution_um: Annotated[Optional[float], typer.Option("--resolution-um", help="Map cell side in µm: a whole multiple of the model's (sub-)tile; each cell is the mean of its sub-tiles' predictions (default: the sub-tile).")] = None,
     min_tissue: Annotated[float, typer.Option("--min-tissue", help="Keep tiles with at least this share of tissue, 0 to 1.")] = 0.25,
     gene: Annotated[Optional[list[str]], typer.Option("--gene", help="Gene to draw a heatmap of, repeatable (default: the 3 most variable predicted).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing <out>/<slide> folders.")] = False,
@@ -330,7 +331,8 @@ def predict_slide(
                                     stride_um=stride_um, min_tissue=min_tissue, genes=gene, overwrite=overwrite,
                                     outputs=outputs, geojson_genes=geojson_genes, gene_sets=gene_sets,
                                     cache_dir=cache_dir, progress=not quiet, batch_size=batch_size, num_workers=workers,
-                                    device=device, precision=precision, interval=interval, clip=not raw)
+                                    device=device, precision=precision, interval=interval, clip=not raw,
+                                    resolution_um=resolution_um)
     tile = result["tile"]
     table = Table(title=f"predict-slide: tiles of {tile['tile_um']:g} µm at {tile['tile_um_per_px']:g} µm/px ({tile['source']})")
     for column in ("slide", "µm/px", "tiles (tissue/grid)", "seconds", "tiles/s", "output"):

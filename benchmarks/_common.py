@@ -7,7 +7,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
+SHARED = Path(os.environ.get("HEXPR_SHARED") or REPO.parent / "shared")
 HER2ST = SHARED / "data" / "her2st"
 MOBILENET_WEIGHTS = SHARED / "weights" / "mobilenetv2_100_tflite_in1k.safetensors"
 MOBILENET_SPEC = f"mobilenetv2_100:weights={MOBILENET_WEIGHTS},pad_type=same,mean=0.5/0.5/0.5,std=0.5/0.5/0.5"
