@@ -358,6 +358,7 @@ def predict_slide(
     tile_um: Annotated[Optional[float], typer.Option("--tile-um", help="Tile side in µm, > 0 (default: the model's training patch, else 112).")] = None,
     tile_um_per_px: Annotated[Optional[float], typer.Option("--tile-um-per-px", help="Tile pixel size in µm for the model, > 0 (default: the model's, else 0.5).")] = None,
     stride_um: Annotated[Optional[float], typer.Option("--stride-um", help="Tile step in µm, > 0 (default: the tile side; smaller = overlap).")] = None,
+    resolution_um: Annotated[Optional[float], typer.Option("--resolution-um", help="Map cell side in µm: a whole multiple of the model's (sub-)tile; each cell is the mean of its sub-tiles' predictions (default: the sub-tile).")] = None,
     min_tissue: Annotated[float, typer.Option("--min-tissue", help="Keep tiles with at least this share of tissue, 0 to 1.")] = 0.25,
     gene: Annotated[Optional[list[str]], typer.Option("--gene", help="Gene to draw a heatmap of, repeatable (default: the 3 most variable predicted).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing <out>/<slide> folders.")] = False,
@@ -374,7 +375,9 @@ def predict_slide(
                                     stride_um=stride_um, min_tissue=min_tissue, genes=gene, overwrite=overwrite,
                                     outputs=outputs, geojson_genes=geojson_genes, gene_sets=gene_sets,
                                     cache_dir=cache_dir, progress=not quiet, batch_size=batch_size, num_workers=workers,
-                                    device=device, precision=precision, interval=interval, clip=not raw)
+                                    device=device, precision=precision, interval=interval, clip=not raw,
+                                    resolution_um=resolution_um)
+
     def render(report):
         tile = report["tile"]
         table = Table(title=f"predict-slide: tiles of {tile['tile_um']:g} µm at {tile['tile_um_per_px']:g} µm/px ({tile['source']})")
@@ -515,6 +518,8 @@ def import_(
     min_tile_counts: Annotated[int, typer.Option(help="Visium HD / Xenium: drop tiles (or cells) with fewer counts, >= 0.")] = 10,
     alignment: Annotated[Optional[Path], typer.Option(help="Xenium: H&E registration, the 10x alignment matrix CSV (H&E px -> morphology px) or a Xenium Explorer keypoints CSV.")] = None,
     per_cell: Annotated[bool, typer.Option(help="Xenium: one observation per cell (patch centred on its centroid) instead of tiles.")] = False,
+    pool_spots: Annotated[Optional[int], typer.Option(help="Pool K x K neighbouring spots of the grid into one observation (summed counts; the spots' patches are its sub-tiles).")] = None,
+    subtile_um: Annotated[Optional[float], typer.Option(help="Cut each spot's footprint into sub-tiles of this side in µm (sets the patch size).")] = None,
     quiet: QuietOpt = False,
 ):
     """Cut spot-centred patches from slides at a fixed µm size and write a dataset hexpr trains on."""
@@ -522,7 +527,8 @@ def import_(
                              target_um_per_px=um_per_px, source_um_per_px=source_um_per_px, normalize=normalize,
                              filter_background=filter_background, output=output, sample_ids=sample, progress=not quiet,
                              image=image, overwrite=overwrite, tile_um=tile_um,
-                             min_tile_counts=min_tile_counts, alignment=alignment, per_cell=per_cell)
+                             min_tile_counts=min_tile_counts, alignment=alignment, per_cell=per_cell,
+                             pool_spots=pool_spots, subtile_um=subtile_um)
 
     def render(summary):
         table = Table(title=f"imported {summary['kind']} -> {summary['out_dir']} ({summary['seconds']} s)")
@@ -533,6 +539,8 @@ def import_(
                           str(info.get("n_padded", 0)),
                           f"{info.get('n_outside_dropped', 0)}/{info.get('n_background_dropped', 0)}")
         out.print(table)
+        if summary.get("pool_spots") or summary.get("subtile_um"):
+            out.print(f"bags: {summary['n_observations']} observations over {summary['n_patches']} sub-tile patches")
         out.print(f"{summary['n_patches']} patches of {summary['patch_size_px']} px ({summary['patch_um']} µm), "
                   f"{summary['n_genes']} genes ({summary['n_genes_dropped']} not shared by all samples dropped)")
     emit(summary, render)

@@ -6,6 +6,14 @@
 * HEST-style: ``patches/<sample>.h5`` (``img``, ``barcode``, ``coords``) with expression in
   ``st/<sample>.h5ad``; a folder holding ``patches/`` is every sample in it, concatenated.
 
+**Bags.** A patch file may also hold ``bag`` (one observation id per patch, matching the obs names
+of the ``.h5ad``): each observation is then measured over several patches (its sub-tiles; written
+by ``hexpr import --pool-spots K`` or ``--subtile-um S``). ``ids``, ``coords``, ``groups`` and the
+images stay per patch (so the embedding cache keys sub-tiles like any patch); ``targets`` holds one
+row per observation, and ``bag_index[i]`` is the row of ``targets`` that patch ``i`` belongs to.
+All samples of a dataset must be bagged, or none (a mix is refused: sub-tiles and whole spots would
+otherwise be weighed as equals).
+
 Rows are always joined by id, never by position. Every validation error names the file, the row
 (1-based line number of the CSV, header = line 1) or id, and what to do.
 """
@@ -60,6 +68,8 @@ class PatchDataset:
     coords: np.ndarray | None = None
     template_genes: list[str] | None = None
     target_unit: str | None = None      # what the targets measure, when the source records it (e.g. "log1p CP10k")
+    bag_index: np.ndarray | None = None   # (N,) row of ``targets`` each patch belongs to (None: one row per patch)
+    subtile_um: float | None = None       # side of the sub-tiles in µm when bagged
     _fingerprint: str | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
@@ -98,8 +108,19 @@ class PatchDataset:
         """The patches' physical size when the source records it: {"patch_um", "patch_px", "um_per_px"}."""
         return None
 
+    @property
+    def is_bagged(self) -> bool:
+        return self.bag_index is not None
+
+    def observation_groups(self) -> pd.Series | None:
+        """One group per row of ``targets`` (a bag's patches share their observation's group)."""
+        if self.groups is None or not self.is_bagged:
+            return self.groups
+        first = pd.Series(np.arange(len(self.ids))).groupby(self.bag_index).first().to_numpy()
+        return pd.Series(self.groups.to_numpy()[first], index=self.targets.index, name=GROUP_COLUMN)
+
     def describe(self) -> dict:
-        return {
+        info = {
             "name": self.name,
             "source": str(self.source),
             "kind": type(self).__name__,
@@ -108,6 +129,9 @@ class PatchDataset:
             "n_groups": 0 if self.groups is None else int(self.groups.nunique()),
             "has_coords": self.coords is not None,
         }
+        if self.is_bagged:
+            info.update(n_observations=int(len(self.targets)), subtile_um=self.subtile_um)
+        return info
 
 
 # ----------------------------------------------------------------------------- challenge CSV
@@ -328,7 +352,7 @@ class HestPatchDataset(PatchDataset):
             yield sid, np.ascontiguousarray(self._handle(int(file_index))["img"][int(row)])
 
 
-def _read_patch_file(path: Path) -> tuple[list[str], np.ndarray | None, int]:
+def _read_patch_file(path: Path) -> tuple[list[str], np.ndarray | None, int, list[str] | None, float | None]:
     try:
         with h5py.File(path, "r") as f:
             missing = [k for k in ("img", "barcode") if k not in f]
@@ -339,6 +363,9 @@ def _read_patch_file(path: Path) -> tuple[list[str], np.ndarray | None, int]:
                 raise DatasetError(f"{path}: 'img' must be (N, H, W, 3); got shape {img.shape}")
             barcodes = [b.decode() if isinstance(b, bytes) else str(b) for b in np.asarray(f["barcode"]).reshape(-1)]
             coords = np.asarray(f["coords"], dtype=np.float64) if "coords" in f else None
+            bags = ([b.decode() if isinstance(b, bytes) else str(b) for b in np.asarray(f["bag"]).reshape(-1)]
+                    if "bag" in f else None)
+            subtile_um = float(f.attrs["subtile_um"]) if "subtile_um" in f.attrs else None
             n = img.shape[0]
     except OSError as exc:
         raise DatasetError(f"{path} is not a readable HDF5 file: {exc}") from exc
@@ -346,7 +373,9 @@ def _read_patch_file(path: Path) -> tuple[list[str], np.ndarray | None, int]:
         raise DatasetError(f"{path}: {len(barcodes)} barcodes for {n} images; the two must match row for row")
     if n == 0:
         raise DatasetError(f"{path} holds no patches")
-    return barcodes, coords, n
+    if bags is not None and len(bags) != n:
+        raise DatasetError(f"{path}: {len(bags)} bag labels for {n} images; 'bag' must name one observation per patch")
+    return barcodes, coords, n, bags, subtile_um
 
 
 def _find_expression(patch_file: Path) -> Path | None:
@@ -396,28 +425,34 @@ def read_hest(path: Path, with_expression: bool = True) -> HestPatchDataset:
         prefix_ids = False
 
     ids, rows, coords, groups, expr_frames, units = [], [], [], [], [], set()
+    bag_labels, bagged_files, subtile_sizes = [], [], set()
     has_coords = True
     for file_index, patch_file in enumerate(patch_files):
-        barcodes, file_coords, n = _read_patch_file(patch_file)
+        barcodes, file_coords, n, bags, subtile_um = _read_patch_file(patch_file)
+        bagged_files.append(bags is not None)
+        if bags is not None:
+            subtile_sizes.add(subtile_um)
+        keys = barcodes if bags is None else bags   # the expression row of each patch
         sample = patch_file.stem
         expr_path = _find_expression(patch_file) if with_expression else None
         keep = np.arange(n)
-        sample_group = pd.Series(sample, index=barcodes)
+        sample_group = pd.Series(sample, index=list(dict.fromkeys(keys)))
         if expr_path is not None:
             frame, obs_group, unit = _read_expression(expr_path)
             units.add(unit)
-            present = np.array([b in frame.index for b in barcodes])
+            present = np.array([b in frame.index for b in keys])
             if not present.all():
                 warnings.warn(
                     f"{patch_file}: {int((~present).sum())} of {n} patches have no expression row in {expr_path} "
-                    f"(e.g. {_listing(np.array(barcodes)[~present])}); they are left out of this dataset",
+                    f"(e.g. {_listing(np.array(keys)[~present])}); they are left out of this dataset",
                     DatasetWarning, stacklevel=2,
                 )
                 keep = np.flatnonzero(present)
-            unused = len(set(frame.index) - set(barcodes))
+            unused = len(set(frame.index) - set(keys))
             if unused:
                 warnings.warn(f"{expr_path}: {unused} expression rows have no patch in {patch_file}; ignored", DatasetWarning, stacklevel=2)
-            expr_frames.append(frame.loc[[barcodes[k] for k in keep]])
+            kept_keys = list(dict.fromkeys(keys[k] for k in keep))
+            expr_frames.append(frame.loc[kept_keys])
             if obs_group is not None:
                 sample_group = obs_group
         elif expr_frames:
@@ -427,15 +462,24 @@ def read_hest(path: Path, with_expression: bool = True) -> HestPatchDataset:
         for k in keep:
             ids.append(f"{sample}/{barcodes[k]}" if prefix_ids else barcodes[k])
             rows.append((file_index, k))
-            groups.append(str(sample_group.get(barcodes[k], sample)))
+            groups.append(str(sample_group.get(keys[k], sample)))
+            if bags is not None:
+                bag_labels.append(f"{sample}/{bags[k]}" if prefix_ids else bags[k])
         if file_coords is None:
             has_coords = False
         else:
             coords.append(file_coords[keep])
 
-    if len(set(ids)) != len(ids):
-        dup = pd.Index(ids)[pd.Index(ids).duplicated()][0]
-        raise DatasetError(f"{path}: duplicate barcode {dup!r} within one patch file; barcodes must be unique per sample")
+    if any(bagged_files) and not all(bagged_files):
+        bagged = [p.name for p, b in zip(patch_files, bagged_files) if b]
+        plain = [p.name for p, b in zip(patch_files, bagged_files) if not b]
+        raise DatasetError(
+            f"{path}: {_listing(bagged)} hold bags (observations measured over several sub-tiles) but "
+            f"{_listing(plain)} hold one patch per spot; a mix would weigh sub-tiles and whole spots as equals. "
+            "Import all samples together with the same --pool-spots / --subtile-um, or put them in separate folders.")
+    if len(subtile_sizes) > 1:
+        raise DatasetError(f"{path}: samples were cut into sub-tiles of different sizes ({sorted(map(str, subtile_sizes))} µm); "
+                           "import them together with one --subtile-um")
     targets = None
     if expr_frames:
         genes = list(expr_frames[0].columns)
@@ -445,7 +489,15 @@ def read_hest(path: Path, with_expression: bool = True) -> HestPatchDataset:
         shared = [g for g in genes if g in common]
         if not shared:
             raise DatasetError(f"{path}: the samples share no gene; import them together so they get one gene set")
-        targets = pd.DataFrame(np.vstack([f[shared].to_numpy() for f in expr_frames]), index=pd.Index(ids, name=ID_COLUMN), columns=shared)
+        if bag_labels:
+            obs_ids = list(dict.fromkeys(bag_labels))
+            position = {o: i for i, o in enumerate(obs_ids)}
+            bag_index = np.array([position[b] for b in bag_labels], dtype=np.int64)
+        else:
+            obs_ids, bag_index = ids, None
+        targets = pd.DataFrame(np.vstack([f[shared].to_numpy() for f in expr_frames]), index=pd.Index(obs_ids, name=ID_COLUMN), columns=shared)
+    else:
+        bag_index = None
     dataset = HestPatchDataset(
         name=path.stem if path.is_file() else path.name,
         source=path,
@@ -454,6 +506,8 @@ def read_hest(path: Path, with_expression: bool = True) -> HestPatchDataset:
         groups=pd.Series(groups, index=pd.Index(ids, name=ID_COLUMN), name=GROUP_COLUMN),
         coords=np.vstack(coords) if has_coords and coords else None,
         target_unit=units.pop() if len(units) == 1 else None,
+        bag_index=bag_index,
+        subtile_um=next(iter(subtile_sizes)) if bag_index is not None else None,
     )
     dataset.patch_files = patch_files
     dataset.rows = np.asarray(rows, dtype=np.int64)

@@ -78,7 +78,7 @@ class SeedBagged(Head):
 
     def fit(self, X, Y, **fit_params):
         """Fit every copy on (X, Y); ``fit_params`` (reference targets, groups...) go to the copies that take them."""
-        X, Y = self._start_fit(X, Y)
+        X, Y = self._start_fit(X, Y, fit_params.get("bags"))
         self.members_ = [fit_with_supported(m, X, Y, **fit_params) for m in self.members()]
         self.seeds_ = [m.seed for m in self.members_]
         return self

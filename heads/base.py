@@ -132,6 +132,7 @@ class Head(RegressorMixin, BaseEstimator):
     name = _RegistryName()
     min_samples: int = 1           # fewer training rows than this: a clear error before any work
     poor_score: bool = False       # scikit-learn tag: not expected to fit well (the mean head)
+    bag_fit: str | None = None     # how it learns from bags (heads.bags): "mean_features", "bag_loss" or None
 
     def fit(self, X, Y):  # pragma: no cover - abstract
         raise NotImplementedError
@@ -158,9 +159,12 @@ class Head(RegressorMixin, BaseEstimator):
         return tags
 
     # -- fitted-state bookkeeping shared by all heads --
-    def _start_fit(self, X, Y) -> tuple[np.ndarray, np.ndarray]:
+    def _start_fit(self, X, Y, bags=None) -> tuple[np.ndarray, np.ndarray]:
         """Checked hyper-parameters and validated (X, Y): float64, finite, Y 2-D (a 1-D ``y`` becomes
-        one column, and ``predict`` then returns 1-D). Sets ``n_features_in_`` and ``n_targets_``."""
+        one column, and ``predict`` then returns 1-D). Sets ``n_features_in_`` and ``n_targets_``.
+        With ``bags`` (``heads.bags.Bags``), X holds the patches and Y the observations."""
+        if bags is not None:
+            return self._start_bag_fit(X, Y, bags)
         problems = param_problems(self.name or type(self).__name__, self.param_constraints, self.get_params(deep=False))
         if problems:
             raise HeadError(problems[0])
@@ -175,6 +179,20 @@ class Head(RegressorMixin, BaseEstimator):
             Y = Y[:, None]
         if Y.shape[1] == 0:
             raise HeadError(f"Y (targets) is empty (shape {Y.shape})")
+        self.n_targets_ = Y.shape[1]
+        return X, Y
+
+    def _start_bag_fit(self, X, Y, bags) -> tuple[np.ndarray, np.ndarray]:
+        problems = param_problems(self.name or type(self).__name__, self.param_constraints, self.get_params(deep=False))
+        if problems:
+            raise HeadError(problems[0])
+        X = check_finite(validate_data(self, X, dtype=np.float64, ensure_all_finite=False,
+                                       ensure_min_samples=self.min_samples), "X (features)")
+        Y = as_matrix(Y, "Y (targets)")
+        if X.shape[0] != bags.n_patches or Y.shape[0] != bags.n_obs:
+            raise HeadError(f"bags of {bags.n_patches} patches / {bags.n_obs} observations do not match X with "
+                            f"{X.shape[0]} rows and Y with {Y.shape[0]} rows")
+        self.single_output_ = False
         self.n_targets_ = Y.shape[1]
         return X, Y
 

@@ -58,6 +58,7 @@ class ChunkedMLPHead(MLPHead):
 
     param_constraints = {**MLPHead.param_constraints, "standardize_targets": Bool(), "chunk_rows": Int(1),
                          "mix_chunks": Int(1)}
+    bag_fit = None        # streamed row chunks: no bag loss (heads.bags)
 
     def __init__(self, hidden=(512,), dropout: float = 0.1, weight_decay: float = 1e-4,
                  lr: float = 1e-3, epochs: int = 40, batch_size: int = 256, loss: str = "mse",

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 from sklearn.model_selection import GroupKFold, KFold
 
-from hexpr.heads.base import HeadError, check_pair, fit_with_supported, progress_task
+from hexpr.heads.bags import as_bags, fit_on_bags, predict_bags_with_spread
+from hexpr.heads.base import HeadError, as_matrix, check_pair, fit_with_supported, progress_task
 from hexpr.heads.mean import MeanHead
 from hexpr.heads.metrics import N_TOP_DEFAULT, challenge_score, top_genes
 from hexpr.heads.uncertainty import predict_with_spread
@@ -83,15 +84,25 @@ class CVResult:
 
 
 def cross_validate(make_model, X, Y, folds, *, n_top: int = N_TOP_DEFAULT, groups=None,
-                   progress: bool = False, description: str = "cross-validation") -> CVResult:
+                   progress: bool = False, description: str = "cross-validation", bags=None) -> CVResult:
     """Fit ``make_model()`` on each training fold, predict its held-out fold, score both the model
     and the ``mean`` head with panels chosen on the training fold.
 
     ``folds``: list of (train_idx, test_idx), usually from ``make_folds``; spots in no test fold
     (e.g. a single hold-out split) keep NaN out-of-fold predictions. ``groups`` (optional) is passed,
     restricted to the training fold, to heads whose ``fit`` takes it (the ensemble's inner CV).
+    ``bags`` (``heads.bags.Bags``): X holds sub-tiles, Y, folds and groups observations; each fold
+    fits on its training observations' bags and predicts the held-out observations as the mean of
+    their sub-tile predictions (a bag is never split across folds).
     """
-    X, Y = check_pair(X, Y)
+    bags = as_bags(bags, np.shape(Y)[0])
+    if bags is None:
+        X, Y = check_pair(X, Y)
+    else:
+        X, Y = as_matrix(X, "X (features)"), as_matrix(Y, "Y (targets)")
+        if X.shape[0] != bags.n_patches or Y.shape[0] != bags.n_obs:
+            raise HeadError(f"bags of {bags.n_patches} patches / {bags.n_obs} observations do not match X with "
+                            f"{X.shape[0]} rows and Y with {Y.shape[0]} rows")
     groups = None if groups is None else np.asarray(groups)
     oof = np.full(Y.shape, np.nan)
     spread = None
@@ -100,14 +111,21 @@ def cross_validate(make_model, X, Y, folds, *, n_top: int = N_TOP_DEFAULT, group
         for i, (train, test) in enumerate(folds):
             panels = training_panels(Y[train], n_top)
             start = time.perf_counter()
-            model = fit_with_supported(make_model(), X[train], Y[train],
-                                       groups=None if groups is None else groups[train])
-            fit_seconds = time.perf_counter() - start
-            oof[test], fold_spread = predict_with_spread(model, X[test])
+            fold_groups = None if groups is None else groups[train]
+            if bags is None:
+                model = fit_with_supported(make_model(), X[train], Y[train], groups=fold_groups)
+                fit_seconds = time.perf_counter() - start
+                oof[test], fold_spread = predict_with_spread(model, X[test])
+            else:
+                rows_train, bags_train = bags.subset(train)
+                rows_test, bags_test = bags.subset(test)
+                model = fit_on_bags(make_model(), X[rows_train], Y[train], bags_train, groups=fold_groups)
+                fit_seconds = time.perf_counter() - start
+                oof[test], fold_spread = predict_bags_with_spread(model, X[rows_test], bags_test)
             if fold_spread is not None:
                 spread = np.full(Y.shape, np.nan) if spread is None else spread
                 spread[test] = fold_spread
-            floor = MeanHead().fit(X[train], Y[train]).predict(X[test])
+            floor = np.tile(MeanHead().fit(Y[train], Y[train]).mean_, (len(test), 1))
             row = {"fold": i, "n_train": int(len(train)), "n_test": int(len(test)),
                    "fit_seconds": round(fit_seconds, 3)}
             if groups is not None:   # which slides / sections this fold held out

@@ -26,7 +26,8 @@ import pandas as pd
 from hexpr.embedder.errors import MissingInputError, ModelError, OutputExistsError, brief
 from hexpr.embedder.files import CSV_FLOAT_FORMAT, atomic_dir, json_ready, write_csv, write_json
 from hexpr.heads.bagging import check_baggable
-from hexpr.heads.base import HeadError, as_matrix, atomic_dump, default_search_space, fit_with_supported, head_param_names, make_head
+from hexpr.heads.bags import as_bags, check_bag_support, fit_on_bags
+from hexpr.heads.base import HeadError, as_matrix, atomic_dump, default_search_space, head_param_names, make_head
 from hexpr.heads.cv import cross_validate, make_folds
 from hexpr.heads.metrics import N_TOP_DEFAULT
 from hexpr.heads.sweep import (
@@ -52,6 +53,8 @@ REPORT_FILE = "cv_report.json"
 LEADERBOARD_FILE = "leaderboard.csv"
 FORMAT_VERSION = 1
 from hexpr.heads.registry import AUTO  # noqa: E402
+SUBTILE_KEY = "subtile_um"     # FittedModel.extra: the side in µm of the sub-tiles a bag model was fitted on
+BAGS_KEY = "bags"
 
 
 @dataclass
@@ -133,12 +136,15 @@ def resolve_space(sweep, head: str) -> dict:
 
 
 def check_config(head: str, params: Mapping | None = None, transform="none", sweep=None,
-                 trials: int | None = None, bag: int | None = None) -> dict | None:
+                 trials: int | None = None, bag: int | None = None, bags: bool = False) -> dict | None:
     """Check a fit_head configuration before any work (HeadError naming what is wrong): the head,
     its params, the target transform, the bag size and, when sweeping, every value of the search
     space. ``head="auto"`` checks each param against the candidate heads that have it.
+    ``bags``: the data has bags (observations over several sub-tiles): the head must learn from them.
     Returns the resolved search space (None without a sweep)."""
     make_transform(transform)
+    if bags and head != AUTO:
+        check_bag_support(head, params)
     if head == AUTO:
         if sweep is not None or trials is not None:
             raise HeadError("head 'auto' runs its own small search (ridge and a bagged mlp, with and without "
@@ -187,7 +193,7 @@ def _select_feature_meta(feature_meta, name: str, names: list[str]) -> dict:
     return dict(feature_meta or {})
 
 
-def _check_inputs(feature_sets: dict, Y, gene_names, ids) -> tuple[np.ndarray, list[str], list[str]]:
+def _check_inputs(feature_sets: dict, Y, gene_names, ids, bags=None) -> tuple[np.ndarray, list[str], list[str]]:
     Y = as_matrix(Y, "Y (targets)")
     genes = [str(g) for g in gene_names]
     if len(genes) != Y.shape[1]:
@@ -197,9 +203,11 @@ def _check_inputs(feature_sets: dict, Y, gene_names, ids) -> tuple[np.ndarray, l
     ids = [str(i) for i in (range(Y.shape[0]) if ids is None else ids)]
     if len(ids) != Y.shape[0]:
         raise HeadError(f"{len(ids)} spot ids for {Y.shape[0]} target rows")
+    rows = Y.shape[0] if bags is None else bags.n_patches
     for name, X in feature_sets.items():
-        if np.shape(X)[0] != Y.shape[0]:
-            raise HeadError(f"feature set {name!r} has {np.shape(X)[0]} rows but there are {Y.shape[0]} spots")
+        if np.shape(X)[0] != rows:
+            what = f"{Y.shape[0]} spots" if bags is None else f"{bags.n_patches} sub-tiles"
+            raise HeadError(f"feature set {name!r} has {np.shape(X)[0]} rows but there are {what}")
     return Y, genes, ids
 
 
@@ -237,7 +245,8 @@ def fit_head(X, Y, gene_names, *, head: str = "ridge", params: dict | None = Non
              transform: str = "none", folds=5, groups=None, seed: int = 0, out_dir,
              feature_meta: dict, sweep=None, trials: int | None = None, n_jobs: int = -1,
              progress: bool = True, ids=None, features: str | None = None,
-             n_top: int = N_TOP_DEFAULT, bag: int | None = None, candidates: list[dict] | None = None) -> dict:
+             n_top: int = N_TOP_DEFAULT, bag: int | None = None, candidates: list[dict] | None = None,
+             bags=None, subtile_um: float | None = None) -> dict:
     """Cross-validate ``head`` (after an optional sweep), save the artefacts, refit on all spots.
 
     X: (N, D) features, or a mapping name -> (N, D_name) to choose between backbones (a sweep
@@ -254,6 +263,10 @@ def fit_head(X, Y, gene_names, *, head: str = "ridge", params: dict | None = Non
        candidate is cross-validated on the same folds, the best is refit; leaderboard.csv ranks them.
        Without ``candidates``, auto tries ridge and an mlp bagged over ``bag`` (default 5) seeds on
        every named feature set of ``X``.
+    bags: ``heads.bags.Bags`` (or a per-row observation index) when each observation of ``Y`` is
+       measured over several rows of ``X`` (sub-tiles): heads learn so that the mean of their
+       sub-tile predictions matches ``Y`` (see heads.bags); ``ids``, ``groups`` and folds are then
+       per observation. ``subtile_um``: the sub-tiles' side in µm, recorded in the model.
     Returns the JSON-serialisable report also written to cv_report.json.
     """
     out_dir = Path(out_dir)
@@ -262,26 +275,32 @@ def fit_head(X, Y, gene_names, *, head: str = "ridge", params: dict | None = Non
         return _fit_into(work, X, Y, gene_names, head=head, params=params, transform=transform, folds=folds,
                          groups=groups, seed=seed, out_dir=out_dir, feature_meta=feature_meta, sweep=sweep,
                          trials=trials, n_jobs=n_jobs, progress=progress, ids=ids, features=features, n_top=n_top,
-                         bag=bag, candidates=candidates)
+                         bag=bag, candidates=candidates, bags=bags, subtile_um=subtile_um)
 
 
 def _fit_into(work: Path, X, Y, gene_names, *, head, params, transform, folds, groups, seed, out_dir: Path,
-              feature_meta, sweep, trials, n_jobs, progress, ids, features, n_top, bag=None, candidates=None) -> dict:
+              feature_meta, sweep, trials, n_jobs, progress, ids, features, n_top, bag=None, candidates=None,
+              bags=None, subtile_um=None) -> dict:
     """``fit_head``'s work: files are written into ``work``; the report names their final place in ``out_dir``."""
     started = time.perf_counter()
     feature_sets = as_feature_sets(X)
-    Y, genes, ids = _check_inputs(feature_sets, Y, gene_names, ids)
+    bags = as_bags(bags, np.shape(Y)[0])
+    Y, genes, ids = _check_inputs(feature_sets, Y, gene_names, ids, bags)
     groups = None if groups is None else np.asarray(groups)
     fold_list = make_folds(Y.shape[0], folds, groups, seed) if isinstance(folds, (int, np.integer)) else list(folds)
 
     sweep_info, auto_info, cv = None, None, None
+    if bags is not None:
+        for candidate in candidates or ([] if head == AUTO else [{"head": head, "params": params}]):
+            check_bag_support(candidate["head"], candidate.get("params"))
     if head == AUTO or candidates is not None:
         if candidates is None:
             candidates = auto_candidates(list(feature_sets), params=params, transform=transform, seed=seed, bag=bag)
         kept = work / ".candidates"
         kept.mkdir()
         result = score_configs(candidates, feature_sets, Y, fold_list, n_top=n_top, groups=groups, n_jobs=n_jobs,
-                               progress=progress, description=f"auto: scoring {len(candidates)} candidates", keep_dir=kept)
+                               progress=progress, description=f"auto: scoring {len(candidates)} candidates", keep_dir=kept,
+                               bags=bags)
         config = result.best
         cv = load_kept_cv(kept, int(result.leaderboard["trial"].iloc[0]))  # the winner's CV, not run again
         shutil.rmtree(kept)
@@ -293,7 +312,7 @@ def _fit_into(work: Path, X, Y, gene_names, *, head, params, transform, folds, g
     elif sweep is not None or trials is not None:
         result = run_sweep(head, feature_sets, Y, fold_list, space=resolve_space(sweep, head),
                            n_trials=trials, transform=transform, fixed_params=params, n_top=n_top,
-                           groups=groups, seed=seed, n_jobs=n_jobs, progress=progress)
+                           groups=groups, seed=seed, n_jobs=n_jobs, progress=progress, bags=bags)
         config = result.best
         write_csv(work / LEADERBOARD_FILE, result.leaderboard, index=False)
         sweep_info = {"n_configs": len(result.leaderboard), "search": "grid" if trials is None else "random",
@@ -308,21 +327,28 @@ def _fit_into(work: Path, X, Y, gene_names, *, head, params, transform, folds, g
     factory = model_factory(config["head"], config["params"], config["transform"])
     if cv is None:
         cv = cross_validate(factory, X_chosen, Y, fold_list, n_top=n_top, groups=groups, progress=progress,
-                            description=f"cross-validating {config['head']}")
+                            description=f"cross-validating {config['head']}", bags=bags)
     write_csv(work / OOF_FILE, pd.DataFrame(cv.oof, index=pd.Index(ids, name="ID"), columns=genes),
               float_format=CSV_FLOAT_FORMAT)
 
     refit_start = time.perf_counter()
-    model = fit_with_supported(factory(), X_chosen, Y, groups=groups)
+    model = fit_on_bags(factory(), X_chosen, Y, bags, groups=groups)
     refit_seconds = time.perf_counter() - refit_start
     meta = _select_feature_meta(feature_meta, config["features"], list(feature_sets))
+    extra = uncertainty_extra(Y, cv)
+    if subtile_um is not None:
+        extra[SUBTILE_KEY] = float(subtile_um)
+    if bags is not None:
+        extra[BAGS_KEY] = {"n_observations": bags.n_obs, "n_subtiles": bags.n_patches,
+                           "calibrated_on": "observations (region-level out-of-fold residuals)"}
     fitted = FittedModel(model=model, genes=genes, feature_meta=meta, n_features=X_chosen.shape[1],
-                         config=config, cv=cv.report["model"], extra=uncertainty_extra(Y, cv))
+                         config=config, cv=cv.report["model"], extra=extra)
     fitted.save(work / MODEL_FILE)
 
     report = {
         "head": config["head"], "params": config["params"], "transform": config["transform"],
         "features": config["features"], "n_spots": int(Y.shape[0]), "n_features": int(X_chosen.shape[1]),
+        "n_subtiles": None if bags is None else bags.n_patches, "subtile_um": subtile_um,
         "n_genes": len(genes), "n_folds": len(fold_list), "grouped": groups is not None, "seed": seed,
         "cv": cv.report["model"], "mean_head": cv.report["mean_head"],
         "ratio_to_mean": cv.report["ratio_to_mean"], "folds": cv.report["folds"],
@@ -334,6 +360,7 @@ def _fit_into(work: Path, X, Y, gene_names, *, head, params, transform, folds, g
     report = json_ready(report)
     write_json(work / MODEL_INFO_FILE, {"format_version": FORMAT_VERSION, "config": config,
                                         "n_features": X_chosen.shape[1], "feature_meta": meta, "genes": genes,
-                                        "cv": cv.report["model"]})
+                                        "cv": cv.report["model"], "subtile_um": subtile_um,
+                                        "bags": extra.get(BAGS_KEY)})
     write_json(work / REPORT_FILE, report)
     return report

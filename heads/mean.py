@@ -11,6 +11,7 @@ class MeanHead(Head):
 
     search_space: dict = {}
     poor_score = True
+    bag_fit = "mean_features"
 
     def fit(self, X, Y):
         X, Y = self._start_fit(X, Y)

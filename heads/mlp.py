@@ -219,6 +219,27 @@ class EarlyStopping:
         head.best_val_score_ = float(self.best_score) if validated else None
 
 
+class _BagForward:
+    """Predictions of a minibatch of observations: the mean of the network's outputs over each
+    observation's sub-tiles (the bag loss compares these with the targets)."""
+
+    def __init__(self, net: nn.Module, bags, device: torch.device):
+        self.net = net
+        order = np.argsort(bags.index, kind="stable")
+        self.order = order
+        self.starts = np.concatenate([[0], np.cumsum(bags.sizes)])
+        self.sizes = bags.sizes
+        self.device = device
+
+    def __call__(self, Xt: torch.Tensor, obs: torch.Tensor) -> torch.Tensor:
+        obs = obs.cpu().numpy()
+        rows = np.concatenate([self.order[self.starts[o]:self.starts[o + 1]] for o in obs])
+        local = torch.as_tensor(np.repeat(np.arange(len(obs)), self.sizes[obs]), device=self.device)
+        out = self.net(Xt[torch.as_tensor(rows, device=self.device)])
+        total = torch.zeros(len(obs), out.shape[1], dtype=out.dtype, device=self.device).index_add_(0, local, out)
+        return total / torch.as_tensor(self.sizes[obs], dtype=out.dtype, device=self.device)[:, None]
+
+
 # --------------------------------------------------------------------------------------------
 # the head
 # --------------------------------------------------------------------------------------------
@@ -238,6 +259,7 @@ class MLPHead(TorchStateMixin, Head):
     }
 
     _torch_modules = ("net_",)
+    bag_fit = "bag_loss"      # fit(bags=...): mean of sub-tile predictions vs target (heads.bags)
     search_space = {
         "hidden": [[256], [512], [512, 256]],
         "dropout": [0.0, 0.1, 0.25, 0.5],
@@ -311,53 +333,77 @@ class MLPHead(TorchStateMixin, Head):
         train, val = rng_split(X.shape[0], self.val_fraction, self.seed)
         return X[train], Y[train], reference[train], X[val], reference[val]
 
-    def fit(self, X, Y, *, X_val=None, Y_val=None, reference_targets=None, inverse_targets=None):
+    def fit(self, X, Y, *, X_val=None, Y_val=None, reference_targets=None, inverse_targets=None, bags=None):
         """Fit on (X, Y); early-stop on (X_val, Y_val) when given, else on an internal split.
 
         When Y is a transform of the targets (``TargetTransformed`` passes both):
         ``reference_targets`` are the untransformed targets of the same rows (gene panels are
         chosen on them) and ``inverse_targets`` maps predictions back, so the validation score is
-        the challenge score in the targets' own scale."""
-        X, Y = self._start_fit(X, Y)
+        the challenge score in the targets' own scale.
+
+        ``bags`` (``heads.bags.Bags``): X holds sub-tiles, Y observations; the loss compares the
+        mean of each observation's sub-tile predictions with its target (the bag loss), and the
+        internal validation split holds out whole observations."""
+        if bags is not None and X_val is not None:
+            raise ValueError("validation data cannot be combined with bags; use the internal split (val_fraction)")
+        X, Y = self._start_fit(X, Y, bags)
         self._check_options()
         reference = Y if reference_targets is None else as_matrix(reference_targets, "reference_targets")
         to_reference = inverse_targets or (lambda values: values)
-        X_tr, Y_tr, ref_tr, X_val, ref_val = self._split(X, Y, reference, X_val, Y_val, to_reference)
+        if bags is None:
+            X_tr, Y_tr, ref_tr, X_val, ref_val = self._split(X, Y, reference, X_val, Y_val, to_reference)
+            bags_tr = bags_val = None
+        else:
+            X_tr, Y_tr, ref_tr, X_val, ref_val, bags_tr, bags_val = self._split_bags(X, Y, reference, bags)
         self.features_ = FeaturePCA(None, standardize=True).fit(X_tr)
         device = resolve_device(self.device)
         panels = training_panels(ref_tr, self.n_top)
         weights = panel_gene_weights(ref_tr, self.n_top, self.gene_weight)
-        validation = None if X_val is None else (self.features_.transform(X_val), ref_val, to_reference)
+        validation = None if X_val is None else (self.features_.transform(X_val), ref_val, to_reference, bags_val)
         with torch_session(self.seed, self.n_threads) as generator:
             self.net_ = self._build_module("net_").to(device)
             with torch.no_grad():
                 self.net_[-1].bias.copy_(torch.as_tensor(Y_tr.mean(axis=0), dtype=torch.float32))
-            self._train(X_tr, Y_tr, validation, panels, weights, device, generator)
+            self._train(X_tr, Y_tr, validation, panels, weights, device, generator, bags_tr)
         return self
 
-    def _train(self, X_tr, Y_tr, validation, panels, weights, device, generator):
-        """Minibatch AdamW; ``validation`` = (standardized X_val, reference-scale truth, inverse)."""
+    def _split_bags(self, X, Y, reference, bags):
+        """The internal split by observation: (X_tr, Y_tr, ref_tr, X_val, ref_val, bags_tr, bags_val)."""
+        if not self.val_fraction:
+            return X, Y, reference, None, None, bags, None
+        train, val = rng_split(Y.shape[0], self.val_fraction, self.seed)
+        rows_tr, bags_tr = bags.subset(train)
+        rows_val, bags_val = bags.subset(val)
+        return X[rows_tr], Y[train], reference[train], X[rows_val], reference[val], bags_tr, bags_val
+
+    def _train(self, X_tr, Y_tr, validation, panels, weights, device, generator, bags=None):
+        """Minibatch AdamW; ``validation`` = (standardized X_val, reference-scale truth, inverse, bags or None).
+        With ``bags`` a minibatch is a set of observations and the loss compares the mean of their
+        sub-tile predictions with their targets."""
         Xt = torch.as_tensor(self.features_.transform(X_tr), dtype=torch.float32, device=device)
         Yt = torch.as_tensor(Y_tr, dtype=torch.float32, device=device)
         w = torch.as_tensor(weights, dtype=torch.float32, device=device)
         loss_fn = LOSSES[self.loss]
+        forward = self.net_ if bags is None else _BagForward(self.net_, bags, device)
         optimizer = torch.optim.AdamW(self.net_.parameters(), lr=self.lr, weight_decay=self.weight_decay)
         stopping = EarlyStopping(self.patience)
         self.history_ = []
         for epoch in range(int(self.epochs)):
             self.net_.train()
             total = 0.0
-            for idx in minibatches(Xt.shape[0], int(self.batch_size), generator):
+            for idx in minibatches(Yt.shape[0], int(self.batch_size), generator):
                 idx = idx.to(device)
                 optimizer.zero_grad(set_to_none=True)
-                loss = loss_fn(self.net_(Xt[idx]), Yt[idx], self, w)
+                pred = self.net_(Xt[idx]) if bags is None else forward(Xt, idx)
+                loss = loss_fn(pred, Yt[idx], self, w)
                 loss.backward()
                 optimizer.step()
                 total += loss.detach().item() * len(idx)
-            record = {"epoch": epoch + 1, "train_loss": total / Xt.shape[0]}
+            record = {"epoch": epoch + 1, "train_loss": total / Yt.shape[0]}
             if validation is not None:
-                Z_val, truth, to_reference = validation
-                pred = to_reference(predict_in_chunks(self.net_, Z_val, device))
+                Z_val, truth, to_reference, bags_val = validation
+                raw = predict_in_chunks(self.net_, Z_val, device)
+                pred = to_reference(raw if bags_val is None else bags_val.mean(raw))
                 record["val_score"] = stopping.update(self.net_, pred, truth, panels)
             self.history_.append(record)
             if validation is not None and stopping.should_stop:

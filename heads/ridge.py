@@ -76,6 +76,7 @@ class RidgeHead(Head):
                          "alpha_selection": Options("gcv", "loo"), "fit_intercept": Bool(), "seed": SEED}
 
     search_space = {"n_components": [None, 128, 256, 512]}
+    bag_fit = "mean_features"      # affine in X: fitted on each bag's mean feature (heads.bags)
 
     def __init__(self, alphas=DEFAULT_ALPHAS, n_components: int | None = None,
                  alpha_selection: str = "gcv", fit_intercept: bool = True, seed: int = 0):
@@ -126,6 +127,7 @@ class HestRidgeHead(Head):
                          "max_iter": Int(1), "seed": SEED}
 
     search_space: dict = {}
+    bag_fit = "mean_features"
 
     def __init__(self, n_components: int = 256, alpha: float | None = None,
                  solver: str = "cholesky", max_iter: int = 1000, seed: int = 0):

@@ -178,7 +178,8 @@ def _single_thread():
         sys.modules["torch"].set_num_threads(1)
 
 
-def evaluate_config(config: dict, X, Y, folds, n_top: int, groups, single_thread: bool, keep_dir=None) -> dict:
+def evaluate_config(config: dict, X, Y, folds, n_top: int, groups, single_thread: bool, keep_dir=None,
+                    bags=None) -> dict:
     """CV summary of one config (never raises: a failing config is reported with its error).
     ``keep_dir``: also save its out-of-fold predictions and CV report there (``load_kept_cv``)."""
     if single_thread:
@@ -186,7 +187,7 @@ def evaluate_config(config: dict, X, Y, folds, n_top: int, groups, single_thread
     start = time.perf_counter()
     try:
         factory = model_factory(config["head"], config["params"], config["transform"])
-        cv = cross_validate(factory, X, Y, folds, n_top=n_top, groups=groups)
+        cv = cross_validate(factory, X, Y, folds, n_top=n_top, groups=groups, bags=bags)
         report = cv.report
         if keep_dir is not None:
             np.save(Path(keep_dir) / f"oof_{config['trial']}.npy", cv.oof)
@@ -245,7 +246,7 @@ def as_feature_sets(features) -> dict[str, np.ndarray]:
 def run_sweep(head: str, features, Y, folds, *, space: Mapping | None = None,
               n_trials: int | None = None, transform="none", fixed_params: Mapping | None = None,
               n_top: int = N_TOP_DEFAULT, groups=None, seed: int = 0, n_jobs: int = -1,
-              progress: bool = True) -> SweepResult:
+              progress: bool = True, bags=None) -> SweepResult:
     """Score every config of ``head`` by cross-validation on ``folds``; return the leaderboard.
 
     ``features``: one (N, D) matrix or a mapping name -> matrix (each config picks one by name).
@@ -260,7 +261,7 @@ def run_sweep(head: str, features, Y, folds, *, space: Mapping | None = None,
     configs = make_configs(head, space, n_trials=n_trials, feature_names=list(feature_sets),
                            transform=transform, fixed_params=fixed_params, seed=seed)
     return score_configs(configs, feature_sets, Y, folds, n_top=n_top, groups=groups, n_jobs=n_jobs,
-                         progress=progress, description=f"sweep {head} ({len(configs)} configs)")
+                         progress=progress, description=f"sweep {head} ({len(configs)} configs)", bags=bags)
 
 
 def load_kept_cv(keep_dir, trial: int):
@@ -274,7 +275,7 @@ def load_kept_cv(keep_dir, trial: int):
 
 def score_configs(configs: list[dict], features, Y, folds, *, n_top: int = N_TOP_DEFAULT, groups=None,
                   n_jobs: int = -1, progress: bool = True, description: str | None = None,
-                  keep_dir=None) -> SweepResult:
+                  keep_dir=None, bags=None) -> SweepResult:
     """Cross-validate each given config (any heads, any of the named feature sets) on the same
     ``folds``, in parallel; the leaderboard ranks them by CV score. Configs get ``trial`` numbers
     in the given order. ``keep_dir`` (an existing folder): keep each config's out-of-fold
@@ -288,7 +289,8 @@ def score_configs(configs: list[dict], features, Y, folds, *, n_top: int = N_TOP
         raise HeadError(f"configs name feature set(s) {missing} but only {sorted(feature_sets)} were given")
     n_workers = min(len(configs), effective_n_jobs(n_jobs))
     Y = np.asarray(Y, dtype=np.float64)
-    tasks = (delayed(evaluate_config)(c, feature_sets[c["features"]], Y, folds, n_top, groups, n_workers > 1, keep_dir)
+    tasks = (delayed(evaluate_config)(c, feature_sets[c["features"]], Y, folds, n_top, groups, n_workers > 1, keep_dir,
+                                      bags)
              for c in configs)
     rows = []
     description = description or f"scoring {len(configs)} configs"

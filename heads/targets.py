@@ -192,7 +192,7 @@ class TargetTransformed(Head):
         self.transform = transform
 
     def fit(self, X, Y, **fit_params):
-        X, Y = self._start_fit(X, Y)
+        X, Y = self._start_fit(X, Y, fit_params.get("bags"))
         if self.head is None:
             raise HeadError("TargetTransformed needs a head to wrap")
         self.transform_ = make_transform(self.transform).fit(Y)

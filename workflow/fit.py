@@ -16,6 +16,7 @@ from hexpr.embedder.extract import check_embed_options
 from hexpr.embedder.context import check_context, fitting_sizes, format_um, parse_context_um
 from hexpr.embedder.features import FeatureSet, ensure_features, with_context_scales, with_dataset_context
 from hexpr.heads.base import HeadError
+from hexpr.heads.bags import Bags, check_bag_support
 from hexpr.heads.fitting import AUTO, check_config, read_model_info
 from hexpr.heads.fitting import fit_head as fit_head_on_features
 from hexpr.heads.metrics import top_genes
@@ -177,6 +178,9 @@ def fit_head(data, specs: list[BackboneSpec], *, head: str = "ridge", params: di
 
     ``genes``: the gene panel (``hvg:N``, ``heg:N`` or a file), chosen from this training data only and
     saved with the model. ``neighbours``: append the mean embedding of the k nearest spots.
+    A bagged dataset (``hexpr import --pool-spots/--subtile-um``) fits the head on its bags (heads.bags):
+    the mean of each observation's sub-tile predictions against its target; the model records the
+    sub-tile size and predicts single sub-tiles.
     ``bag``: average the head over this many seeds. ``head="auto"``: score ridge and an mlp bagged
     over ``bag`` (default 5) seeds, each without and with neighbour context (k = ``neighbours``, or 6),
     by grouped CV on this training data; refit the best (see ``_auto_feature_sets``); with source images
@@ -202,6 +206,8 @@ def fit_head(data, specs: list[BackboneSpec], *, head: str = "ridge", params: di
                          "the chosen one with --context-um")
     dataset = _training_dataset(data)
     check_context(dataset, scales)   # no source image, or a size that does not fit: before any embedding
+    if dataset.is_bagged and head != "auto":  # a head without bag support: an error before any embedding
+        check_bag_support(head, params)
     panel = select_gene_panel(dataset.targets, genes)
     out_dir = Path(out_dir) if out_dir is not None else default_model_dir(dataset.name, head, space is not None, sweep_backbones)
     replaced = warn_if_backbones_change(out_dir, specs, sweep_backbones)
@@ -223,12 +229,14 @@ def fit_head(data, specs: list[BackboneSpec], *, head: str = "ridge", params: di
     for m in (meta.values() if isinstance(X, dict) else [meta]):
         m["patch"] = patch
         m["target_unit"] = dataset.target_unit   # heatmaps and colour bars name it
-    groups, folds = cv_groups(dataset.groups, folds)
+    groups, folds = cv_groups(dataset.observation_groups(), folds)
+    bags = Bags.from_index(dataset.bag_index, len(dataset.targets)) if dataset.is_bagged else None
     report = fit_head_on_features(
         X, dataset.targets[panel].to_numpy(), panel, head=head, params=params,
         transform=transform, folds=folds, groups=groups,
         seed=seed, out_dir=out_dir, feature_meta=meta, sweep=sweep, trials=trials, n_jobs=n_jobs,
-        progress=progress, ids=features.ids, bag=bag,
+        progress=progress, ids=list(dataset.targets.index) if bags is not None else features.ids, bag=bag,
+        bags=bags, subtile_um=dataset.subtile_um,
     )
     report["out_dir"] = str(out_dir)
     report["replaced_backbones"] = replaced

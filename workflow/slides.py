@@ -17,7 +17,9 @@ from hexpr.embedder.files import atomic_dir
 from hexpr.embedder.gene_names import unknown_gene_message
 from hexpr.embedder.importers.names import safe_name
 from hexpr.embedder.slides import SlideError, find_slides, open_slide, slide_thumbnail
-from hexpr.embedder.tiling import tile_dataset, tile_grid, tissue_fraction, tissue_mask
+from hexpr.embedder.errors import UsageError
+from hexpr.embedder.tiling import TileGrid, tile_dataset, tile_grid, tissue_fraction, tissue_mask
+from hexpr.heads.bags import Bags, aggregate
 from hexpr.heads.uncertainty import DEFAULT_INTERVAL, check_interval, check_model_interval
 from hexpr.workflow.options import POSITIVE, SHARE, WHOLE_NON_NEGATIVE, check_option, check_output_folder
 from hexpr.workflow.outputs.gene_sets import SCORE_METHOD, read_gene_sets, score_gene_sets
@@ -29,6 +31,7 @@ DEFAULT_TILE_UM = 112.0          # HEST's patch: 224 px at 0.5 µm/px
 DEFAULT_TILE_UM_PER_PX = 0.5
 DEFAULT_MIN_TISSUE = 0.25
 DEFAULT_HEATMAP_GENES = 3
+MIN_TILE_SLIDE_PX = 8            # a (sub-)tile must span this many slide pixels
 SLIDE_OUTPUTS = ("predictions.h5ad", "tiles.geojson")
 
 
@@ -52,6 +55,42 @@ def tile_scale(meta: dict, tile_um: float | None = None, tile_um_per_px: float |
         raise DatasetError(f"tiles of {um} µm at {mpp} µm/px are only {px} px; increase --tile-um or lower --tile-um-per-px")
     return {"tile_um": um, "tile_um_per_px": mpp, "tile_px": px,
             "source": "options" if tile_um is not None or tile_um_per_px is not None else ("model" if recorded else "default")}
+
+
+def resolution_factor(resolution_um: float | None, scale: dict, stride_um: float | None = None) -> int:
+    """How many model tiles (sub-tiles) a side of a ``--resolution-um`` cell spans: 1 without it; a
+    UsageError unless it is a whole multiple of the model's tile (its sub-tile size, ``scale['tile_um']``)."""
+    if resolution_um is None:
+        return 1
+    check_option("--resolution-um", resolution_um, POSITIVE)
+    tile_um = float(scale["tile_um"])
+    factor = float(resolution_um) / tile_um
+    if abs(factor - round(factor)) > 1e-6 * max(1.0, factor) or round(factor) < 1:
+        raise UsageError(f"--resolution-um {resolution_um:g} is not a multiple of the model's sub-tile size {tile_um:g} µm; "
+                         f"use {tile_um:g}, {2 * tile_um:g}, {3 * tile_um:g}, ...")
+    if stride_um is not None and round(factor) > 1:
+        raise UsageError("--resolution-um and --stride-um do not combine: cells of --resolution-um are built from "
+                         "the model's sub-tiles side by side; drop --stride-um")
+    return int(round(factor))
+
+
+def coarse_cells(grid: TileGrid, kept: np.ndarray, fraction: np.ndarray, factor: int) -> tuple[TileGrid, Bags, np.ndarray, np.ndarray]:
+    """Cells of ``factor`` x ``factor`` sub-tiles of a (stride = tile) ``grid``: (cell grid, bags of the kept
+    sub-tiles by cell, each cell's tissue fraction over its whole area, each cell's number of predicted sub-tiles)."""
+    cell_rows, cell_cols = grid.rows // factor, grid.cols // factor
+    n_cell_cols = -(-grid.n_cols // factor)
+    label = cell_rows * n_cell_cols + cell_cols
+    cells, index = np.unique(label[kept], return_inverse=True)
+    bags = Bags.from_index(index, len(cells))
+    position = {c: i for i, c in enumerate(cells)}
+    tissue = np.zeros(len(cells))
+    for lab, frac in zip(label, fraction):
+        if lab in position:
+            tissue[position[lab]] += frac / factor ** 2
+    rows, cols = cells // n_cell_cols, cells % n_cell_cols
+    side = grid.tile_px * factor
+    cell_grid = TileGrid(cols * side, rows * side, rows, cols, side, side, -(-grid.n_rows // factor), n_cell_cols)
+    return cell_grid, bags, tissue, bags.sizes
 
 
 def rank_share(items: list, rank: int | None = None, world: int | None = None) -> list:
@@ -124,7 +163,8 @@ def predict_slide(model_path, slides, out_dir, *, um_per_px: float | None = None
                   min_tissue: float = DEFAULT_MIN_TISSUE, genes: list[str] | None = None,
                   n_heatmap_genes: int = DEFAULT_HEATMAP_GENES, cache_dir=DEFAULT_CACHE_DIR, overwrite: bool = False,
                   progress: bool = True, outputs: str | list[str] | None = None, geojson_genes: str | int | None = None,
-                  gene_sets=None, interval: float | None = DEFAULT_INTERVAL, clip: bool = True, **embed_options) -> dict:
+                  gene_sets=None, interval: float | None = DEFAULT_INTERVAL, clip: bool = True,
+                  resolution_um: float | None = None, **embed_options) -> dict:
     """Whole slides in, expression maps out: tissue tiles embedded and predicted with a fitted head
     or a fine-tuned model (see ``load_predictor``).
 
@@ -142,6 +182,9 @@ def predict_slide(model_path, slides, out_dir, *, um_per_px: float | None = None
     A fitted head's predictions are clipped to its training range (unless ``clip`` is False); the
     h5ad and SpatialData tables get layers ``std`` (bagged heads) and ``lower``/``upper`` (conformal
     interval at coverage ``interval``), and each heatmap gene an ``uncertainty_<gene>.png``.
+    Tiles are the model's training patch (for a model fitted on bags: its sub-tile). ``resolution_um``
+    (a whole multiple of that size) writes cells of that side instead, each the mean of the predictions
+    of its sub-tiles (heads.bags.aggregate: exactly the region prediction for linear heads).
     An existing slide folder needs ``overwrite``.
     Example::
 
@@ -162,6 +205,7 @@ def predict_slide(model_path, slides, out_dir, *, um_per_px: float | None = None
     check_model_interval(fitted, interval)
     writing["gene_sets"] = read_gene_sets(gene_sets, fitted.genes) if gene_sets else {}
     scale = tile_scale(predictor_meta(fitted), tile_um, tile_um_per_px)
+    factor = resolution_factor(resolution_um, scale, stride_um)
     if genes:  # an unknown --gene fails before any work
         _heatmap_genes(pd.DataFrame(columns=fitted.genes), genes, 0)
     paths = find_slides([Path(s) for s in slides])
@@ -176,7 +220,7 @@ def predict_slide(model_path, slides, out_dir, *, um_per_px: float | None = None
         if existing:
             raise OutputExistsError(f"{existing[0]} already exists ({len(existing)} slide folder(s) in all); "
                                   "pass --overwrite to replace, or choose another --out")
-    report = {"out_dir": str(out_dir), "tile": scale, "slides": {}, "failed": {}, "split": split, "helped": {}}
+    report = {"out_dir": str(out_dir), "tile": scale, "resolution_um": scale["tile_um"] * factor, "slides": {}, "failed": {}, "split": split, "helped": {}}
     embed_options = slide_embed_options(embed_options)
     for path in mine:
         try:
@@ -184,7 +228,7 @@ def predict_slide(model_path, slides, out_dir, *, um_per_px: float | None = None
                 fitted, model_path, path, slide_out_dir(out_dir, path), scale, um_per_px=um_per_px, stride_um=stride_um,
                 min_tissue=min_tissue, genes=genes, n_heatmap_genes=n_heatmap_genes, cache_dir=cache_dir,
                 progress=progress, writing=writing, force_um_per_px=force_um_per_px, share_tiles=split == "tiles",
-                interval=interval, clip=clip, **embed_options)
+                interval=interval, clip=clip, factor=factor, **embed_options)
             report["helped" if result.get("helper") else "slides"][str(path)] = result
         except (SlideError, DatasetError) as exc:  # this slide's own problem: the others still get their maps
             if len(mine) == 1:
@@ -201,7 +245,8 @@ def predict_slide(model_path, slides, out_dir, *, um_per_px: float | None = None
 
 def _predict_one_slide(fitted, model_path, path: Path, final_dir: Path, scale: dict, *, um_per_px, stride_um, min_tissue,
                        genes, n_heatmap_genes, cache_dir, progress, writing: dict, force_um_per_px: bool = False,
-                       share_tiles: bool = False, interval=DEFAULT_INTERVAL, clip=True, **embed_options) -> dict:
+                       share_tiles: bool = False, interval=DEFAULT_INTERVAL, clip=True, factor: int = 1,
+                       **embed_options) -> dict:
     started = time.perf_counter()
     rank = int(os.environ.get("RANK", 0)) if share_tiles else 0
     if rank and not hasattr(fitted, "feature_meta"):   # a fine-tuned network embeds on the fly: rank 0 alone
@@ -211,6 +256,10 @@ def _predict_one_slide(fitted, model_path, path: Path, final_dir: Path, scale: d
         thumbnail, thumb_scale = slide_thumbnail(slide)
         mask = tissue_mask(thumbnail)
         tile_px = scale["tile_um"] / slide.um_per_px
+        if tile_px < MIN_TILE_SLIDE_PX:
+            raise DatasetError(f"{path}: tiles of {scale['tile_um']:g} µm are {tile_px:.1f} px at the slide's resolution "
+                               f"({slide.um_per_px:g} µm/px), below the {MIN_TILE_SLIDE_PX} px a backbone can see; "
+                               "use a model fitted on larger (sub-)tiles or a finer scan")
         stride_px = (stride_um if stride_um else scale["tile_um"]) / slide.um_per_px
         grid = tile_grid(slide.width, slide.height, tile_px, stride_px)
         fraction = tissue_fraction(mask, thumb_scale, grid)
@@ -225,8 +274,20 @@ def _predict_one_slide(fitted, model_path, path: Path, final_dir: Path, scale: d
             progress=progress, distributed=share_tiles, **embed_options)
         if rank:   # rank 0 writes this slide's outputs from the shared cache
             return {"helper": True, "n_tiles": int(keep.sum())}
+        n_subtiles = None
+        if factor > 1:   # cells of factor x factor sub-tiles: the mean of their predictions
+            tiles, bags, cell_fraction, n_subtiles = coarse_cells(grid, keep, fraction, factor)
+            ids = tiles.ids()
+            frame = pd.DataFrame(aggregate(frame.to_numpy(), bags), index=pd.Index(ids, name=frame.index.name),
+                                 columns=frame.columns)
+            layers = {name: pd.DataFrame(aggregate(layer.to_numpy(), bags), index=frame.index, columns=frame.columns)
+                      for name, layer in layers.items()}
+            tile_px, stride_px = tiles.tile_px, tiles.stride_px
+            fraction, keep = cell_fraction, np.ones(len(tiles), dtype=bool)
         chosen = _heatmap_genes(frame, genes, n_heatmap_genes)
         obs = pd.DataFrame({"row": tiles.rows, "col": tiles.cols, "tissue_fraction": fraction[keep].astype(np.float32)})
+        if n_subtiles is not None:
+            obs["n_subtiles"] = n_subtiles.astype(np.int32)
         provenance = {"model": str(model_path), "config": config, "feature_meta": predictor_meta(fitted),
                       "slide": str(Path(path).resolve()), "slide_size_px": [int(slide.width), int(slide.height)],
                       "um_per_px": slide.um_per_px, "um_per_px_source": slide.um_per_px_source,
@@ -234,6 +295,9 @@ def _predict_one_slide(fitted, model_path, path: Path, final_dir: Path, scale: d
                       "tile_patch_px": scale["tile_px"], "tile_size_source": scale["source"],
                       "stride_um": stride_px * slide.um_per_px, "stride_px_level0": stride_px, "min_tissue": min_tissue,
                       "n_grid_tiles": len(grid), "grid_shape": [grid.n_rows, grid.n_cols],
+                      "resolution_um": tile_px * slide.um_per_px, "subtile_um": scale["tile_um"],
+                      "cells": ("the mean of the predictions of each cell's tissue sub-tiles (n_subtiles)"
+                                if factor > 1 else "one model tile each"),
                       "coordinates": "obsm['spatial'] = tile centres (x, y) in level-0 slide pixels",
                       "cache_files": cache_files}
         if writing["gene_sets"]:
@@ -253,7 +317,7 @@ def _predict_one_slide(fitted, model_path, path: Path, final_dir: Path, scale: d
     finally:
         slide.close()
     seconds = time.perf_counter() - started
-    return {"out_dir": str(final_dir), "n_grid_tiles": len(grid), "n_tiles": int(keep.sum()),
+    return {"out_dir": str(final_dir), "n_grid_tiles": len(grid), "n_tiles": int(keep.sum()), "n_cells": len(frame),
             "um_per_px": slide.um_per_px, "um_per_px_source": slide.um_per_px_source, "heatmaps": heatmaps,
             "outputs": {name: sorted(files.values()) for name, files in written.items()},
             "uncertainty_maps": uncertainty_maps, "layers": sorted(layers),

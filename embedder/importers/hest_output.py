@@ -35,7 +35,9 @@ class H5PatchSink:
     def put(self, i: int, patch: np.ndarray) -> None:
         self.img[i] = patch
 
-    def finish(self, keep: np.ndarray, barcodes: list[str], coords: np.ndarray, attrs: dict) -> None:
+    def finish(self, keep: np.ndarray, barcodes: list[str], coords: np.ndarray, attrs: dict,
+               bags: list[str] | None = None) -> None:
+        """``bags``: the observation id of each patch (a bagged dataset, see importers.bags)."""
         idx = np.flatnonzero(keep)
         if len(idx) != len(keep):
             for j, i in enumerate(idx):        # in-place compaction (j <= i)
@@ -46,6 +48,9 @@ class H5PatchSink:
         width = max(1, max((len(x) for x in b), default=1))
         self.f.create_dataset("barcode", data=np.array(b, dtype=f"S{width}").reshape(-1, 1))
         self.f.create_dataset("coords", data=np.asarray(coords, np.float64)[idx].reshape(-1, 2))
+        if bags is not None:
+            labels = [bags[i].encode("utf-8") for i in idx]
+            self.f.create_dataset("bag", data=np.array(labels, dtype=f"S{max(1, max(map(len, labels), default=1))}").reshape(-1, 1))
         for k, v in attrs.items():
             self.f.attrs[k] = v
         self.f.close()

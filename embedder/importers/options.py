@@ -39,3 +39,5 @@ class ImportSettings:
     filter_background: bool
     output: str
     max_inmemory_bytes: int | None = None
+    pool_spots: int | None = None       # K x K spots pooled into one observation (importers.bags)
+    subtile_um: float | None = None     # each spot cut into sub-tiles of this side (then patch_um == subtile_um)

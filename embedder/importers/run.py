@@ -14,10 +14,12 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 
 from hexpr.embedder.slides import SlideError, SlideImage
 
+from .bags import check_bag_options, check_subtile_pixels, observations, pool_labels, subtile_layout
 from .challenge_output import PNGSink, csv_leading_fields, write_csv_header, write_csv_rows
 from .errors import ImporterError, warn
 from .expression import gene_columns, normalize_counts
@@ -40,6 +42,7 @@ class Spots:
     idx: np.ndarray
     barcodes: list[str]
     coords: np.ndarray
+    bag: list[str] | None = None        # the observation (spot barcode) of each sub-tile patch
 
 
 def run_import(
@@ -56,10 +59,16 @@ def run_import(
     messages: list[str] | None = None,
     max_inmemory_bytes: int | None = None,
     overwrite: bool = False,
+    pool_spots: int | None = None,
+    subtile_um: float | None = None,
 ) -> dict:
     """Write all samples of ``specs`` with one common gene set; returns the summary dict. The dataset
-    folder is written whole: a non-empty ``out_dir`` is refused unless ``overwrite``, which replaces it."""
+    folder is written whole: a non-empty ``out_dir`` is refused unless ``overwrite``, which replaces it.
+    ``pool_spots`` / ``subtile_um``: write bags (``importers.bags``); sub-tiles set the patch size."""
     t0 = time.perf_counter()
+    check_bag_options(pool_spots, subtile_um, output)
+    if subtile_um is not None:
+        patch_um = float(subtile_um)
     check_options(patch_um, target_um_per_px, normalize, output)
     check_import_target(Path(out_dir), overwrite)
     messages = [] if messages is None else messages
@@ -69,7 +78,8 @@ def run_import(
         raise ImporterError(f"sample id(s) {dups} occur more than once; give distinct sample_ids")
     cfg = ImportSettings(kind=kind, out_dir=Path(out_dir), patch_um=patch_um, target_um_per_px=target_um_per_px,
                          size=patch_size_px(patch_um, target_um_per_px), normalize=normalize,
-                         filter_background=filter_background, output=output, max_inmemory_bytes=max_inmemory_bytes)
+                         filter_background=filter_background, output=output, max_inmemory_bytes=max_inmemory_bytes,
+                         pool_spots=None if pool_spots in (None, 1) else int(pool_spots), subtile_um=subtile_um)
     genes, gene_info = common_genes(specs, messages)
     staging = Staging(cfg.out_dir, output)
     try:
@@ -99,6 +109,9 @@ def _summary(cfg: ImportSettings, samples: dict[str, dict], gene_info: dict, mes
         "patch_size_px": cfg.size,
         "normalize": cfg.normalize,
         "filter_background": bool(cfg.filter_background),
+        "pool_spots": cfg.pool_spots,
+        "subtile_um": cfg.subtile_um,
+        "n_observations": int(sum(s.get("n_observations", s["n_patches"]) for s in samples.values())),
         "samples": samples,
         "warnings": list(messages),
         "seconds": round(seconds, 3),
@@ -185,11 +198,36 @@ def _select_spots(data: SampleData, cfg: ImportSettings) -> tuple[Spots, dict, S
         idx = np.flatnonzero(keep)
         if len(idx) == 0:
             raise ImporterError(f"{sid}: no spot left to cut a patch for")
+        spots = Spots(idx, [data.barcodes[i] for i in idx], coords[idx])
+        if cfg.subtile_um is not None:
+            spots = _subtiles(data, spots, image, cfg)
     except BaseException:
         if image is not None:
             image.close()
         raise
-    return Spots(idx, [data.barcodes[i] for i in idx], coords[idx]), res, image
+    return spots, res, image
+
+
+def _subtiles(data: SampleData, spots: Spots, image: SlideImage | None, cfg: ImportSettings) -> Spots:
+    """Each spot's footprint as a grid of sub-tile patches (importers.bags), bagged by spot."""
+    if image is None:
+        raise ImporterError(f"{data.sample_id}: --subtile-um cuts sub-tiles from the whole slide, and this sample "
+                            "has only ready patches; put the slide beside it (HEST wsis/)")
+    check_subtile_pixels(cfg.subtile_um, data.source_um_per_px, cfg.target_um_per_px, data.sample_id)
+    layout = subtile_layout(len(spots.idx), (data.provenance or {}).get("spot_diameter_um"), cfg.subtile_um,
+                            data.source_um_per_px, data.sample_id)
+    return Spots(spots.idx[layout.spot], [spots.barcodes[s] + suffix for s, suffix in zip(layout.spot, layout.suffixes)],
+                 spots.coords[layout.spot] + layout.offsets, bag=[spots.barcodes[s] for s in layout.spot])
+
+
+def _bag_labels(data: SampleData, spots: Spots, cfg: ImportSettings) -> list[str] | None:
+    """The observation of every patch (None: each patch is its own spot)."""
+    if spots.bag is not None:
+        return spots.bag
+    if cfg.pool_spots is None:
+        return None
+    obs = None if data.obs is None else data.obs.iloc[spots.idx].reset_index(drop=True)
+    return pool_labels(obs, cfg.pool_spots, data.sample_id)
 
 
 def _new_sink(cfg: ImportSettings, staging: Staging, sid: str, spots: Spots) -> Any:
@@ -234,16 +272,36 @@ def _finish_sample(data: SampleData, genes: list[str], spots: Spots, flags: Patc
     n_bg, n_pad = _report_dropped(sid, flags, msgs)
     kidx = np.flatnonzero(flags.kept)
     rows = spots.idx[kidx]
-    X, counts_sub, norm_details = normalize_counts(sp.csr_matrix(data.counts[rows]), gene_columns(data.genes, genes),
-                                                   cfg.normalize, msgs, sid)
+    labels = _bag_labels(data, spots, cfg)
+    obs_coords, obs_barcodes, bag_info = spots.coords[kidx], [spots.barcodes[i] for i in kidx], None
+    if labels is None:
+        counts = sp.csr_matrix(data.counts[rows])
+        obs_extra = data.obs.iloc[rows] if data.obs is not None else None
+    else:  # one row per observation: the raw counts of its spots summed (a spot's sub-tiles count it once)
+        obs_barcodes, member = observations([labels[i] for i in kidx], rows)
+        counts = sp.csr_matrix(member @ sp.csr_matrix(data.counts[:member.shape[1]]))
+        n_spots = np.asarray(member.sum(axis=1)).ravel()
+        obs_coords = np.asarray(member @ np.asarray(data.coords, np.float64)[:member.shape[1]]) / n_spots[:, None]
+        obs_extra = pd.DataFrame({"n_spots": n_spots.astype(np.int64),
+                                  "n_subtiles": pd.Series([labels[i] for i in kidx]).value_counts()
+                                  .reindex(obs_barcodes).to_numpy(np.int64)})
+        bag_info = {"bag": labels, "subtile_um": float(cfg.patch_um),
+                    "bag_kind": f"pool {cfg.pool_spots}x{cfg.pool_spots} spots" if cfg.pool_spots else
+                    f"spot footprint in {cfg.subtile_um:g} µm sub-tiles"}
+    X, counts_sub, norm_details = normalize_counts(counts, gene_columns(data.genes, genes), cfg.normalize, msgs, sid)
     csv_part = None
     if cfg.output == "hest":
-        counts = {"n_background_dropped": n_bg, "n_padded": n_pad, "n_outside_dropped": res["n_outside_dropped"]}
-        prov = sample_provenance(data, cfg, norm_details=norm_details, n_genes=len(genes), counts=counts, thumb=thumb)
-        sink.finish(flags.kept, spots.barcodes, spots.coords, patch_file_attrs(data, cfg.patch_um, cfg.size, thumb))
-        obs = spot_table(sid, [spots.barcodes[i] for i in kidx], data.obs.iloc[rows] if data.obs is not None else None)
+        tallies = {"n_background_dropped": n_bg, "n_padded": n_pad, "n_outside_dropped": res["n_outside_dropped"]}
+        if bag_info is not None:
+            tallies.update(bag_kind=bag_info["bag_kind"], subtile_um=bag_info["subtile_um"])
+        prov = sample_provenance(data, cfg, norm_details=norm_details, n_genes=len(genes), counts=tallies, thumb=thumb)
+        attrs = patch_file_attrs(data, cfg.patch_um, cfg.size, thumb)
+        if bag_info is not None:
+            attrs.update(subtile_um=bag_info["subtile_um"], bag_kind=bag_info["bag_kind"])
+        sink.finish(flags.kept, spots.barcodes, spots.coords, attrs, bags=None if bag_info is None else bag_info["bag"])
+        obs = spot_table(sid, obs_barcodes, obs_extra)
         h5ad_final = expression_file_path(cfg.out_dir, sid)
-        write_h5ad(staging.temp_file(h5ad_final), X, counts_sub, obs, genes, spots.coords[kidx], prov)
+        write_h5ad(staging.temp_file(h5ad_final), X, counts_sub, obs, genes, obs_coords, prov)
         res["files"] = {"patches": str(patch_file_path(cfg.out_dir, sid)), "st": str(h5ad_final)}
     else:
         for i in np.flatnonzero(~flags.kept):
@@ -253,6 +311,7 @@ def _finish_sample(data: SampleData, genes: list[str], spots: Spots, flags: Patc
         res["files"] = {"dir": str(cfg.out_dir / sid)}
     res.update({
         "n_patches": int(len(kidx)),
+        "n_observations": int(len(obs_barcodes)),
         "n_background_dropped": n_bg,
         "n_padded": n_pad,
         "source_um_per_px": float(data.source_um_per_px) if data.source_um_per_px else None,

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
+from .bags import check_bag_options
 from .errors import ImporterError
 from .hest import hest_specs
 from .legacy_st import legacy_st_specs
@@ -133,6 +134,8 @@ def import_dataset(
     min_tile_counts: int = DEFAULT_MIN_TILE_COUNTS,
     alignment: Path | str | None = None,
     per_cell: bool = False,
+    pool_spots: int | None = None,
+    subtile_um: float | None = None,
 ) -> dict:
     """Import one source folder (or several, written with one common gene set).
 
@@ -143,12 +146,15 @@ def import_dataset(
     side in µm (default patch_um); min_tile_counts: tiles with fewer counts are dropped.  alignment:
     Xenium H&E registration (10x alignment matrix CSV or Xenium Explorer keypoints CSV); per_cell:
     Xenium cells kept one observation each.  overwrite: replace a non-empty ``out_dir`` as a
-    whole (refused otherwise; the new dataset never mixes with an old one).  Returns a summary dict (per-sample counts of patches,
+    whole (refused otherwise; the new dataset never mixes with an old one).  pool_spots /
+    subtile_um: write bags (``importers.bags``: K x K spots pooled into one observation, or each spot cut
+    into sub-tiles of that many µm).  Returns a summary dict (per-sample counts of patches,
     padded / dropped spots, scale, files, warnings, seconds).
     """
     if kind not in KINDS:
         raise ImporterError(f"kind={kind!r}; use one of {KINDS}")
-    check_options(patch_um, target_um_per_px, normalize, output, source_um_per_px)
+    check_bag_options(pool_spots, subtile_um, output)
+    check_options(subtile_um or patch_um, target_um_per_px, normalize, output, source_um_per_px)
     check_import_target(Path(out_dir), overwrite)
     check_tile_options(tile_um, min_tile_counts)
     request = ImportRequest(patch_um=patch_um, target_um_per_px=target_um_per_px, source_um_per_px=source_um_per_px,
@@ -173,7 +179,7 @@ def import_dataset(
     summary = run_import(specs, out_dir, kind=kinds[0] if len(set(kinds)) == 1 else "mixed", patch_um=patch_um,
                          target_um_per_px=target_um_per_px, normalize=normalize,
                          filter_background=filter_background, output=output, progress=progress,
-                         overwrite=overwrite)
+                         overwrite=overwrite, pool_spots=pool_spots, subtile_um=subtile_um)
     summary["sources"] = [str(s) for s in sources]
     return summary
 
