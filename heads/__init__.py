@@ -2,7 +2,8 @@
 
 Entry points (imported lazily, so ``import heads.metrics`` stays light): ``make_head`` and the
 registry ``HEADS``; ``make_transform`` / ``TargetTransformed``; ``FeaturePCA`` / ``FeatureReduced``;
-``make_folds`` / ``cross_validate``; ``run_sweep``; ``fit_head`` / ``load_model`` / ``FittedModel``.
+``make_folds`` / ``cross_validate``; ``run_sweep``; ``fit_head`` / ``load_model`` / ``FittedModel``;
+``save_head`` / ``load_head`` (one head on disk, no pickle: ``heads.model_files``).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ _EXPORTS = {
     "TRANSFORMS": "hexpr.heads.targets", "TargetTransformed": "hexpr.heads.targets", "make_transform": "hexpr.heads.targets",
     "cross_validate": "hexpr.heads.cv", "make_folds": "hexpr.heads.cv",
     "run_sweep": "hexpr.heads.sweep",
+    "save_head": "hexpr.heads.model_files", "load_head": "hexpr.heads.model_files",
     "FittedModel": "hexpr.heads.fitting", "fit_head": "hexpr.heads.fitting", "load_model": "hexpr.heads.fitting",
 }
 __all__ = sorted(_EXPORTS)

@@ -7,7 +7,8 @@ hyper-parameters only (``fit`` never changes them), ``fit(X, Y)`` validates its 
 (N, G) float array (N values when fitted on a 1-D ``y``) and raises ``NotFittedError`` before ``fit``.
 They work in ``Pipeline``, ``GridSearchCV`` and ``cross_val_predict``; tests/test_estimator_checks.py
 runs scikit-learn's estimator checks on every registered head.
-``save(path)`` / ``Head.load(path)`` round-trip a head through joblib.
+Heads are saved without pickle by ``heads.model_files`` (``save_head`` / ``load_head``): their
+``get_params`` and trailing-underscore fitted attributes are all it needs.
 
 Registry: one table, ``HEAD_CLASSES``, maps a name ("mean", "ridge", ...) to "module:Class"; a
 head's module is imported on first use, so torch loads only for torch heads (``registered_heads()``
@@ -27,9 +28,7 @@ import copy
 import importlib
 import inspect
 from contextlib import contextmanager
-from pathlib import Path
 
-import joblib
 import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -39,7 +38,6 @@ from sklearn.utils.extmath import randomized_svd
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from hexpr.embedder.errors import ModelError, UsageError
-from hexpr.embedder.files import atomic_write
 from hexpr.heads.params import N_COMPONENTS, SEED, Bool, param_problems
 
 # the registry: head name -> "module:Class" (a head's module, and its heavy imports, load on first use)
@@ -106,14 +104,6 @@ def fit_with_supported(estimator, X, Y, **fit_params):
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
     kept = {k: v for k, v in fit_params.items() if v is not None and (takes_any or k in accepted)}
     return estimator.fit(X, Y, **kept)
-
-
-# --------------------------------------------------------------------------------------------
-# persistence
-# --------------------------------------------------------------------------------------------
-def atomic_dump(obj, path) -> Path:
-    """joblib-dump ``obj`` to ``path`` atomically."""
-    return atomic_write(path, lambda tmp: joblib.dump(obj, tmp))
 
 
 class _RegistryName:
@@ -224,16 +214,6 @@ class Head(RegressorMixin, BaseEstimator):
         X = self._validate_predict_input(X)
         pred = np.asarray(self._predict(X), dtype=np.float64).reshape(X.shape[0], -1)
         return pred[:, 0] if getattr(self, "single_output_", False) else pred
-
-    def save(self, path) -> Path:
-        return atomic_dump(self, path)
-
-    @classmethod
-    def load(cls, path):
-        obj = joblib.load(path)
-        if not isinstance(obj, cls):
-            raise TypeError(f"{path} holds a {type(obj).__name__}, not a {cls.__name__}")
-        return obj
 
 
 # --------------------------------------------------------------------------------------------

@@ -49,7 +49,7 @@ from hexpr.embedder.backbones import BackboneError, BackboneSpec, resolve_specs
 from hexpr.embedder.datasets import DatasetError, PatchDataset, open_dataset
 from hexpr.embedder.errors import OutputExistsError
 from hexpr.embedder.extract import _collate, check_embed_options, default_num_workers
-from hexpr.embedder.files import json_ready, write_json
+from hexpr.embedder.files import atomic_dir, json_ready, write_json
 from hexpr.heads.base import FeaturePCA
 from hexpr.heads.cv import make_folds, score_with_panels, training_panels
 from hexpr.heads.finetune_model import (
@@ -59,7 +59,6 @@ from hexpr.heads.finetune_model import (
     FinetuneError,
     FusedModel,
     LRSchedule,
-    atomic_torch_save,
     autocast_for,
     build_backbones,
     cpu_state,
@@ -72,6 +71,7 @@ from hexpr.heads.finetune_model import (
 )
 from hexpr.heads.fitting import load_model
 from hexpr.heads.metrics import N_TOP_DEFAULT
+from hexpr.heads.model_files import read_folder, write_folder
 from hexpr.heads.mlp import LOSSES, MLPHead, as_widths, build_mlp, minibatches, panel_gene_weights, resolve_device
 from hexpr.heads.params import NON_NEGATIVE, POSITIVE, Int, NoneOr, Real
 from hexpr.heads.targets import TargetTransformed, make_transform
@@ -79,7 +79,8 @@ from hexpr.heads.targets import TargetTransformed, make_transform
 __all__ = ["finetune", "load_finetuned", "FinetunedModel", "FinetuneError", "FINETUNED_FILE",
            "FINETUNED_INFO_FILE", "CHECKPOINT_FILE", "REPORT_FILE"]
 
-CHECKPOINT_FILE = "checkpoints/last.pt"
+CHECKPOINT_FILE = "checkpoints/last"      # a folder in heads.model_files' format
+CHECKPOINT_KIND = "finetune-checkpoint"
 REPORT_FILE = "finetune_report.json"
 CHECKPOINT_VERSION = 1
 STATS_MAX_IMAGES = 512       # training images used for the feature standardisation (no head_init)
@@ -400,11 +401,11 @@ def finetune(data, specs: list[BackboneSpec], out_dir, *, head_init=None, loss: 
     }
     checkpoint_path = out_dir / CHECKPOINT_FILE
     state = None
-    if checkpoint_path.is_file():
+    if checkpoint_path.is_dir():
         if not resume:
             raise FinetuneError(f"{out_dir} holds a checkpoint of an earlier fine-tuning run ({checkpoint_path}); "
                                 "pass resume=True (--resume) to continue it, or use another / an empty output folder")
-        state = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+        state = read_folder(checkpoint_path, CHECKPOINT_KIND)
         changed = {k: (state["config"].get(k), v) for k, v in config.items()
                    if k not in _RESUME_FREE and state["config"].get(k) != v}
         if changed:
@@ -559,12 +560,13 @@ def finetune(data, specs: list[BackboneSpec], out_dir, *, head_init=None, loss: 
             history.append(row)
             if improved:
                 export(epoch, terms)
-            atomic_torch_save({
-                "format_version": CHECKPOINT_VERSION, "config": config, "epoch": epoch,
-                "model": cpu_state(model), "optimizer": optimizer.state_dict(), "scheduler": lr_schedule.state_dict(),
-                "rng": _rng_state(torch_device), "best_score": best_score, "best_epoch": best_epoch, "stale": stale,
-                "stopped_early": stopped_early, "history": history,
-            }, checkpoint_path)
+            with atomic_dir(checkpoint_path) as building:
+                write_folder(building, {
+                    "format_version": CHECKPOINT_VERSION, "config": config, "epoch": epoch,
+                    "model": cpu_state(model), "optimizer": optimizer.state_dict(), "scheduler": lr_schedule.state_dict(),
+                    "rng": _rng_state(torch_device), "best_score": best_score, "best_epoch": best_epoch, "stale": stale,
+                    "stopped_early": stopped_early, "history": history,
+                }, CHECKPOINT_KIND)
             if on_epoch is not None:
                 on_epoch(dict(row))
 

@@ -6,7 +6,9 @@ the same layout as a fitted ``mlp`` head, so such a head can be copied in as the
 
 Also here: AdamW parameter groups (optionally with layer-wise learning-rate decay), the warmup +
 cosine / plateau learning-rate schedule (checkpointable), the batched prediction loop, the export
-file (``finetuned.pt`` + ``finetuned.json``) and ``load_finetuned``.
+(``config.json`` + ``model.safetensors`` in ``heads.model_files``' format, no pickle, and
+``finetuned.json`` for humans) and ``load_finetuned`` (an old pickled ``finetuned.pt`` only with
+``trust_pickle``).
 """
 from __future__ import annotations
 
@@ -23,12 +25,15 @@ from torch import nn
 
 from hexpr.embedder.backbones import RANDOM_INIT, BackboneSpec, LoadedBackbone, Preprocess, RandomInitWarning, create_backbone
 from hexpr.embedder.datasets import ID_COLUMN, DatasetError, PatchDataset
-from hexpr.embedder.errors import MissingInputError, ModelError, brief
+from hexpr.embedder.errors import MissingInputError, ModelError
 from hexpr.embedder.extract import _collate, _progress_bar, _ResizedPatches, default_num_workers
-from hexpr.embedder.files import atomic_write, write_json
+from hexpr.embedder.files import write_json
 from hexpr.heads.mlp import build_mlp, resolve_device
+from hexpr.heads.model_files import CONFIG_FILE, read_folder, refuse_pickles, trusted_torch_load, write_folder
 
-FINETUNED_FILE = "finetuned.pt"
+FINETUNED_FILE = CONFIG_FILE        # with model.safetensors beside it
+LEGACY_FINETUNED_FILE = "finetuned.pt"
+FINETUNED_KIND = "finetuned"
 FINETUNED_INFO_FILE = "finetuned.json"
 FORMAT_VERSION = 1
 
@@ -288,18 +293,14 @@ def plain_loader(dataset: PatchDataset, indices, preprocesses, *, batch_size: in
 # ----------------------------------------------------------------------------- export / load
 
 
-def atomic_torch_save(obj, path: Path) -> Path:
-    """``torch.save`` to a temporary file beside ``path``, then rename it into place."""
-    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
-
-
 def cpu_state(module: nn.Module) -> dict:
     return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
 
 
 def export_model(out_dir: Path, model: FusedModel, *, specs: list[BackboneSpec], preprocesses: list[Preprocess],
                  widths: list[int], genes: list[str], hidden, dropout: float, transform, info: dict) -> Path:
-    """Write ``finetuned.pt`` (weights + everything needed to predict) and ``finetuned.json``."""
+    """Write the model (weights + everything needed to predict: config.json + model.safetensors) and
+    ``finetuned.json``."""
     out_dir = Path(out_dir)
     payload = {
         "format_version": FORMAT_VERSION,
@@ -313,9 +314,9 @@ def export_model(out_dir: Path, model: FusedModel, *, specs: list[BackboneSpec],
         "state_dict": cpu_state(model),
         "info": info,
     }
-    path = atomic_torch_save(payload, out_dir / FINETUNED_FILE)
+    path = write_folder(out_dir, payload, FINETUNED_KIND)
     write_json(out_dir / FINETUNED_INFO_FILE, {
-        "format_version": FORMAT_VERSION, "kind": "hexpr-finetuned", "file": FINETUNED_FILE,
+        "format_version": FORMAT_VERSION, "kind": "hexpr-finetuned", "file": "model.safetensors",
         "backbones": payload["specs"], "preprocess": payload["preprocess"], "widths": payload["widths"],
         "head": {"hidden": payload["hidden"], "dropout": payload["dropout"]},
         "transform": getattr(transform, "name", str(transform)), "n_genes": len(genes), "genes": list(genes),
@@ -386,19 +387,24 @@ class FinetunedModel:
         return pd.DataFrame(values, index=pd.Index(list(dataset.ids), name=ID_COLUMN), columns=self.genes)
 
 
-def load_finetuned(path) -> FinetunedModel:
-    """Read an exported model from ``finetuned.pt`` or the folder holding it (CPU tensors)."""
+def load_finetuned(path, trust_pickle: bool = False) -> FinetunedModel:
+    """Read an exported model from its folder (or its config.json), CPU tensors. A folder holding only
+    an old pickled ``finetuned.pt`` loads only with ``trust_pickle`` (unpickling runs any code in it)."""
     path = Path(path)
-    if path.is_dir():
-        path = path / FINETUNED_FILE
-    if not path.is_file():
-        raise MissingInputError(f"no fine-tuned model at {path}; run `hexpr finetune` first")
-    try:  # holds a fitted target transform; a truncated or foreign file fails in many ways
-        payload = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # noqa: BLE001 - every unreadable file is the same user problem
-        raise FinetuneError(f"{path}: not a readable hexpr fine-tuned model ({brief(exc)}); "
-                            "fine-tune again with hexpr finetune") from exc
+    folder = path if path.is_dir() else path.parent
+    if (folder / FINETUNED_FILE).is_file() and path.name != LEGACY_FINETUNED_FILE:
+        payload = read_folder(folder, FINETUNED_KIND)
+        return FinetunedModel(payload, folder / FINETUNED_FILE)
+    legacy = folder / LEGACY_FINETUNED_FILE
+    if not legacy.is_file():
+        raise MissingInputError(f"no fine-tuned model at {folder}; run `hexpr finetune` first")
+    if not trust_pickle:
+        raise FinetuneError(f"{legacy} is an old fine-tuned model saved as a pickle, and loading a pickle runs any code "
+                            "its author put in it. If you trust where it came from, pass --trust-pickle, or convert it "
+                            f"once with `hexpr convert-model {folder}`")
+    refuse_pickles(folder, allow=(LEGACY_FINETUNED_FILE,))
+    payload = trusted_torch_load(legacy)
     if not isinstance(payload, dict) or "state_dict" not in payload:
-        raise FinetuneError(f"{path}: not a readable hexpr fine-tuned model (no state_dict); "
+        raise FinetuneError(f"{legacy}: not a readable hexpr fine-tuned model (no state_dict); "
                             "fine-tune again with hexpr finetune")
-    return FinetunedModel(payload, path)
+    return FinetunedModel(payload, legacy)

@@ -5,10 +5,11 @@
   * ``oof_predictions.csv`` -- out-of-fold predictions (index = spot ids, columns = genes);
   * ``cv_report.json``      -- the report ``fit_head`` returns;
   * ``leaderboard.csv``     -- one row per sweep config, or per candidate of ``head="auto"``;
-  * ``model.joblib``        -- a ``FittedModel`` refitted on all spots (written to a temporary
-    name, then renamed), with ``model.json`` beside it describing it for humans.
-``load_model(path)`` reads a ``FittedModel`` back; its ``predict(X)`` refuses features of the
-wrong width. The library prints nothing except progress bars (stderr).
+  * ``config.json`` + ``model.safetensors`` (+ ``lightgbm/``) -- a ``FittedModel`` refitted on all
+    spots, in ``heads.model_files``' format (no pickle), with ``model.json`` beside it describing it
+    for humans.
+``load_model(path)`` reads a ``FittedModel`` back (an old pickled ``model.joblib`` only with
+``trust_pickle=True``); its ``predict(X)`` refuses features of the wrong width. The library prints nothing except progress bars (stderr).
 """
 from __future__ import annotations
 
@@ -16,10 +17,9 @@ import json
 import shutil
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-import joblib
 import numpy as np
 import pandas as pd
 
@@ -27,9 +27,10 @@ from hexpr.embedder.errors import MissingInputError, ModelError, OutputExistsErr
 from hexpr.embedder.files import CSV_FLOAT_FORMAT, atomic_dir, json_ready, write_csv, write_json
 from hexpr.heads.bagging import check_baggable
 from hexpr.heads.bags import as_bags, check_bag_support, fit_on_bags
-from hexpr.heads.base import HeadError, as_matrix, atomic_dump, default_search_space, head_param_names, make_head
+from hexpr.heads.base import HeadError, as_matrix, default_search_space, head_param_names, make_head
 from hexpr.heads.cv import cross_validate, make_folds
 from hexpr.heads.metrics import N_TOP_DEFAULT
+from hexpr.heads.model_files import CONFIG_FILE, LEGACY_FILE, load_legacy_pickle, read_folder, refuse_pickles, write_folder
 from hexpr.heads.sweep import (
     AUTO_BAG,
     as_feature_sets,
@@ -46,7 +47,8 @@ from hexpr.heads.sweep import (
 from hexpr.heads.targets import make_transform
 from hexpr.heads.uncertainty import CONFORMAL_KEY, RANGE_KEY, calibrate, target_range
 
-MODEL_FILE = "model.joblib"
+MODEL_FILE = CONFIG_FILE           # the file that makes a folder a model (with model.safetensors)
+MODEL_KIND = "fitted-head"
 MODEL_INFO_FILE = "model.json"
 OOF_FILE = "oof_predictions.csv"
 REPORT_FILE = "cv_report.json"
@@ -92,8 +94,9 @@ class FittedModel:
     def predict_frame(self, X, ids) -> pd.DataFrame:
         return pd.DataFrame(self.predict(X), index=pd.Index(list(ids), name="ID"), columns=self.genes)
 
-    def save(self, path) -> Path:
-        return atomic_dump(self, path)
+    def save(self, folder) -> Path:
+        """Write the model into ``folder`` (config.json + model.safetensors, no pickle)."""
+        return write_folder(folder, {f.name: getattr(self, f.name) for f in fields(self)}, MODEL_KIND)
 
 
 def describe_features(meta) -> str:
@@ -106,18 +109,31 @@ def describe_features(meta) -> str:
     return json.dumps(meta, default=str)[:300]
 
 
-def load_model(path) -> FittedModel:
-    """Read a ``FittedModel`` from ``model.joblib`` or from the folder holding it."""
+def load_model(path, trust_pickle: bool = False) -> FittedModel:
+    """Read a ``FittedModel`` from a model folder (or its config.json). A folder holding only an old
+    pickled ``model.joblib`` loads only with ``trust_pickle`` (unpickling runs any code in the file)."""
     path = Path(path)
-    if path.is_dir():
-        path = path / MODEL_FILE
-    if not path.exists():
+    folder = path if path.is_dir() else path.parent
+    if not folder.is_dir() or (not path.is_dir() and not path.exists()):
         raise MissingInputError(f"no fitted model at {path}; fit one with `hexpr fit-head DATA`")
-    try:  # a truncated, foreign or incompatible file can fail in many ways inside unpickling
-        obj = joblib.load(path)
-    except Exception as exc:  # noqa: BLE001 - every unreadable file is the same user problem
-        raise ModelError(f"{path}: not a readable hexpr model ({brief(exc)}); "
-                         "refit with hexpr fit-head") from exc
+    if (folder / CONFIG_FILE).is_file() and path.name != LEGACY_FILE:
+        content = read_folder(folder, MODEL_KIND)
+        try:
+            return FittedModel(**content)
+        except TypeError as exc:
+            raise ModelError(f"{folder / CONFIG_FILE}: not a fitted-head model ({brief(exc)})") from None
+    if (folder / LEGACY_FILE).is_file():
+        return _load_legacy(folder / LEGACY_FILE, trust_pickle)
+    raise MissingInputError(f"no fitted model at {folder} (no {CONFIG_FILE}); fit one with `hexpr fit-head DATA`")
+
+
+def _load_legacy(path: Path, trust_pickle: bool) -> FittedModel:
+    if not trust_pickle:
+        raise ModelError(f"{path} is an old hexpr model saved as a pickle, and loading a pickle runs any code its author "
+                         "put in it. If you trust where it came from, pass --trust-pickle, or convert it once with "
+                         f"`hexpr convert-model {path.parent}` (then it loads without the flag)")
+    refuse_pickles(path.parent, allow=(LEGACY_FILE,))
+    obj = load_legacy_pickle(path)
     if not isinstance(obj, FittedModel):
         raise ModelError(f"{path}: not a readable hexpr model (it holds a {type(obj).__name__}); refit with hexpr fit-head")
     return obj
@@ -175,7 +191,7 @@ def read_model_info(out_dir) -> dict | None:
         raise OutputExistsError(f"{out_dir} exists and is not a folder; give --out a new or model folder")
     if not any(out_dir.iterdir()):
         return None
-    if not (out_dir / MODEL_FILE).is_file() and not (out_dir / MODEL_INFO_FILE).is_file():
+    if not any((out_dir / name).is_file() for name in (MODEL_FILE, MODEL_INFO_FILE, LEGACY_FILE)):
         raise OutputExistsError(f"{out_dir} is not empty and holds no fitted model; a model folder is replaced as a "
                               "whole, so give --out a new or empty folder (or a model folder)")
     try:
@@ -343,7 +359,7 @@ def _fit_into(work: Path, X, Y, gene_names, *, head, params, transform, folds, g
                            "calibrated_on": "observations (region-level out-of-fold residuals)"}
     fitted = FittedModel(model=model, genes=genes, feature_meta=meta, n_features=X_chosen.shape[1],
                          config=config, cv=cv.report["model"], extra=extra)
-    fitted.save(work / MODEL_FILE)
+    fitted.save(work)
 
     report = {
         "head": config["head"], "params": config["params"], "transform": config["transform"],

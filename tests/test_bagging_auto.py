@@ -8,7 +8,8 @@ from conftest import TINY_BACKBONE, write_challenge_dataset
 from test_heads import synthetic_expression
 from typer.testing import CliRunner
 
-from hexpr.heads import Head, make_head
+from hexpr.heads.model_files import load_head, save_head
+from hexpr.heads import make_head
 from hexpr.heads.base import HeadError
 from hexpr.heads.fitting import fit_head, load_model
 from hexpr.heads.sweep import auto_candidates
@@ -40,8 +41,8 @@ def test_bagged_head_is_the_mean_of_its_seeded_members_and_steadier_than_one_see
 def test_bagged_head_round_trips_and_fit_head_bag_saves_it(data, tmp_path):
     X, Y, X_test = data
     bag = make_head("bagged", head="mlp", params=FAST_MLP, n_seeds=2).fit(X, Y)
-    bag.save(tmp_path / "bag.joblib")
-    np.testing.assert_array_equal(Head.load(tmp_path / "bag.joblib").predict(X_test), bag.predict(X_test))
+    save_head(bag, tmp_path / "bag")
+    np.testing.assert_array_equal(load_head(tmp_path / "bag").predict(X_test), bag.predict(X_test))
     genes = [f"g{i}" for i in range(Y.shape[1])]
     report = fit_head(X, Y, genes, head="mlp", params={**FAST_MLP, "seed": 7}, bag=3, folds=2, out_dir=tmp_path / "m",
                       feature_meta={}, progress=False)
@@ -107,7 +108,7 @@ def test_auto_scores_every_candidate_on_grouped_folds_and_refits_the_best(data, 
     assert report["cv"]["score"] == pytest.approx(board["score"].iloc[0])
     assert not pd.read_csv(tmp_path / "m" / "oof_predictions.csv", index_col=0).isna().any().any()
     assert sorted(p.name for p in (tmp_path / "m").iterdir()) == sorted(
-        ["cv_report.json", "leaderboard.csv", "model.joblib", "model.json", "oof_predictions.csv"])
+        ["config.json", "cv_report.json", "leaderboard.csv", "model.json", "model.safetensors", "oof_predictions.csv"])
     fitted = load_model(tmp_path / "m")
     assert fitted.config["recipe"] == board["recipe"].iloc[0]
     assert fitted.feature_meta == {"neighbours": 6 if "k6" in fitted.config["recipe"] else 0}

@@ -248,12 +248,12 @@ def test_sweeps_get_their_own_default_folder_and_backbone_changes_are_announced(
     assert r.exit_code == 0, r.output
     plain = models / "data__ridge"
     assert f"model saved in {plain.relative_to(tmp_path)}" in " ".join(r.output.split())
-    before = (plain / "model.joblib").read_bytes()
+    before = (plain / "model.safetensors").read_bytes()
     r = run("fit-head", train, "-b", TINY_BACKBONE, "--folds", 2, "--trials", 2, "--jobs", 1, "--quiet")
     assert r.exit_code == 0, r.output
     assert "model saved in cache/models/data__ridge__sweep" in " ".join(r.output.split())
     assert (models / "data__ridge__sweep" / "leaderboard.csv").is_file()
-    assert (plain / "model.joblib").read_bytes() == before and not (plain / "leaderboard.csv").exists()
+    assert (plain / "model.safetensors").read_bytes() == before and not (plain / "leaderboard.csv").exists()
     # the same folder with another backbone: said before fitting, and in the final line
     other = "resnet18:weights=none,size=48"
     r = run("fit-head", train, "-b", other, "--folds", 2, "--out", plain, "--quiet")

@@ -39,10 +39,12 @@ def work(tmp_path_factory):
     (root / "a-file.txt").write_text("in the way\n")
     (root / "a-folder").mkdir()
     (root / "a-folder" / "keep.txt").write_text("x\n")
-    for name, payload in (("truncated", (root / "model" / "model.joblib").read_bytes()[:200]),
-                          ("foreign", b"not a pickle at all\n")):
+    for name, payload in (("truncated", (root / "model" / "model.safetensors").read_bytes()[:200]),
+                          ("foreign", b"not a model at all\n")):
         (root / name).mkdir()
-        (root / name / "model.joblib").write_bytes(payload)
+        (root / name / "config.json").write_bytes((root / "model" / "config.json").read_bytes())
+        (root / name / "model.safetensors").write_bytes(payload)
+    (root / "foreign" / "config.json").write_text("not json\n")
     (root / "broken-ft").mkdir()
     (root / "broken-ft" / "finetuned.pt").write_bytes(b"PK\x03\x04 truncated")
     from PIL import Image
@@ -74,9 +76,9 @@ CASES = [
     (PREDICT + ["--out", "{w}/a-file.txt/p.csv"], ERROR, "is a file, not a folder"),
     (PREDICT + ["--batch-size", "0"], ERROR, "--batch-size must be"),
     (PREDICT + ["--device", "cuda"], ERROR, "no CUDA device is available here"),
-    (["predict", "{w}/truncated", TEST, "--cache-dir", "{w}/cache", "--quiet"], ERROR, "not a readable hexpr model"),
-    (["predict", "{w}/foreign/model.joblib", TEST, "--cache-dir", "{w}/cache", "--quiet"], ERROR, "refit with hexpr fit-head"),
-    (["predict", "{w}/broken-ft", TEST, "--cache-dir", "{w}/cache", "--quiet"], ERROR, "not a readable hexpr fine-tuned model"),
+    (["predict", "{w}/truncated", TEST, "--cache-dir", "{w}/cache", "--quiet"], ERROR, "checksum mismatch"),
+    (["predict", "{w}/foreign/config.json", TEST, "--cache-dir", "{w}/cache", "--quiet"], ERROR, "not a readable hexpr model config"),
+    (["predict", "{w}/broken-ft", TEST, "--cache-dir", "{w}/cache", "--quiet"], ERROR, "pass --trust-pickle"),
     (SLIDE + ["--tile-um", "0"], ERROR, "--tile-um must be a number > 0"),
     (SLIDE + ["--tile-um-per-px", "0"], ERROR, "--tile-um-per-px must be a number > 0"),
     (SLIDE + ["--stride-um", "-5"], ERROR, "--stride-um must be"),
@@ -150,7 +152,7 @@ def test_python_callers_get_the_same_checks(work):
         workflow.predict_slide(work / "model", [work / "slide.png"], work / "maps", tile_um=0.0)
     with pytest.raises(OutputExistsError):
         workflow.predict(work / "model", work / "data" / "test.csv", out=work / "a-folder")
-    with pytest.raises(ModelError, match="not a readable hexpr model"):
+    with pytest.raises(ModelError, match="checksum mismatch"):
         workflow.load_predictor(work / "truncated")
     with pytest.raises(ModelError, match="unknown loss 'mse\\+pearsn'"):
         workflow.finetune(work / "data" / "train.csv", [], work / "ft", loss="mse+pearsn")

@@ -6,10 +6,11 @@ from sklearn.exceptions import NotFittedError
 from sklearn.linear_model import Ridge
 from sklearn.preprocessing import StandardScaler
 
-from hexpr.heads import HEADS, FeatureReduced, Head, TargetTransformed, default_search_space, make_head
+from hexpr.heads import HEADS, FeatureReduced, TargetTransformed, default_search_space, make_head
 from hexpr.heads.base import HEAD_CLASSES
 from hexpr.heads.ensemble import simplex_weights
 from hexpr.heads.metrics import pearson_per_gene
+from hexpr.heads.model_files import load_head, save_head
 from hexpr.heads.ridge import RidgeHead
 from hexpr.heads.synthetic import synthetic_expression
 
@@ -63,8 +64,8 @@ def test_head_recovers_planted_signal_and_round_trips(name, planted, tmp_path):
         assert r == 0.0
     else:
         assert r > 0.4, f"{name} mean per-gene r {r:.3f} too close to the mean head (0)"
-    head.save(tmp_path / f"{name}.joblib")
-    loaded = Head.load(tmp_path / f"{name}.joblib")
+    save_head(head, tmp_path / name)
+    loaded = load_head(tmp_path / name)
     np.testing.assert_array_equal(loaded.predict(X_test), pred)
     with pytest.raises(ValueError, match="X has 11 features, but .* is expecting 12 .* fitted on 12 features but X has 11"):
         loaded.predict(X_test[:, :11])
@@ -132,8 +133,8 @@ def test_feature_reduced_wraps_any_head(planted, tmp_path):
     model = FeatureReduced(make_head("knn", k=10), n_components=5).fit(X, Y)
     assert model.step_.n_output_ == 5
     assert pearson_per_gene(model.predict(X_test), Y_test).mean() > 0.3
-    model.save(tmp_path / "fr.joblib")
-    np.testing.assert_array_equal(Head.load(tmp_path / "fr.joblib").predict(X_test), model.predict(X_test))
+    save_head(model, tmp_path / "fr")
+    np.testing.assert_array_equal(load_head(tmp_path / "fr").predict(X_test), model.predict(X_test))
 
 
 def test_transforms_compose_with_every_trained_head(planted):

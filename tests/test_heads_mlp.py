@@ -3,7 +3,8 @@ import pytest
 import torch
 from test_heads import synthetic_expression
 
-from hexpr.heads import Head, TargetTransformed, make_head
+from hexpr.heads.model_files import load_head, save_head
+from hexpr.heads import TargetTransformed, make_head
 from hexpr.heads.cv import score_with_panels, training_panels
 from hexpr.heads.metrics import pearson_per_gene
 from hexpr.heads.mlp import LOSSES, MLPHead
@@ -94,6 +95,6 @@ def test_saved_mlp_holds_torch_state_and_predicts_identically(data, tmp_path):
     head = make_head("mlp", hidden="16,8", **{k: v for k, v in SMALL.items() if k != "hidden"}).fit(X, Y)
     state = head.__getstate__()
     assert "net_" not in state and set(state["_torch_state"]) == {"net_"}
-    head.save(tmp_path / "mlp.joblib")
-    loaded = Head.load(tmp_path / "mlp.joblib")
+    save_head(head, tmp_path / "mlp")
+    loaded = load_head(tmp_path / "mlp")
     np.testing.assert_array_equal(loaded.predict(X_test), head.predict(X_test))

@@ -128,7 +128,7 @@ def test_interrupted_fit_leaves_the_existing_model_folder_as_it_was(data, tmp_pa
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
     # Ctrl-C after the out-of-fold predictions, while saving the model, or at the last file (report)
-    target = {"oof": "cross_validate", "model": "atomic_dump", "report": "write_json"}[stage]
+    target = {"oof": "cross_validate", "model": "write_folder", "report": "write_json"}[stage]
     if stage == "report":
         real = fitting_module.write_json
         monkeypatch.setattr(fitting_module, "write_json",

@@ -40,7 +40,7 @@ def test_demo_data_fit_predict_evaluate_outputs_honour_the_umask(tmp_path, umask
     run("predict", model, train, "--out", preds / "p.csv", "--cache-dir", cache, "--quiet")
     run("predict", model, train, "--out", preds / "p.h5ad", "--cache-dir", cache, "--quiet")
     run("evaluate", preds / "p.csv", train)
-    assert {p.name for p in model.iterdir()} >= {"model.joblib", "model.json", "cv_report.json", "oof_predictions.csv"}
+    assert {p.name for p in model.iterdir()} >= {"config.json", "model.safetensors", "model.json", "cv_report.json", "oof_predictions.csv"}
     assert {p.suffix for p in preds.iterdir()} >= {".csv", ".h5ad", ".json"}
     assert list((cache / "embeddings").glob("*.h5"))
     for folder in (tmp_path / "demo", model, cache, preds):

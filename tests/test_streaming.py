@@ -21,6 +21,7 @@ from hexpr.embedder.cache import (
     read_ids,
     write_feature_file,
 )
+from hexpr.heads.model_files import load_head, save_head
 from hexpr.heads.metrics import pearson_per_gene
 from hexpr.heads.ridge import RidgeHead
 
@@ -109,8 +110,8 @@ def test_streamed_ridge_options_errors_and_round_trip(tmp_path):
     with pytest.raises(ValueError, match=r"NaN/inf \(first at row 20, column 3 of the chunk\)"):
         S().fit_stream(streaming().ArrayChunks(bad, Y, 50))
     head = S().fit(X, Y)
-    head.save(tmp_path / "r.joblib")
-    loaded = S.load(tmp_path / "r.joblib")
+    save_head(head, tmp_path / "r")
+    loaded = load_head(tmp_path / "r")
     np.testing.assert_array_equal(loaded.predict(X), head.predict(X))
     assert S.name == "ridge_streamed"
 
@@ -202,8 +203,8 @@ def test_chunked_mlp_is_deterministic_mixes_chunks_and_round_trips(tmp_path):
     assert "val_score" in a.history_[0]           # internal validation split, as MLPHead
     mixed = M(**{**params, "mix_chunks": 2, "standardize_targets": True, "val_fraction": 0}).fit(X, Y)
     assert mixed.max_rows_in_memory_ == 100 and np.isfinite(mixed.predict(X[:5])).all()
-    a.save(tmp_path / "m.joblib")
-    np.testing.assert_array_equal(M.load(tmp_path / "m.joblib").predict(X[:20]), a.predict(X[:20]))
+    save_head(a, tmp_path / "m")
+    np.testing.assert_array_equal(load_head(tmp_path / "m").predict(X[:20]), a.predict(X[:20]))
     with pytest.raises(ValueError, match="re-iterable"):
         M(**params).fit_stream(iter([(X, Y)]))
     with pytest.raises(ValueError, match="loss must be one of"):

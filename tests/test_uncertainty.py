@@ -153,7 +153,7 @@ def test_a_model_saved_without_ranges_predicts_raw_with_a_warning(ridge_model, t
     out, X, _ = ridge_model
     old = load_model(out)
     old.extra = {}                                                        # what models fitted before this change hold
-    old.save(tmp_path / "model.joblib")
+    old.save(tmp_path)
     old = load_model(tmp_path)
     with pytest.warns(UncertaintyWarning) as caught:
         result = predict_uncertain(old, X * 8.0)

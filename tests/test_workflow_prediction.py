@@ -26,7 +26,7 @@ def fitted(tmp_path_factory):
 
 def test_load_predictor_takes_the_folder_or_the_model_file(fitted):
     _, model_dir, _ = fitted
-    by_dir, by_file = load_predictor(model_dir), load_predictor(model_dir / "model.joblib")
+    by_dir, by_file = load_predictor(model_dir), load_predictor(model_dir / "config.json")
     assert isinstance(by_dir, FittedModel) and by_dir.genes == by_file.genes == ["G0", "G1", "G2"]
     assert predictor_meta(by_dir) == by_dir.feature_meta
     assert predictor_meta(by_dir)["backbones"][0]["name"] == "resnet18"

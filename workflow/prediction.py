@@ -12,7 +12,9 @@ from hexpr.embedder.datasets import check_genes_match, open_dataset
 from hexpr.embedder.extract import check_embed_options
 from hexpr.embedder.features import check_features_match, ensure_features, specs_from_meta, with_dataset_context
 from hexpr.heads.finetune import load_finetuned
+from hexpr.heads.finetune_model import FINETUNED_KIND, LEGACY_FINETUNED_FILE
 from hexpr.heads.fitting import load_model
+from hexpr.heads.model_files import CONFIG_FILE, read_config
 from hexpr.heads.uncertainty import DEFAULT_INTERVAL, check_interval, check_model_interval, predict_uncertain
 from hexpr.workflow.options import check_choice, check_model_path, check_output_file
 from hexpr.workflow.outputs.anndata import write_anndata
@@ -21,9 +23,10 @@ from hexpr.workflow.outputs.tables import write_table
 PREDICTION_FORMATS = ("csv", "h5ad")
 
 
-def load_predictor(model_path):
-    """The model at ``model_path``: a head fitted by fit-head (``FittedModel``) or, where the folder
-    holds ``finetuned.pt``, an end-to-end fine-tuned network (``FinetunedModel``).
+def load_predictor(model_path, trust_pickle: bool = False):
+    """The model at ``model_path``: a head fitted by fit-head (``FittedModel``) or an end-to-end
+    fine-tuned network (``FinetunedModel``), as the folder's config.json says. Old pickled models
+    (``model.joblib``, ``finetuned.pt``) load only with ``trust_pickle``.
 
     Example::
 
@@ -32,9 +35,16 @@ def load_predictor(model_path):
     """
     check_model_path(model_path)
     model_dir = Path(model_path) if Path(model_path).is_dir() else Path(model_path).parent
-    if (model_dir / "finetuned.pt").is_file():
-        return load_finetuned(model_dir)
-    return load_model(model_path)
+    if model_kind(model_dir) == FINETUNED_KIND:
+        return load_finetuned(model_dir, trust_pickle=trust_pickle)
+    return load_model(model_path, trust_pickle=trust_pickle)
+
+
+def model_kind(model_dir: Path) -> str | None:
+    """What a model folder holds: its config's kind, "finetuned" for an old ``finetuned.pt``, else None."""
+    if (model_dir / CONFIG_FILE).is_file():
+        return read_config(model_dir)["kind"]
+    return FINETUNED_KIND if (model_dir / LEGACY_FINETUNED_FILE).is_file() else None
 
 
 def predictor_meta(model) -> dict:
