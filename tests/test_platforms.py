@@ -30,7 +30,7 @@ from platform_folders import (
 from typer.testing import CliRunner
 
 from hexpr import pipeline
-from hexpr.embedder.importers import DEFAULT_MIN_TILE_COUNTS, ImporterError, import_dataset
+from hexpr.embedder.importers import DEFAULT_MIN_TILE_COUNTS, import_dataset
 
 pytestmark = pytest.mark.filterwarnings("ignore::hexpr.embedder.importers.ImporterWarning")
 
@@ -342,12 +342,28 @@ def test_her2st_xenium_with_rotation_and_scale(c3, tmp_path):
         assert a.uns["hexpr_import"]["um_per_px"] == pytest.approx(he_um_per_px, rel=1e-9)
 
 
+def _grid_section(root: Path, section: str, sec) -> Path:
+    """A legacy-ST folder of one her2st section whose spot centres are moved onto the fitted spot grid
+    (where the rebuilt platforms put them): the counts and the image are links to the originals."""
+    for d in ("ST-cnts", "ST-spotfiles", f"ST-imgs/{section}"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    (root / "ST-cnts" / f"{section}.tsv.gz").symlink_to(HER2ST / "ST-cnts" / f"{section}.tsv.gz")
+    (root / "ST-imgs" / section / sec.image.name).symlink_to(sec.image)
+    spots = pd.read_csv(HER2ST / "ST-spotfiles" / f"{section}_selection.tsv", sep="\t")
+    xy = np.c_[spots["x"], spots["y"], np.ones(len(spots))] @ sec.coef
+    spots["pixel_x"], spots["pixel_y"] = xy[:, 0], xy[:, 1]
+    spots.to_csv(root / "ST-spotfiles" / f"{section}_selection.tsv", sep="\t", index=False)
+    return root
+
+
 @needs_shared
 @pytest.mark.slow
 def test_a_head_trained_on_her2st_spots_predicts_hd_and_xenium_tiles_as_well(c3, tmp_path):
-    """Ridge on MobileNetV2 features of B4, C2, C4 (the ordinary her2st import) predicts C3's spots, and
-    C3 rebuilt as Visium HD 8 µm bins and as Xenium cells (Xenium frame rotated 90° and shifted, scale
-    through the alignment), imported as 200 µm tiles that each hold one spot: same Pearson within 0.05."""
+    """Ridge on MobileNetV2 features of B4, C2, C4 (the ordinary her2st import) predicts C3 rebuilt as
+    Visium HD 8 µm bins and as Xenium cells (Xenium frame rotated 90° and shifted, scale through the
+    alignment), imported as 200 µm tiles that each hold one whole spot, with the Pearson it has on
+    C3's spots cut at the same places (her2st's spots sit up to 40 µm off a regular grid; the rebuilt
+    platforms put them on it): within 0.03."""
     from conftest import MOBILENET_WEIGHTS
 
     from hexpr import workflow
@@ -359,8 +375,9 @@ def test_a_head_trained_on_her2st_spots_predicts_hd_and_xenium_tiles_as_well(c3,
     cache = tmp_path / "cache"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        import_dataset(HER2ST, tmp_path / "her2st", progress=False)
-    sec = her2st_section(c3)
+        import_dataset(HER2ST, tmp_path / "her2st", progress=False, sample_ids=["B4", "C2", "C4"])
+        sec = her2st_section(c3)
+        import_dataset(_grid_section(tmp_path / "c3grid", "C3", sec), tmp_path / "spots", progress=False)
     b8 = section_bins(sec)
     write_visium_hd(tmp_path / "C3hd" / "outs", [b8], sec.genes, sec.um_per_px)
     import_dataset(tmp_path / "C3hd", tmp_path / "hd", image=sec.image, tile_um=200, progress=False)
@@ -378,13 +395,17 @@ def test_a_head_trained_on_her2st_spots_predicts_hd_and_xenium_tiles_as_well(c3,
         return pd.DataFrame(fs.X, index=fs.ids), expr
 
     X, E = data(tmp_path / "her2st")
-    train = np.array([not i.startswith("C3/") for i in X.index])
-    genes = list(E.columns[top_genes(E[train].to_numpy(), 50)])
-    head = make_head("ridge").fit(X[train].to_numpy(), E.loc[X.index[train], genes].to_numpy())
-    r_spots = pearson_per_gene(head.predict(X[~train].to_numpy()), E.loc[X.index[~train], genes].to_numpy()).mean()
+    E = E[[g for g in E.columns if g in set(sec.genes)]]          # genes C3 measures too
+    genes = list(E.columns[top_genes(E.loc[X.index].to_numpy(), 50)])
+    head = make_head("ridge").fit(X.to_numpy(), E.loc[X.index, genes].to_numpy())
+
+    def pearson(path):
+        Xt, Et = data(path)
+        assert len(Xt) >= 0.98 * len(sec.u)          # one per spot, less any spot under min_tile_counts
+        return pearson_per_gene(head.predict(Xt.to_numpy()), Et.loc[Xt.index, genes].to_numpy()).mean()
+
+    r_spots = pearson(tmp_path / "spots")
     assert r_spots > 0.1
     for path in (tmp_path / "hd", tmp_path / "xe"):
-        Xt, Et = data(path)
-        assert len(Xt) == len(sec.u)
-        r_tiles = pearson_per_gene(head.predict(Xt.to_numpy()), Et.loc[Xt.index, genes].to_numpy()).mean()
-        assert abs(r_tiles - r_spots) < 0.05, (path.name, r_tiles, r_spots)
+        r_tiles = pearson(path)
+        assert abs(r_tiles - r_spots) < 0.03, (path.name, r_tiles, r_spots)

@@ -28,7 +28,6 @@ import scipy.sparse as sp
 from hexpr.embedder.slides import SLIDE_SUFFIXES
 
 from .errors import ImporterError, warn
-from .expression import counts_to_csr
 from .names import make_unique, match_ids
 from .run import run_import
 from .tenx_h5 import finish_matrix, read_10x_h5, read_10x_h5_genes

@@ -76,7 +76,8 @@ def choose_level(levels: dict[int, Path], tile_um: float) -> tuple[int, int]:
     if tile_um < sizes[0] - 1e-9:
         raise ImporterError(f"tile_um={tile_um:g} is smaller than the finest bin ({sizes[0]} µm) of this Visium HD "
                             f"output; use --tile-um {sizes[0]} or larger (a multiple of one of {sizes})")
-    for b in ([int(round(tile_um))] if abs(tile_um - round(tile_um)) < 1e-9 and int(round(tile_um)) in levels else []) + sizes:
+    equal = [b for b in sizes if abs(tile_um - b) < 1e-9]           # a level equal to the tile keeps its bins
+    for b in equal + sizes:
         k = tile_um / b
         if abs(k - round(k)) < 1e-9:
             return b, int(round(k))
