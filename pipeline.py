@@ -79,6 +79,11 @@ DeviceOpt = Annotated[str, typer.Option("--device", help="auto | cpu | cuda | cu
 PrecisionOpt = Annotated[Precision, typer.Option("--precision", help="auto (bf16 on CUDA and bf16-capable CPUs) | fp32 | bf16.")]
 ChunkOpt = Annotated[int, typer.Option("--chunk-size", help="Rows per resumable chunk written to disk, >= 1.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+ModelArg = Annotated[str, typer.Argument(help="Model folder written by fit-head or finetune, or a Hugging Face model id "
+                                                "org/name[@revision].")]
+TrustPickleOpt = Annotated[bool, typer.Option("--trust-pickle", help="Also load an OLD model saved as a pickle (model.joblib / "
+                                              "finetuned.pt). Unpickling runs any code the file's author put in it: only for "
+                                              "models you trust. Better: hexpr convert-model once.")]
 IntervalOpt = Annotated[float, typer.Option("--interval", help="Coverage of the conformal prediction intervals (h5ad layers "
                                                              "lower/upper), strictly between 0 and 1.")]
 RawOpt = Annotated[bool, typer.Option("--no-clip", "--raw", help="Raw predictions: do not clip them to the training targets' range.")]
@@ -285,12 +290,13 @@ def fit_head(
 @app.command()
 @_friendly_errors
 def predict(
-    model: Annotated[Path, typer.Argument(help="Model folder (or model.joblib) written by fit-head.")],
+    model: ModelArg,
     data: Annotated[Path, typer.Argument(help="Patches to predict: challenge CSV (ID, path) or HEST .h5/folder.")],
     out_path: Annotated[Optional[Path], typer.Option("--out", help="Output .csv or .h5ad (default <model>/predictions/<data>.csv).")] = None,
     fmt: Annotated[Optional[PredictionFormat], typer.Option("--format", help="csv | h5ad (default from --out's suffix).")] = None,
     template: Annotated[Optional[Path], typer.Option(help="sample_submission.csv fixing ids/columns (default: the one beside DATA).")] = None,
     interval: IntervalOpt = 0.9, raw: RawOpt = False,
+    trust_pickle: TrustPickleOpt = False,
     cache_dir: CacheDirOpt = Path("cache"), batch_size: BatchOpt = None, workers: WorkersOpt = None,
     device: DeviceOpt = "auto", quiet: QuietOpt = False,
 ):
@@ -298,7 +304,7 @@ def predict(
     Clipped to the training range; .h5ad output adds layers std (bagged heads), lower and upper (intervals)."""
     result = workflow.predict(model, data, out=out_path, fmt=fmt, cache_dir=cache_dir, template=template,
                               progress=not quiet, batch_size=batch_size, num_workers=workers, device=device,
-                              interval=interval, clip=not raw)
+                              interval=interval, clip=not raw, trust_pickle=trust_pickle)
     layers = f" with layers {', '.join(result['layers'])}" if result.get("layers") else ""
     out.print(f"wrote {result['n_spots']} spots x {result['n_genes']} genes to {result['out']}{layers}")
 
@@ -306,7 +312,7 @@ def predict(
 @app.command("predict-slide")
 @_friendly_errors
 def predict_slide(
-    model: Annotated[Path, typer.Argument(help="Model folder (or model.joblib) written by fit-head.")],
+    model: ModelArg,
     slides: Annotated[list[Path], typer.Argument(help="Slide files (TIFF/SVS, NDPI/MRXS/SCN via OpenSlide, JPEG/PNG) or folders of them.")],
     out_dir: Annotated[Path, typer.Option("--out", help="Output folder: one <slide>/ folder per slide.")] = Path("slide-predictions"),
     um_per_px: Annotated[Optional[float], typer.Option("--um-per-px", help="Slide µm per pixel, > 0 (needed when the slide does not record it, e.g. JPEG/PNG; refused when it differs from the slide's own by > 10% unless --force-um-per-px).")] = None,
@@ -321,6 +327,7 @@ def predict_slide(
     geojson_genes: Annotated[Optional[str], typer.Option("--geojson-genes", help="Genes in tiles.geojson: this many most variable predicted (+ every --gene), or 'all' (default: 50).")] = None,
     gene_sets: Annotated[Optional[Path], typer.Option("--gene-sets", help="Gene programs to score per tile: .gmt, or a CSV/TSV of set,gene rows.")] = None,
     interval: IntervalOpt = 0.9, raw: RawOpt = False,
+    trust_pickle: TrustPickleOpt = False,
     cache_dir: CacheDirOpt = Path("cache"), batch_size: BatchOpt = None, workers: WorkersOpt = None,
     device: DeviceOpt = "auto", precision: PrecisionOpt = "auto", quiet: QuietOpt = False,
 ):
@@ -330,7 +337,8 @@ def predict_slide(
                                     stride_um=stride_um, min_tissue=min_tissue, genes=gene, overwrite=overwrite,
                                     outputs=outputs, geojson_genes=geojson_genes, gene_sets=gene_sets,
                                     cache_dir=cache_dir, progress=not quiet, batch_size=batch_size, num_workers=workers,
-                                    device=device, precision=precision, interval=interval, clip=not raw)
+                                    device=device, precision=precision, interval=interval, clip=not raw,
+                                    trust_pickle=trust_pickle)
     tile = result["tile"]
     table = Table(title=f"predict-slide: tiles of {tile['tile_um']:g} µm at {tile['tile_um_per_px']:g} µm/px ({tile['source']})")
     for column in ("slide", "µm/px", "tiles (tissue/grid)", "seconds", "tiles/s", "output"):
@@ -346,6 +354,29 @@ def predict_slide(
                       f"above), the others were written: {escape(', '.join(result['failed']))}", highlight=False,
                       soft_wrap=True)
         raise typer.Exit(1)
+
+
+@app.command("convert-model")
+@_friendly_errors
+def convert_model(
+    old: Annotated[Path, typer.Argument(help="Old model folder holding model.joblib or finetuned.pt (a pickle).")],
+    new: Annotated[Optional[Path], typer.Argument(help="New folder (default: convert OLD in place, removing the pickle).")] = None,
+):
+    """Convert an old pickled model to the safetensors format. This unpickles the old file once, which runs any
+    code in it: convert only models you trust. The converted model must predict bit-identically, or nothing is written."""
+    result = workflow.convert_model(old, new)
+    out.print(f"converted {result['old']} to {result['out']} ({', '.join(result['files'])}); it loads without --trust-pickle")
+
+
+@app.command("export-model")
+@_friendly_errors
+def export_model(
+    model: ModelArg,
+    out_dir: Annotated[Path, typer.Argument(help="New folder to upload, e.g. huggingface-cli upload ORG/NAME OUT_DIR.")],
+):
+    """Write a hub-ready copy of a model: README.md card, config.json, model.safetensors (no caches, no predictions)."""
+    result = workflow.export_model(model, out_dir)
+    out.print(f"wrote {', '.join(result['files'])} to {result['out']}; upload with: huggingface-cli upload ORG/NAME {result['out']}")
 
 
 @app.command()

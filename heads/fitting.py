@@ -253,7 +253,8 @@ def fit_head(X, Y, gene_names, *, head: str = "ridge", params: dict | None = Non
              transform: str = "none", folds=5, groups=None, seed: int = 0, out_dir,
              feature_meta: dict, sweep=None, trials: int | None = None, n_jobs: int = -1,
              progress: bool = True, ids=None, features: str | None = None,
-             n_top: int = N_TOP_DEFAULT, bag: int | None = None, candidates: list[dict] | None = None) -> dict:
+             n_top: int = N_TOP_DEFAULT, bag: int | None = None, candidates: list[dict] | None = None,
+             extra: dict | None = None) -> dict:
     """Cross-validate ``head`` (after an optional sweep), save the artefacts, refit on all spots.
 
     X: (N, D) features, or a mapping name -> (N, D_name) to choose between backbones (a sweep
@@ -270,6 +271,7 @@ def fit_head(X, Y, gene_names, *, head: str = "ridge", params: dict | None = Non
        candidate is cross-validated on the same folds, the best is refit; leaderboard.csv ranks them.
        Without ``candidates``, auto tries ridge and an mlp bagged over ``bag`` (default 5) seeds on
        every named feature set of ``X``.
+    extra: JSON-able facts kept in ``FittedModel.extra`` (units, training data, CV scheme: the model card's).
     Returns the JSON-serialisable report also written to cv_report.json.
     """
     out_dir = Path(out_dir)
@@ -278,11 +280,12 @@ def fit_head(X, Y, gene_names, *, head: str = "ridge", params: dict | None = Non
         return _fit_into(work, X, Y, gene_names, head=head, params=params, transform=transform, folds=folds,
                          groups=groups, seed=seed, out_dir=out_dir, feature_meta=feature_meta, sweep=sweep,
                          trials=trials, n_jobs=n_jobs, progress=progress, ids=ids, features=features, n_top=n_top,
-                         bag=bag, candidates=candidates)
+                         bag=bag, candidates=candidates, extra=extra)
 
 
 def _fit_into(work: Path, X, Y, gene_names, *, head, params, transform, folds, groups, seed, out_dir: Path,
-              feature_meta, sweep, trials, n_jobs, progress, ids, features, n_top, bag=None, candidates=None) -> dict:
+              feature_meta, sweep, trials, n_jobs, progress, ids, features, n_top, bag=None, candidates=None,
+              extra=None) -> dict:
     """``fit_head``'s work: files are written into ``work``; the report names their final place in ``out_dir``."""
     started = time.perf_counter()
     feature_sets = as_feature_sets(X)
@@ -333,7 +336,7 @@ def _fit_into(work: Path, X, Y, gene_names, *, head, params, transform, folds, g
     refit_seconds = time.perf_counter() - refit_start
     meta = _select_feature_meta(feature_meta, config["features"], list(feature_sets))
     fitted = FittedModel(model=model, genes=genes, feature_meta=meta, n_features=X_chosen.shape[1],
-                         config=config, cv=cv.report["model"], extra=uncertainty_extra(Y, cv))
+                         config=config, cv=cv.report["model"], extra={**(extra or {}), **uncertainty_extra(Y, cv)})
     fitted.save(work)
 
     report = {

@@ -21,7 +21,7 @@ from hexpr.heads.uncertainty import DEFAULT_INTERVAL, check_interval, check_mode
 from hexpr.workflow.options import POSITIVE, SHARE, WHOLE_NON_NEGATIVE, check_option, check_output_folder
 from hexpr.workflow.outputs.gene_sets import SCORE_METHOD, read_gene_sets, score_gene_sets
 from hexpr.workflow.outputs.slide_maps import SlideMap, parse_geojson_genes, parse_outputs, write_slide_outputs
-from hexpr.workflow.prediction import load_predictor, predict_with_uncertainty, predictor_meta
+from hexpr.workflow.prediction import load_predictor, model_facts, predict_with_uncertainty, predictor_meta
 
 DEFAULT_TILE_UM = 112.0          # HEST's patch: 224 px at 0.5 µm/px
 DEFAULT_TILE_UM_PER_PX = 0.5
@@ -123,7 +123,8 @@ def predict_slide(model_path, slides, out_dir, *, um_per_px: float | None = None
                   min_tissue: float = DEFAULT_MIN_TISSUE, genes: list[str] | None = None,
                   n_heatmap_genes: int = DEFAULT_HEATMAP_GENES, cache_dir=DEFAULT_CACHE_DIR, overwrite: bool = False,
                   progress: bool = True, outputs: str | list[str] | None = None, geojson_genes: str | int | None = None,
-                  gene_sets=None, interval: float | None = DEFAULT_INTERVAL, clip: bool = True, **embed_options) -> dict:
+                  gene_sets=None, interval: float | None = DEFAULT_INTERVAL, clip: bool = True, trust_pickle: bool = False,
+                  **embed_options) -> dict:
     """Whole slides in, expression maps out: tissue tiles embedded and predicted with a fitted head
     or a fine-tuned model (see ``load_predictor``).
 
@@ -141,7 +142,8 @@ def predict_slide(model_path, slides, out_dir, *, um_per_px: float | None = None
     A fitted head's predictions are clipped to its training range (unless ``clip`` is False); the
     h5ad and SpatialData tables get layers ``std`` (bagged heads) and ``lower``/``upper`` (conformal
     interval at coverage ``interval``), and each heatmap gene an ``uncertainty_<gene>.png``.
-    An existing slide folder needs ``overwrite``.
+    An existing slide folder needs ``overwrite``. ``model_path``: a folder or a Hugging Face id
+    (``org/name[@revision]``); ``trust_pickle``: also load an old pickled model (runs the code in it).
     Example::
 
         >>> report = hexpr.predict_slide("cache/models/ridge_resnet18", ["slide.svs"], "maps",
@@ -157,7 +159,7 @@ def predict_slide(model_path, slides, out_dir, *, um_per_px: float | None = None
     check_embed_options(**embed_options)
     interval = check_interval(interval)
     writing = {"outputs": parse_outputs(outputs), "n_geojson_genes": parse_geojson_genes(geojson_genes)}
-    fitted = load_predictor(model_path)
+    fitted = load_predictor(model_path, trust_pickle=trust_pickle)
     check_model_interval(fitted, interval)
     writing["gene_sets"] = read_gene_sets(gene_sets, fitted.genes) if gene_sets else {}
     scale = tile_scale(predictor_meta(fitted), tile_um, tile_um_per_px)
@@ -223,7 +225,7 @@ def _predict_one_slide(fitted, model_path, path: Path, final_dir: Path, scale: d
             return {"helper": True, "n_tiles": int(keep.sum())}
         chosen = _heatmap_genes(frame, genes, n_heatmap_genes)
         obs = pd.DataFrame({"row": tiles.rows, "col": tiles.cols, "tissue_fraction": fraction[keep].astype(np.float32)})
-        provenance = {"model": str(model_path), "config": config, "feature_meta": predictor_meta(fitted),
+        provenance = {"model": str(model_path), **model_facts(model_path, fitted), "config": config, "feature_meta": predictor_meta(fitted),
                       "slide": str(path), "slide_size_px": [int(slide.width), int(slide.height)],
                       "um_per_px": slide.um_per_px, "um_per_px_source": slide.um_per_px_source,
                       "tile_um": scale["tile_um"], "tile_px_level0": tile_px, "tile_um_per_px": scale["tile_um_per_px"],
