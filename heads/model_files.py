@@ -27,6 +27,7 @@ saved before the ``hexpr`` namespace (``heads.ridge``) to the current ones.
 """
 from __future__ import annotations
 
+import _compat_pickle
 import bz2
 import gzip
 import hashlib
@@ -434,7 +435,8 @@ def current_module(module: str) -> str:
 def find_trusted_class(module: str, name: str):
     """What an old pickle may name: classes of hexpr (old paths mapped) and of the libraries its
     models are built from; anything else (os.system, subprocess...) is refused."""
-    module = current_module(module)
+    module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))   # protocol 0-2: Python 2 names
+    module = current_module(_compat_pickle.IMPORT_MAPPING.get(module, module))
     top = module.split(".")[0]
     if top == "builtins" and name in SAFE_BUILTINS or top in TRUSTED_MODULES:
         return getattr(importlib.import_module(module), name)
