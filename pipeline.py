@@ -373,10 +373,12 @@ def convert_model(
 def export_model(
     model: ModelArg,
     out_dir: Annotated[Path, typer.Argument(help="New folder to upload, e.g. huggingface-cli upload ORG/NAME OUT_DIR.")],
+    repo_id: Annotated[Optional[str], typer.Option("--repo-id", help="The hub id it will have (org/name): the card's usage lines name it (default ORG/NAME).")] = None,
 ):
     """Write a hub-ready copy of a model: README.md card, config.json, model.safetensors (no caches, no predictions)."""
-    result = workflow.export_model(model, out_dir)
-    out.print(f"wrote {', '.join(result['files'])} to {result['out']}; upload with: huggingface-cli upload ORG/NAME {result['out']}")
+    result = workflow.export_model(model, out_dir, repo_id=repo_id)
+    out.print(f"wrote {', '.join(result['files'])} to {result['out']}; upload with: huggingface-cli upload "
+              f"{repo_id or 'ORG/NAME'} {result['out']}")
 
 
 @app.command()

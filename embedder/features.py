@@ -30,6 +30,7 @@ class FeatureSet:
         return {
             "backbones": [b["spec"] for b in self.blocks if b.get("kind", "backbone") == "backbone"],
             "identities": [b["identity"] for b in self.blocks],
+            "weights_sha256": [b.get("weights_sha256", "") for b in self.blocks],   # what the model card shows
             "widths": [b["stop"] - b["start"] for b in self.blocks],
             "cache_keys": [b["key"] for b in self.blocks],
             "tta": self.tta,

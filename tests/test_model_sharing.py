@@ -60,7 +60,7 @@ def test_fit_head_writes_a_hugging_face_model_card(work):
     [result] = meta["model-index"][0]["results"]
     assert {m["type"]: m["value"] for m in result["metrics"]}["pearsonr"] == pytest.approx(fitted.cv["pearson_all_genes"], abs=1e-4)
     assert f"hexpr predict-slide {work / 'model'} SLIDE.svs --out maps" in text
-    assert "resnet18" in text and "random-init" in text                        # backbone and its weights identity
+    assert "resnet18" in text and "random-init" in text and "sha256" in text      # backbone, weights identity, checksum
     assert "2-fold, grouped by slide" in text and "16 spots, 2 slide(s)" in text
     assert "units:" in text and "G0" in text and "| gene | r |" in text
     assert yaml.safe_load(text.split("---")[1])["library_name"] == "hexpr"
@@ -109,8 +109,10 @@ def hub_cache(root, exported, repo="org/name"):
 
 
 def test_export_then_load_by_hub_id_offline(work, tmp_path, monkeypatch):
-    r = run("export-model", work / "model", tmp_path / "export")
+    r = run("export-model", work / "model", tmp_path / "export", "--repo-id", "org/name")
     assert r.exit_code == 0, r.output
+    card = (tmp_path / "export" / "README.md").read_text()
+    assert "hexpr predict-slide org/name SLIDE.svs --out maps" in card and str(work) not in card
     assert sorted(p.name for p in (tmp_path / "export").iterdir()) == ["README.md", "config.json", "model.json",
                                                                        "model.safetensors"]
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

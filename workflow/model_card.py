@@ -66,10 +66,14 @@ def top_gene_scores(oof: np.ndarray, truth: np.ndarray, genes: list[str], n: int
 
 
 def _backbones(meta: dict) -> list[dict]:
-    identities = meta.get("identities") or [None] * len(meta.get("backbones", []))
+    """Each backbone's preset, its weights identity and the sha256 of the weights file the features came from."""
+    n = len(meta.get("backbones", []))
+    identities = meta.get("identities") or [None] * n
+    checksums = meta.get("weights_sha256") or [""] * n
     return [{"preset": spec.get("preset") or spec.get("name"), "spec": spec.get("name"),
-             "weights": (identity or {}).get("weights", "not recorded") if isinstance(identity, dict) else "not recorded"}
-            for spec, identity in zip(meta.get("backbones", []), identities)]
+             "weights": identity.get("weights", "not recorded") if isinstance(identity, dict) else "not recorded",
+             "sha256": checksum or "not recorded"}
+            for spec, identity, checksum in zip(meta.get("backbones", []), identities, checksums)]
 
 
 def card_facts(model, *, name: str, training: list[dict] | None = None, cv_scheme: str | None = None,
@@ -130,7 +134,8 @@ def render_card(f: dict, model_ref: str = "MODEL") -> str:
              "`license` in the front matter is left empty: the model's owner chooses it before sharing.", "",
              "## Inputs", ""]
     for b in f["backbones"]:
-        lines.append(f"- backbone `{b['spec']}` (preset `{b['preset']}`), weights `{b['weights']}`")
+        lines.append(f"- backbone `{b['spec']}` (preset `{b['preset']}`), weights `{b['weights']}`, "
+                     f"weights file sha256 `{b['sha256']}`")
     lines += [f"- tile: {tile_text}", f"- test-time augmentation: {'yes' if f['tta'] else 'no'}; "
               f"neighbour context: {f['neighbours'] or 'none'}", "",
               "## Outputs", "",
@@ -138,7 +143,8 @@ def render_card(f: dict, model_ref: str = "MODEL") -> str:
               "(all of them in `model.json`)",
               f"- units: {f['units']}; target transform during training: `{f['transform']}` (predictions are mapped "
               "back to the units)",
-              f"- clipped to the training range: {'%.4g to %.4g (per gene)' % (f['clip']['min'], f['clip']['max']) if f['clip'] else 'no range recorded'}",
+              f"- clipped to each gene's training range (overall {f['clip']['min']:.4g} to {f['clip']['max']:.4g})"
+              if f["clip"] else "- not clipped (no training range recorded)",
               f"- calibration (split-conformal intervals): "
               f"{'levels ' + ', '.join(f'{v:g}' for v in f['calibration']['levels']) + ' from ' + str(f['calibration']['n_calibration']) + ' out-of-fold spots' if f['calibration'] else 'none'}",
               "", "## Training data", ""]
@@ -167,6 +173,16 @@ def write_card(folder, facts: dict, model_ref: str | None = None) -> Path:
     folder = Path(folder)
     text = render_card(facts, model_ref or str(folder))
     return atomic_write(folder / CARD_FILE, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def retarget_card(text: str, model_ref: str) -> str:
+    """The card with its ``hexpr predict...`` lines pointing at ``model_ref`` (e.g. the hub id it is exported for)."""
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
+        parts = line.split(" ")
+        if len(parts) > 2 and parts[0] == "hexpr" and parts[1] in ("predict", "predict-slide"):
+            lines[i] = " ".join([parts[0], parts[1], model_ref, *parts[3:]])
+    return "\n".join(lines) + "\n"
 
 
 def write_card_for(folder, model, name: str, model_ref: str | None = None) -> Path:

@@ -18,7 +18,7 @@ from hexpr.embedder.files import atomic_dir
 from hexpr.heads.finetune_model import LEGACY_FINETUNED_FILE
 from hexpr.heads.fitting import MODEL_INFO_FILE, FittedModel
 from hexpr.heads.model_files import ARRAYS_FILE, CONFIG_FILE, LEGACY_FILE, LIGHTGBM_DIR, read_config
-from hexpr.workflow.model_card import CARD_FILE, write_card_for
+from hexpr.workflow.model_card import CARD_FILE, retarget_card, write_card_for
 from hexpr.workflow.prediction import load_predictor, resolve_model
 
 LEGACY_FILES = (LEGACY_FILE, LEGACY_FINETUNED_FILE)
@@ -68,9 +68,10 @@ def convert_model(old, new=None) -> dict:
             "files": sorted(p.name for p in new.iterdir() if p.name in SHARED_FILES or p.name == LIGHTGBM_DIR)}
 
 
-def export_model(model, out_dir) -> dict:
+def export_model(model, out_dir, repo_id: str | None = None) -> dict:
     """Copy what a Hugging Face model repository needs from ``model`` (a folder or a hub id) into
-    ``out_dir``: the card, config.json, model.safetensors, lightgbm/ and the human-readable info.
+    ``out_dir``: the card (its usage lines naming ``repo_id``, default ORG/NAME), config.json,
+    model.safetensors, lightgbm/ and the human-readable info.
     Nothing else (no predictions, caches or out-of-fold tables). Upload it with
     ``huggingface-cli upload ORG/NAME OUT_DIR``.
 
@@ -93,4 +94,6 @@ def export_model(model, out_dir) -> dict:
             shutil.copytree(source / LIGHTGBM_DIR, work / LIGHTGBM_DIR)
         if not (work / CARD_FILE).is_file():
             write_card_for(work, loaded, out_dir.name)
+        card = (work / CARD_FILE).read_text(encoding="utf-8")
+        (work / CARD_FILE).write_text(retarget_card(card, repo_id or "ORG/NAME"), encoding="utf-8")
     return {"model": str(model), "out": str(out_dir), "files": sorted(p.name for p in out_dir.iterdir())}
