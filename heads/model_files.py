@@ -206,16 +206,19 @@ _DECOMPRESSORS = (
 
 
 def _parses_as_pickle(data: bytes, whole: bool) -> bool:
-    """Whether ``data`` is a pickle stream: its opcodes parse up to STOP, or up to the end of a
-    cut-off prefix (``whole`` False). Only the opcode parser runs: nothing is built or imported."""
-    ops = 0
+    """Whether ``data`` is a pickle stream: its opcodes parse up to STOP, or (``whole`` False: the
+    first MB of a bigger file) start with PROTO and parse up to the cut. Only the opcode parser
+    runs: nothing is built or imported."""
+    ops, first = 0, None
     try:
         for opcode, _, _ in pickletools.genops(io.BytesIO(data)):
             ops += 1
+            first = first or opcode.name
             if opcode.name == "STOP":
                 return ops > 1
     except Exception:  # noqa: BLE001 - not an opcode stream (or cut off inside one)
-        return not whole and ops > 2
+        # a cut-off prefix counts when it starts like pickles of protocol 2+ (joblib, torch) do
+        return not whole and first == "PROTO" and ops > 2
     return False
 
 

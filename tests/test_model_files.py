@@ -202,3 +202,28 @@ def test_tampered_files_and_configs_are_one_clear_error(damage, message, fitted_
     damage(folder)
     with pytest.raises(ModelError, match=message):
         load_model(folder)
+
+
+def test_pickle_detection_reads_big_files_by_their_start(tmp_path):
+    joblib.dump({"weights": np.zeros(400_000)}, tmp_path / "big.joblib")            # > 1 MB: judged by its first MB
+    torch.save({"w": torch.zeros(10)}, tmp_path / "model.pt")                        # a zip holding data.pkl
+    (tmp_path / "trees.txt").write_text("tree\nversion=v4\nnum_class=1\n" * 60_000)   # LightGBM-like text, > 1 MB
+    (tmp_path / "table.csv").write_text("ID,G0\n" + "spot,1.0\n" * 10)
+    assert looks_like_pickle(tmp_path / "big.joblib") and looks_like_pickle(tmp_path / "model.pt")
+    assert not looks_like_pickle(tmp_path / "trees.txt") and not looks_like_pickle(tmp_path / "table.csv")
+
+
+def test_units_come_from_the_import_records(tmp_path):
+    from types import SimpleNamespace
+
+    import anndata as ad
+
+    from hexpr.workflow.model_card import UNKNOWN_UNITS, units_of
+
+    (tmp_path / "st").mkdir()
+    adata = ad.AnnData(np.zeros((2, 2), np.float32))
+    adata.uns["hexpr_import"] = {"normalization": "log1p_cp10k", "technology": "10x Visium"}
+    adata.write_h5ad(tmp_path / "st" / "s1.h5ad")
+    units = units_of(SimpleNamespace(source=tmp_path))
+    assert units["units"].startswith("log1p(counts per 10,000)") and units["platforms"] == ["10x Visium"]
+    assert units_of(SimpleNamespace(source=tmp_path / "elsewhere" / "data.csv"))["units"] == UNKNOWN_UNITS

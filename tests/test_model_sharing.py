@@ -143,3 +143,16 @@ def test_slide_outputs_carry_the_model_id_and_units(work, tmp_path):
     tiles = json.loads((tmp_path / "maps" / "s" / "tiles.geojson").read_text())["features"]
     assert {t["properties"]["model_id"] for t in tiles} == {str(work / "model")}
     assert {t["properties"]["units"] for t in tiles} == {uns["units"]}
+
+
+def test_a_model_without_backbone_checksums_predicts_with_a_warning(work, tmp_path):
+    import hexpr
+
+    edited = tmp_path / "edited"
+    shutil.copytree(work / "model", edited)
+    config = json.loads((edited / "config.json").read_text())
+    del config["content"]["feature_meta"]["identities"]
+    (edited / "config.json").write_text(json.dumps(config))
+    with pytest.warns(UserWarning, match="records no backbone checksums"):
+        hexpr.predict(edited, work / "test" / "data.csv", out=tmp_path / "p.csv", cache_dir=work / "cache", progress=False)
+    assert pd.read_csv(tmp_path / "p.csv").shape == (6, 5)
