@@ -251,7 +251,10 @@ def pickle_files(folder) -> list[Path]:
     candidates = [p for p in folder.iterdir() if p.is_file()]
     if (folder / LIGHTGBM_DIR).is_dir():
         candidates += [p for p in (folder / LIGHTGBM_DIR).iterdir() if p.is_file()]
-    return [p for p in sorted(candidates) if looks_like_pickle(p)]
+    try:
+        return [p for p in sorted(candidates) if looks_like_pickle(p)]
+    except OSError as exc:
+        raise ModelError(f"{folder}: cannot read the model folder's files ({brief(exc)})") from None
 
 
 def refuse_pickles(folder, allow: tuple[str, ...] = ()) -> None:
@@ -375,7 +378,7 @@ def read_config(folder) -> dict:
 
     try:
         config = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise ModelError(f"{path}: not a readable hexpr model config ({brief(exc)}); get the model again") from None
     if not isinstance(config, dict) or config.get("format") != FORMAT:
         raise ModelError(f"{path}: not a hexpr model config (no \"format\": \"{FORMAT}\")")
@@ -416,7 +419,10 @@ def read_folder(folder, kind: str):
         arrays = load_arrays((folder / ARRAYS_FILE).read_bytes())
     except (SafetensorError, ValueError, OSError) as exc:
         raise ModelError(f"{folder / ARRAYS_FILE}: not a readable safetensors file ({brief(exc)})") from None
-    return _Decoder(folder, arrays).decode(config["content"])
+    try:
+        return _Decoder(folder, arrays).decode(config["content"])
+    except RecursionError:
+        raise ModelError(f"{folder / CONFIG_FILE}: nested too deeply to be a hexpr model") from None
 
 
 # --------------------------------------------------------------------------------------------
