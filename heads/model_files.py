@@ -99,6 +99,11 @@ def sha256_file(path) -> str:
 # --------------------------------------------------------------------------------------------
 # writing
 # --------------------------------------------------------------------------------------------
+def _join(path: str, key) -> str:
+    """The name of a value inside ``path``: safetensors keys and LightGBM file names (model.head_.coef_)."""
+    return f"{path}.{key}" if path else str(key)
+
+
 class _Encoder:
     """Turns objects into JSON values, collecting arrays and LightGBM texts on the way."""
 
@@ -116,20 +121,20 @@ class _Encoder:
         if isinstance(value, np.ndarray):
             return self._array(value, path)
         if isinstance(value, tuple):
-            return {"@tuple": [self.encode(v, f"{path}.{i}") for i, v in enumerate(value)]}
+            return {"@tuple": [self.encode(v, _join(path, i)) for i, v in enumerate(value)]}
         if isinstance(value, list):
-            return [self.encode(v, f"{path}.{i}") for i, v in enumerate(value)]
+            return [self.encode(v, _join(path, i)) for i, v in enumerate(value)]
         if isinstance(value, dict):
             if all(isinstance(k, str) and not k.startswith("@") for k in value):
-                return {k: self.encode(v, f"{path}.{k}") for k, v in value.items()}
-            return {"@dict": [[self.encode(k, f"{path}.key{i}"), self.encode(v, f"{path}.{i}")]
+                return {k: self.encode(v, _join(path, k)) for k, v in value.items()}
+            return {"@dict": [[self.encode(k, _join(path, f"key{i}")), self.encode(v, _join(path, i))]
                               for i, (k, v) in enumerate(value.items())]}
         torch = sys.modules.get("torch")
         if torch is not None and isinstance(value, torch.Tensor):
             return self._tensor(value, path)
         lgb = sys.modules.get("lightgbm")
         if lgb is not None and isinstance(value, lgb.Booster):
-            name = f"{LIGHTGBM_DIR}/{path}.txt"
+            name = f"{LIGHTGBM_DIR}/{path.replace('/', '_')}.txt"
             self.texts[name] = value.model_to_string(num_iteration=-1)
             return {"@lightgbm": name, "best_iteration": int(value.best_iteration)}
         name = _CLASS_NAMES.get(f"{type(value).__module__}:{type(value).__qualname__}")
@@ -170,7 +175,7 @@ class _Encoder:
         params = value.get_params(deep=False)
         state = value.__getstate__()
         state = {k: v for k, v in state.items() if k not in params}
-        return {"@estimator": name, "params": self.encode(params, f"{path}.params"),
+        return {"@estimator": name, "params": self.encode(params, _join(path, "(params)")),
                 "state": self.encode(state, path)}
 
 
@@ -180,7 +185,7 @@ def write_folder(folder, content: dict, kind: str) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     encoder = _Encoder()
-    encoded = encoder.encode(content, "model")
+    encoded = encoder.encode(content, "")
     files = {}
     blob = save_arrays(encoder.arrays, metadata={"format": FORMAT})
     atomic_write(folder / ARRAYS_FILE, lambda tmp: Path(tmp).write_bytes(blob))
@@ -341,7 +346,7 @@ class _Decoder:
 
         name = str(value["@lightgbm"])
         path = self.folder / name
-        if not name.startswith(LIGHTGBM_DIR + "/") or ".." in name or not path.is_file():
+        if not name.startswith(LIGHTGBM_DIR + "/") or ".." in Path(name).parts or not path.is_file():
             raise self.fail(f"LightGBM model file {name!r} is missing")
         try:
             booster = lgb.Booster(model_str=path.read_text())
