@@ -136,13 +136,18 @@ def test_slide_outputs_carry_the_model_id_and_units(work, tmp_path):
     slide[100:300, 100:300] = np.clip(rng.normal([200, 110, 170], 25, (200, 200, 3)), 0, 255).astype(np.uint8)
     Image.fromarray(slide).save(tmp_path / "s.png")
     r = run("predict-slide", work / "model", tmp_path / "s.png", "--out", tmp_path / "maps", "--um-per-px", "0.5",
-            "--tile-um", "50", "--tile-um-per-px", "1", "--outputs", "h5ad,geojson", "--cache-dir", work / "cache", "--quiet")
+            "--tile-um", "50", "--tile-um-per-px", "1", "--outputs", "h5ad,geojson,spatialdata", "--cache-dir", work / "cache",
+            "--quiet")
     assert r.exit_code == 0, r.output
     uns = ad.read_h5ad(tmp_path / "maps" / "s" / "predictions.h5ad").uns["hexpr"]
     assert uns["model_id"] == str(work / "model") and uns["units"]
     tiles = json.loads((tmp_path / "maps" / "s" / "tiles.geojson").read_text())["features"]
     assert {t["properties"]["model_id"] for t in tiles} == {str(work / "model")}
     assert {t["properties"]["units"] for t in tiles} == {uns["units"]}
+    import spatialdata
+
+    table = spatialdata.read_zarr(tmp_path / "maps" / "s" / "spatialdata.zarr").tables["table"]
+    assert table.uns["hexpr"]["model_id"] == str(work / "model") and table.uns["hexpr"]["units"] == uns["units"]
 
 
 def test_a_model_without_backbone_checksums_predicts_with_a_warning(work, tmp_path):
