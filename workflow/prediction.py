@@ -12,7 +12,7 @@ from hexpr.embedder.datasets import check_genes_match, open_dataset
 from hexpr.embedder.errors import MissingInputError
 from hexpr.embedder.extract import check_embed_options
 from hexpr.embedder.importers.names import safe_name
-from hexpr.embedder.weights import locate_hub_model, parse_hub_id
+from hexpr.embedder.weights import WeightsError, locate_hub_model, parse_hub_id
 from hexpr.embedder.features import check_features_match, ensure_features, specs_from_meta, with_dataset_context
 from hexpr.heads.finetune import load_finetuned
 from hexpr.heads.finetune_model import FINETUNED_KIND, LEGACY_FINETUNED_FILE
@@ -60,7 +60,10 @@ def resolve_model(ref) -> Path:
     if hub is None:
         raise MissingInputError(f"no model at {ref}: give a model folder written by fit-head, or a Hugging Face "
                                 "model id (org/name or org/name@revision)")
-    return locate_hub_model(*hub, online=hub_reachable())
+    try:
+        return locate_hub_model(*hub, online=hub_reachable())
+    except WeightsError as exc:   # the id may also be a mistyped local folder: say both
+        raise type(exc)(f"there is no folder {ref} here, so it was taken as a Hugging Face id: {exc}") from None
 
 
 def model_facts(model_ref, model) -> dict:
