@@ -33,6 +33,7 @@ import gzip
 import hashlib
 import importlib
 import io
+import json
 import lzma
 import pickle
 import pickletools
@@ -379,8 +380,6 @@ class _Decoder:
 def read_config(folder) -> dict:
     """``config.json`` of a model folder, checked: the format, the schema version, no unknown keys."""
     path = Path(folder) / CONFIG_FILE
-    import json
-
     try:
         config = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
