@@ -70,8 +70,6 @@ TRANSFORM_HELP = "none | log1p | standardize | robust | minmax, or a chain of th
 # ----------------------------------------------------------------------------- shared options
 # Input paths are checked by typer (exists=True) or a light workflow check before any heavy import:
 # a mistyped path is reported in well under a second (benchmarks/cli_latency.py).
-ModelArg = Annotated[Path, typer.Argument(help="Model folder (or model.joblib) written by fit-head.",
-                                          callback=_library_check(lambda path: workflow.check_model_path(path)))]
 BackboneOpt = Annotated[Optional[list[str]], typer.Option(
     "--backbone", "-b",
     help="Backbone, repeatable: a timm model NAME, optionally followed by :KEY=VALUE pairs joined by commas, "
@@ -89,6 +87,13 @@ DeviceOpt = Annotated[str, typer.Option("--device", help="auto | cpu | cuda | cu
 PrecisionOpt = Annotated[Precision, typer.Option("--precision", help="auto (bf16 on CUDA and bf16-capable CPUs) | fp32 | bf16.")]
 ChunkOpt = Annotated[int, typer.Option("--chunk-size", help="Rows per resumable chunk written to disk, >= 1.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+# a mistyped model folder is reported before any heavy import; a Hugging Face id is resolved by the use case
+ModelArg = Annotated[str, typer.Argument(help="Model folder written by fit-head or finetune, or a Hugging Face model id "
+                                                "org/name[@revision].",
+                                         callback=_library_check(lambda path: str(workflow.check_model_path(path))))]
+TrustPickleOpt = Annotated[bool, typer.Option("--trust-pickle", help="Also load an OLD model saved as a pickle (model.joblib / "
+                                              "finetuned.pt). Unpickling runs any code the file's author put in it: only for "
+                                              "models you trust. Better: hexpr convert-model once.")]
 IntervalOpt = Annotated[float, typer.Option("--interval", help="Coverage of the conformal prediction intervals (h5ad layers "
                                                              "lower/upper), strictly between 0 and 1.")]
 ContextOpt = Annotated[Optional[str], typer.Option(
@@ -332,6 +337,7 @@ def predict(
     fmt: Annotated[Optional[PredictionFormat], typer.Option("--format", help="csv | h5ad (default from --out's suffix).")] = None,
     template: Annotated[Optional[Path], typer.Option(help="sample_submission.csv fixing ids/columns (default: the one beside DATA).", exists=True)] = None,
     interval: IntervalOpt = 0.9, raw: RawOpt = False,
+    trust_pickle: TrustPickleOpt = False,
     cache_dir: CacheDirOpt = Path("cache"), batch_size: BatchOpt = None, workers: WorkersOpt = None,
     device: DeviceOpt = "auto", quiet: QuietOpt = False,
 ):
@@ -339,7 +345,7 @@ def predict(
     Clipped to the training range; .h5ad output adds layers std (bagged heads), lower and upper (intervals)."""
     result = workflow.predict(model, data, out=out_path, fmt=fmt, cache_dir=cache_dir, template=template,
                               progress=not quiet, batch_size=batch_size, num_workers=workers, device=device,
-                              interval=interval, clip=not raw)
+                              interval=interval, clip=not raw, trust_pickle=trust_pickle)
     def render(r):
         layers = f" with layers {', '.join(r['layers'])}" if r.get("layers") else ""
         out.print(f"wrote {r['n_spots']} spots x {r['n_genes']} genes to {r['out']}{layers}")
@@ -366,6 +372,7 @@ def predict_slide(
     geojson_genes: Annotated[Optional[str], typer.Option("--geojson-genes", help="Genes in tiles.geojson: this many most variable predicted (+ every --gene), or 'all' (default: 50).")] = None,
     gene_sets: Annotated[Optional[Path], typer.Option("--gene-sets", help="Gene programs to score per tile: .gmt, or a CSV/TSV of set,gene rows.", exists=True)] = None,
     interval: IntervalOpt = 0.9, raw: RawOpt = False,
+    trust_pickle: TrustPickleOpt = False,
     cache_dir: CacheDirOpt = Path("cache"), batch_size: BatchOpt = None, workers: WorkersOpt = None,
     device: DeviceOpt = "auto", precision: PrecisionOpt = "auto", quiet: QuietOpt = False,
 ):
@@ -376,7 +383,7 @@ def predict_slide(
                                     outputs=outputs, geojson_genes=geojson_genes, gene_sets=gene_sets,
                                     cache_dir=cache_dir, progress=not quiet, batch_size=batch_size, num_workers=workers,
                                     device=device, precision=precision, interval=interval, clip=not raw,
-                                    resolution_um=resolution_um)
+                                    resolution_um=resolution_um, trust_pickle=trust_pickle)
 
     def render(report):
         tile = report["tile"]
@@ -399,6 +406,31 @@ def predict_slide(
         error_line(f"{len(result['failed'])} of {n_all} slides failed (why: the warnings above), the others were "
                    f"written: {', '.join(result['failed'])}")
         raise typer.Exit(1)
+
+
+@app.command("convert-model")
+@_friendly_errors
+def convert_model(
+    old: Annotated[Path, typer.Argument(help="Old model folder holding model.joblib or finetuned.pt (a pickle).")],
+    new: Annotated[Optional[Path], typer.Argument(help="New folder (default: convert OLD in place, removing the pickle).")] = None,
+):
+    """Convert an old pickled model to the safetensors format. This unpickles the old file once, which runs any
+    code in it: convert only models you trust. The converted model must predict bit-identically, or nothing is written."""
+    result = workflow.convert_model(old, new)
+    out.print(f"converted {result['old']} to {result['out']} ({', '.join(result['files'])}); it loads without --trust-pickle")
+
+
+@app.command("export-model")
+@_friendly_errors
+def export_model(
+    model: ModelArg,
+    out_dir: Annotated[Path, typer.Argument(help="New folder to upload, e.g. huggingface-cli upload ORG/NAME OUT_DIR.")],
+    repo_id: Annotated[Optional[str], typer.Option("--repo-id", help="The hub id it will have (org/name): the card's usage lines name it (default ORG/NAME).")] = None,
+):
+    """Write a hub-ready copy of a model: README.md card, config.json, model.safetensors (no caches, no predictions)."""
+    result = workflow.export_model(model, out_dir, repo_id=repo_id)
+    out.print(f"wrote {', '.join(result['files'])} to {result['out']}; upload with: huggingface-cli upload "
+              f"{repo_id or 'ORG/NAME'} {result['out']}")
 
 
 @app.command()

@@ -288,7 +288,8 @@ def load_aligned(paths: list[Path], ids: list[str]) -> tuple[np.ndarray, list[di
         columns.append(features[position])
         stop = start + features.shape[1]
         blocks.append({"key": attrs["key"], "path": str(path), "spec": json.loads(attrs["backbone"]),
-                       "identity": json.loads(attrs["backbone_identity"]), "start": start, "stop": stop})
+                       "identity": json.loads(attrs["backbone_identity"]), "start": start, "stop": stop,
+                       "weights_sha256": str(attrs.get("weights_sha256", ""))})
         start = stop
     return np.concatenate(columns, axis=1).astype(np.float32, copy=False), blocks
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -31,6 +32,7 @@ class FeatureSet:
         return {
             "backbones": [b["spec"] for b in self.blocks if b.get("kind", "backbone") == "backbone"],
             "identities": [b["identity"] for b in self.blocks],
+            "weights_sha256": [b.get("weights_sha256", "") for b in self.blocks],   # what the model card shows
             "widths": [b["stop"] - b["start"] for b in self.blocks],
             "cache_keys": [b["key"] for b in self.blocks],
             "tta": self.tta,
@@ -112,7 +114,15 @@ def specs_from_meta(meta: dict) -> list[BackboneSpec]:
 
 
 def check_features_match(features: FeatureSet, meta: dict, model_path: str = "the model") -> None:
-    """Refuse features that were not made the way the head's training features were."""
+    """Refuse features that were not made the way the head's training features were: a backbone whose
+    weights checksum (identity) differs is an error; a model that records no identities (edited or
+    hand-made) is checked by width only, with a warning."""
+    if not meta.get("identities"):
+        warnings.warn(f"{model_path} records no backbone checksums: the weights cannot be checked, only the feature "
+                      "width; make sure the backbones and weights are the ones it was trained with", stacklevel=2)
+        if features.n_features != meta.get("n_features", features.n_features):
+            raise CacheError(f"{model_path} expects {meta['n_features']} features, got {features.n_features}")
+        return
     expected = [json.dumps(i, sort_keys=True) for i in meta["identities"]]
     got = [json.dumps(b["identity"], sort_keys=True) for b in features.blocks]
     if [float(s) for s in meta.get("context_um") or []] != [float(s) for s in features.context_um]:

@@ -9,11 +9,13 @@
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
 
 from hexpr.embedder.errors import ModelError
+from hexpr.embedder.hub_ids import HUB_ID, parse_hub_id  # noqa: F401  (re-exported)
 from hexpr.embedder.presets import Preset, hub_cache_dirs, snapshot_dirs, weights_in_folder
 
 
@@ -141,3 +143,38 @@ def config_json_beside(weights_file: Path) -> dict | None:
         except (OSError, ValueError):
             return None
     return None
+
+
+# --------------------------------------------------------------------------------------------
+# hexpr models by Hugging Face repo id (the same offline behaviour as the presets' weights)
+# --------------------------------------------------------------------------------------------
+def locate_hub_model(repo_id: str, revision: str | None, online: bool, required: str = "config.json") -> Path:
+    """The local folder of model repository ``repo_id`` at ``revision`` (default: main): a snapshot of
+    the local hub cache (found offline, no network), else a download when online. Offline and not
+    cached, it fails at once naming the caches it searched and what to do."""
+    from huggingface_hub import snapshot_download
+
+    for cache in hub_cache_dirs():
+        try:
+            folder = Path(snapshot_download(repo_id, revision=revision, cache_dir=cache, local_files_only=True))
+        except Exception:  # noqa: BLE001 - not in this cache (or an incomplete snapshot): try the next
+            continue
+        if (folder / required).is_file():
+            return folder
+    where = f"{repo_id}@{revision}" if revision else repo_id
+    if not online:
+        caches = ", ".join(str(d / ("models--" + repo_id.replace("/", "--"))) for d in hub_cache_dirs())
+        raise WeightsError(
+            f"model {where!r}: not found in the local Hugging Face cache and the hub is unreachable (offline). Looked "
+            f"in: {caches}. To fix: on a machine with internet run `huggingface-cli download {repo_id}"
+            f"{' --revision ' + revision if revision else ''}` and copy the hub cache (set HF_HOME or HF_HUB_CACHE to "
+            "it), or download into a folder (--local-dir) and give that folder instead of the id")
+    try:
+        folder = Path(snapshot_download(repo_id, revision=revision))
+    except Exception as exc:  # noqa: BLE001 - unknown repo, gated, no such revision: one message
+        raise WeightsError(f"model {where!r} could not be downloaded from the Hugging Face hub "
+                           f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); check the id "
+                           "and revision, and for a private repo `huggingface-cli login`") from None
+    if not (folder / required).is_file():
+        raise WeightsError(f"model {where!r} has no {required}: it is not a hexpr model repository")
+    return folder

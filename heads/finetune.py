@@ -18,9 +18,10 @@ Training
     has groups) with the challenge score (gene panels from the training split), early stopping
     on it (``patience``). ``val_fold=None`` trains on every spot for ``epochs`` epochs.
 
-Files in ``out_dir``: ``finetuned.pt`` + ``finetuned.json`` (the best epoch; what ``hexpr predict``
-loads), ``finetune_report.json``, ``checkpoints/last.pt`` (model, optimizer, schedule, RNG states,
-epoch, best score, history -- written every epoch under a temporary name, then renamed).
+Files in ``out_dir``: ``config.json`` + ``model.safetensors`` + ``finetuned.json`` (the best epoch;
+what ``hexpr predict`` loads), ``finetune_report.json``, ``checkpoints/last/`` (model, optimizer,
+schedule, RNG states, epoch, best score, history, in the same format -- written every epoch as a
+temporary folder, then swapped in). Nothing is a pickle (``heads.model_files``).
 ``resume=True`` continues from that checkpoint; the result equals an uninterrupted run's.
 
 Deterministic on CPU for a given seed: batch order and augmentations are drawn from generators
@@ -161,7 +162,7 @@ class _HeadInit:
 
 
 def _load_head_init(path, specs: list[BackboneSpec]) -> _HeadInit:
-    """A fitted ``mlp`` head (fit-head folder or model.joblib) checked against ``specs``."""
+    """A fitted ``mlp`` head (fit-head folder) checked against ``specs``."""
     fitted = load_model(path)
     model = fitted.model
     transform = make_transform("none").fit(np.zeros((1, len(fitted.genes))))

@@ -348,6 +348,14 @@ class FinetunedModel:
         return (f"FinetunedModel({self.path}, backbones={[s.name for s in self.specs]}, "
                 f"genes={len(self.genes)}, best_epoch={self.info.get('best_epoch')})")
 
+    def save(self, folder) -> Path:
+        """Write this model into ``folder`` in the safetensors format (what ``export_model`` writes)."""
+        return write_folder(folder, {
+            "format_version": FORMAT_VERSION, "specs": [s.to_dict() for s in self.specs],
+            "preprocess": [p.to_dict() for p in self.preprocesses], "widths": self.widths, "genes": self.genes,
+            "hidden": list(self.hidden), "dropout": self.dropout, "transform": self.transform,
+            "state_dict": self._state, "info": self.info}, FINETUNED_KIND)
+
     def module(self, device="cpu") -> FusedModel:
         """The network on ``device`` (built once per device, eval mode)."""
         device = torch.device(device)

@@ -262,7 +262,7 @@ def fit_head(X, Y, gene_names, *, head: str = "ridge", params: dict | None = Non
              feature_meta: dict, sweep=None, trials: int | None = None, n_jobs: int = -1,
              progress: bool = True, ids=None, features: str | None = None,
              n_top: int = N_TOP_DEFAULT, bag: int | None = None, candidates: list[dict] | None = None,
-             bags=None, subtile_um: float | None = None) -> dict:
+             bags=None, subtile_um: float | None = None, extra: dict | None = None) -> dict:
     """Cross-validate ``head`` (after an optional sweep), save the artefacts, refit on all spots.
 
     X: (N, D) features, or a mapping name -> (N, D_name) to choose between backbones (a sweep
@@ -283,6 +283,7 @@ def fit_head(X, Y, gene_names, *, head: str = "ridge", params: dict | None = Non
        measured over several rows of ``X`` (sub-tiles): heads learn so that the mean of their
        sub-tile predictions matches ``Y`` (see heads.bags); ``ids``, ``groups`` and folds are then
        per observation. ``subtile_um``: the sub-tiles' side in µm, recorded in the model.
+    extra: JSON-able facts kept in ``FittedModel.extra`` (units, training data, CV scheme: the model card's).
     Returns the JSON-serialisable report also written to cv_report.json.
     """
     out_dir = Path(out_dir)
@@ -291,12 +292,12 @@ def fit_head(X, Y, gene_names, *, head: str = "ridge", params: dict | None = Non
         return _fit_into(work, X, Y, gene_names, head=head, params=params, transform=transform, folds=folds,
                          groups=groups, seed=seed, out_dir=out_dir, feature_meta=feature_meta, sweep=sweep,
                          trials=trials, n_jobs=n_jobs, progress=progress, ids=ids, features=features, n_top=n_top,
-                         bag=bag, candidates=candidates, bags=bags, subtile_um=subtile_um)
+                         bag=bag, candidates=candidates, bags=bags, subtile_um=subtile_um, extra=extra)
 
 
 def _fit_into(work: Path, X, Y, gene_names, *, head, params, transform, folds, groups, seed, out_dir: Path,
               feature_meta, sweep, trials, n_jobs, progress, ids, features, n_top, bag=None, candidates=None,
-              bags=None, subtile_um=None) -> dict:
+              bags=None, subtile_um=None, extra=None) -> dict:
     """``fit_head``'s work: files are written into ``work``; the report names their final place in ``out_dir``."""
     started = time.perf_counter()
     feature_sets = as_feature_sets(X)
@@ -351,14 +352,14 @@ def _fit_into(work: Path, X, Y, gene_names, *, head, params, transform, folds, g
     model = fit_on_bags(factory(), X_chosen, Y, bags, groups=groups)
     refit_seconds = time.perf_counter() - refit_start
     meta = _select_feature_meta(feature_meta, config["features"], list(feature_sets))
-    extra = uncertainty_extra(Y, cv)
+    model_extra = {**(extra or {}), **uncertainty_extra(Y, cv)}
     if subtile_um is not None:
-        extra[SUBTILE_KEY] = float(subtile_um)
+        model_extra[SUBTILE_KEY] = float(subtile_um)
     if bags is not None:
-        extra[BAGS_KEY] = {"n_observations": bags.n_obs, "n_subtiles": bags.n_patches,
+        model_extra[BAGS_KEY] = {"n_observations": bags.n_obs, "n_subtiles": bags.n_patches,
                            "calibrated_on": "observations (region-level out-of-fold residuals)"}
     fitted = FittedModel(model=model, genes=genes, feature_meta=meta, n_features=X_chosen.shape[1],
-                         config=config, cv=cv.report["model"], extra=extra)
+                         config=config, cv=cv.report["model"], extra=model_extra)
     fitted.save(work)
 
     report = {

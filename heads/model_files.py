@@ -27,11 +27,13 @@ saved before the ``hexpr`` namespace (``heads.ridge``) to the current ones.
 """
 from __future__ import annotations
 
+import _compat_pickle
 import bz2
 import gzip
 import hashlib
 import importlib
 import io
+import json
 import lzma
 import pickle
 import pickletools
@@ -98,6 +100,11 @@ def sha256_file(path) -> str:
 # --------------------------------------------------------------------------------------------
 # writing
 # --------------------------------------------------------------------------------------------
+def _join(path: str, key) -> str:
+    """The name of a value inside ``path``: safetensors keys and LightGBM file names (model.head_.coef_)."""
+    return f"{path}.{key}" if path else str(key)
+
+
 class _Encoder:
     """Turns objects into JSON values, collecting arrays and LightGBM texts on the way."""
 
@@ -115,20 +122,20 @@ class _Encoder:
         if isinstance(value, np.ndarray):
             return self._array(value, path)
         if isinstance(value, tuple):
-            return {"@tuple": [self.encode(v, f"{path}.{i}") for i, v in enumerate(value)]}
+            return {"@tuple": [self.encode(v, _join(path, i)) for i, v in enumerate(value)]}
         if isinstance(value, list):
-            return [self.encode(v, f"{path}.{i}") for i, v in enumerate(value)]
+            return [self.encode(v, _join(path, i)) for i, v in enumerate(value)]
         if isinstance(value, dict):
             if all(isinstance(k, str) and not k.startswith("@") for k in value):
-                return {k: self.encode(v, f"{path}.{k}") for k, v in value.items()}
-            return {"@dict": [[self.encode(k, f"{path}.key{i}"), self.encode(v, f"{path}.{i}")]
+                return {k: self.encode(v, _join(path, k)) for k, v in value.items()}
+            return {"@dict": [[self.encode(k, _join(path, f"key{i}")), self.encode(v, _join(path, i))]
                               for i, (k, v) in enumerate(value.items())]}
         torch = sys.modules.get("torch")
         if torch is not None and isinstance(value, torch.Tensor):
             return self._tensor(value, path)
         lgb = sys.modules.get("lightgbm")
         if lgb is not None and isinstance(value, lgb.Booster):
-            name = f"{LIGHTGBM_DIR}/{path}.txt"
+            name = f"{LIGHTGBM_DIR}/{path.replace('/', '_')}.txt"
             self.texts[name] = value.model_to_string(num_iteration=-1)
             return {"@lightgbm": name, "best_iteration": int(value.best_iteration)}
         name = _CLASS_NAMES.get(f"{type(value).__module__}:{type(value).__qualname__}")
@@ -169,7 +176,7 @@ class _Encoder:
         params = value.get_params(deep=False)
         state = value.__getstate__()
         state = {k: v for k, v in state.items() if k not in params}
-        return {"@estimator": name, "params": self.encode(params, f"{path}.params"),
+        return {"@estimator": name, "params": self.encode(params, _join(path, "(params)")),
                 "state": self.encode(state, path)}
 
 
@@ -179,7 +186,7 @@ def write_folder(folder, content: dict, kind: str) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     encoder = _Encoder()
-    encoded = encoder.encode(content, "model")
+    encoded = encoder.encode(content, "")
     files = {}
     blob = save_arrays(encoder.arrays, metadata={"format": FORMAT})
     atomic_write(folder / ARRAYS_FILE, lambda tmp: Path(tmp).write_bytes(blob))
@@ -205,16 +212,19 @@ _DECOMPRESSORS = (
 
 
 def _parses_as_pickle(data: bytes, whole: bool) -> bool:
-    """Whether ``data`` is a pickle stream: its opcodes parse up to STOP, or up to the end of a
-    cut-off prefix (``whole`` False). Only the opcode parser runs: nothing is built or imported."""
-    ops = 0
+    """Whether ``data`` is a pickle stream: its opcodes parse up to STOP, or (``whole`` False: the
+    first MB of a bigger file) start with PROTO and parse up to the cut. Only the opcode parser
+    runs: nothing is built or imported."""
+    ops, first = 0, None
     try:
         for opcode, _, _ in pickletools.genops(io.BytesIO(data)):
             ops += 1
+            first = first or opcode.name
             if opcode.name == "STOP":
                 return ops > 1
     except Exception:  # noqa: BLE001 - not an opcode stream (or cut off inside one)
-        return not whole and ops > 2
+        # a cut-off prefix counts when it starts like pickles of protocol 2+ (joblib, torch) do
+        return not whole and first == "PROTO" and ops > 2
     return False
 
 
@@ -247,7 +257,10 @@ def pickle_files(folder) -> list[Path]:
     candidates = [p for p in folder.iterdir() if p.is_file()]
     if (folder / LIGHTGBM_DIR).is_dir():
         candidates += [p for p in (folder / LIGHTGBM_DIR).iterdir() if p.is_file()]
-    return [p for p in sorted(candidates) if looks_like_pickle(p)]
+    try:
+        return [p for p in sorted(candidates) if looks_like_pickle(p)]
+    except OSError as exc:
+        raise ModelError(f"{folder}: cannot read the model folder's files ({brief(exc)})") from None
 
 
 def refuse_pickles(folder, allow: tuple[str, ...] = ()) -> None:
@@ -334,7 +347,7 @@ class _Decoder:
 
         name = str(value["@lightgbm"])
         path = self.folder / name
-        if not name.startswith(LIGHTGBM_DIR + "/") or ".." in name or not path.is_file():
+        if not name.startswith(LIGHTGBM_DIR + "/") or ".." in Path(name).parts or not path.is_file():
             raise self.fail(f"LightGBM model file {name!r} is missing")
         try:
             booster = lgb.Booster(model_str=path.read_text())
@@ -367,11 +380,9 @@ class _Decoder:
 def read_config(folder) -> dict:
     """``config.json`` of a model folder, checked: the format, the schema version, no unknown keys."""
     path = Path(folder) / CONFIG_FILE
-    import json
-
     try:
         config = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise ModelError(f"{path}: not a readable hexpr model config ({brief(exc)}); get the model again") from None
     if not isinstance(config, dict) or config.get("format") != FORMAT:
         raise ModelError(f"{path}: not a hexpr model config (no \"format\": \"{FORMAT}\")")
@@ -412,7 +423,10 @@ def read_folder(folder, kind: str):
         arrays = load_arrays((folder / ARRAYS_FILE).read_bytes())
     except (SafetensorError, ValueError, OSError) as exc:
         raise ModelError(f"{folder / ARRAYS_FILE}: not a readable safetensors file ({brief(exc)})") from None
-    return _Decoder(folder, arrays).decode(config["content"])
+    try:
+        return _Decoder(folder, arrays).decode(config["content"])
+    except RecursionError:
+        raise ModelError(f"{folder / CONFIG_FILE}: nested too deeply to be a hexpr model") from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -434,7 +448,8 @@ def current_module(module: str) -> str:
 def find_trusted_class(module: str, name: str):
     """What an old pickle may name: classes of hexpr (old paths mapped) and of the libraries its
     models are built from; anything else (os.system, subprocess...) is refused."""
-    module = current_module(module)
+    module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))   # protocol 0-2: Python 2 names
+    module = current_module(_compat_pickle.IMPORT_MAPPING.get(module, module))
     top = module.split(".")[0]
     if top == "builtins" and name in SAFE_BUILTINS or top in TRUSTED_MODULES:
         return getattr(importlib.import_module(module), name)

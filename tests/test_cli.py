@@ -140,6 +140,8 @@ def test_finetune_command_exports_a_model_predict_uses(tmp_path):
             "--batch-size", 8, "--folds", 4, "--workers", 0, "--quiet")
     assert r.exit_code == 0, r.output
     assert "epoch   1" in r.output and "best epoch" in r.output
+    card = (out_dir / "README.md").read_text()          # the model card, as fit-head writes one
+    assert "library_name: hexpr" in card and f"hexpr predict-slide {out_dir} SLIDE.svs" in card and "test_resnet" in card
     r = run("predict", out_dir, train, "--out", tmp_path / "p.csv", "--quiet")
     assert r.exit_code == 0, r.output
     pred = pd.read_csv(tmp_path / "p.csv")

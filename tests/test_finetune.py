@@ -187,3 +187,29 @@ def test_head_init_starts_from_the_fitted_head(data, tmp_path):
     with pytest.raises(FinetuneError, match="backbones"):
         finetune(data, [parse_backbone("test_resnet:weights=none,size=32")], tmp_path / "other",
                  head_init=tmp_path / "head", epochs=1, **QUICK)
+
+
+def test_an_old_pickled_finetuned_model_needs_trust_then_converts(data, tmp_path):
+    """Before the safetensors format, finetune wrote finetuned.pt, a torch pickle: it loads only with trust
+    (through the restricted unpickler), and convert-model turns it into the format that loads without."""
+    from hexpr.embedder.errors import ModelError
+    from hexpr.heads.model_files import looks_like_pickle
+    from hexpr.workflow.models import convert_model
+
+    finetune(data, [SPEC], tmp_path / "run", epochs=1, folds=2, val_fold=0, **QUICK)
+    model = load_finetuned(tmp_path / "run")
+    old = tmp_path / "old"
+    old.mkdir()
+    torch.save({"format_version": 1, "specs": [s.to_dict() for s in model.specs],
+                "preprocess": [p.to_dict() for p in model.preprocesses], "widths": model.widths, "genes": model.genes,
+                "hidden": list(model.hidden), "dropout": model.dropout, "transform": model.transform,
+                "state_dict": model._state, "info": model.info}, old / "finetuned.pt")
+    assert looks_like_pickle(old / "finetuned.pt")
+    with pytest.raises(ModelError, match="runs any code.*--trust-pickle"):
+        load_finetuned(old)
+    dataset = open_dataset(data)
+    expected = model.predict_dataset(dataset, **QUICK)
+    pd.testing.assert_frame_equal(load_finetuned(old, trust_pickle=True).predict_dataset(dataset, **QUICK), expected)
+    convert_model(old, tmp_path / "new")
+    assert not list((tmp_path / "new").glob("*.pt"))
+    pd.testing.assert_frame_equal(load_finetuned(tmp_path / "new").predict_dataset(dataset, **QUICK), expected)

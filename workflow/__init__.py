@@ -9,6 +9,8 @@ name, then rename) and returns a plain dict report. Names are loaded on first us
     fit_head, check_transform               workflow.fit
     head_names, check_head, check_model_path  workflow.options (light: the CLI checks before heavy imports)
     predict, load_predictor, predict_with   workflow.prediction
+    resolve_model                           workflow.prediction
+    convert_model, export_model             workflow.models
     predict_slide                           workflow.slides
     evaluate, plot                          workflow.scoring
     read_expression_table                   workflow.expression_tables
@@ -29,7 +31,8 @@ _PUBLIC = {
     "fit_head": "hexpr.workflow.fit", "head_names": "hexpr.workflow.options", "check_head": "hexpr.workflow.options",
     "check_transform": "hexpr.workflow.fit",
     "predict": "hexpr.workflow.prediction", "load_predictor": "hexpr.workflow.prediction", "predict_with": "hexpr.workflow.prediction",
-    "predictor_meta": "hexpr.workflow.prediction",
+    "predictor_meta": "hexpr.workflow.prediction", "resolve_model": "hexpr.workflow.prediction",
+    "convert_model": "hexpr.workflow.models", "export_model": "hexpr.workflow.models",
     "predict_slide": "hexpr.workflow.slides",
     "evaluate": "hexpr.workflow.scoring", "plot": "hexpr.workflow.scoring",
     "read_expression_table": "hexpr.workflow.expression_tables",

@@ -17,11 +17,12 @@ from hexpr.embedder.context import check_context, fitting_sizes, format_um, pars
 from hexpr.embedder.features import FeatureSet, ensure_features, with_context_scales, with_dataset_context
 from hexpr.heads.base import HeadError
 from hexpr.heads.bags import Bags, check_bag_support
-from hexpr.heads.fitting import AUTO, check_config, read_model_info
+from hexpr.heads.fitting import AUTO, OOF_FILE, check_config, load_model, read_model_info
 from hexpr.heads.fitting import fit_head as fit_head_on_features
 from hexpr.heads.metrics import top_genes
 from hexpr.heads.sweep import AUTO_CONTEXT_MULTIPLES, AUTO_NEIGHBOURS
 from hexpr.heads.targets import make_transform
+from hexpr.workflow.model_card import card_facts, top_gene_scores, units_of, write_card
 from hexpr.workflow.options import WHOLE_NON_NEGATIVE, Int, check_head, check_option, head_names  # noqa: F401
 
 DEFAULT_MODELS_DIR = Path(DEFAULT_CACHE_DIR) / "models"
@@ -61,6 +62,21 @@ def select_gene_panel(targets: pd.DataFrame, panel: str | Path | None) -> list[s
     if unknown:
         raise DatasetError(f"{path}: {len(unknown)} genes are not in the training data, e.g. {unknown[:5]}")
     return genes
+
+
+def _cv_scheme(folds, groups) -> str:
+    n = folds if isinstance(folds, int) else len(folds)
+    return (f"{n}-fold, grouped by slide (no slide in both training and held-out folds)" if groups is not None
+            else f"{n}-fold over spots (not grouped by slide: optimistic for new slides)")
+
+
+def _write_fit_card(out_dir: Path, truth: pd.DataFrame) -> None:
+    """README.md model card of a freshly fitted model folder, with its per-gene out-of-fold r."""
+    model = load_model(out_dir)
+    oof = pd.read_csv(out_dir / OOF_FILE, index_col=0).reindex(columns=model.genes)
+    truth = truth.set_axis(oof.index, axis=0) if len(truth) == len(oof) else truth
+    top = top_gene_scores(oof.to_numpy(dtype=np.float64), truth[model.genes].to_numpy(dtype=np.float64), model.genes)
+    write_card(out_dir, card_facts(model, name=out_dir.name, top_genes=top))
 
 
 def cv_groups(groups: pd.Series | None, folds: int) -> tuple[np.ndarray | None, int]:
@@ -231,13 +247,19 @@ def fit_head(data, specs: list[BackboneSpec], *, head: str = "ridge", params: di
         m["target_unit"] = dataset.target_unit   # heatmaps and colour bars name it
     groups, folds = cv_groups(dataset.observation_groups(), folds)
     bags = Bags.from_index(dataset.bag_index, len(dataset.targets)) if dataset.is_bagged else None
+    units = units_of(dataset)
+    card_extra = {"units": units["units"], "cv_scheme": _cv_scheme(folds, groups),
+                  "training": [{"name": dataset.name, "source": str(dataset.source), "n_spots": len(dataset.targets),
+                                "n_slides": 0 if dataset.groups is None else int(dataset.groups.nunique()),
+                                "platforms": units["platforms"]}]}
     report = fit_head_on_features(
         X, dataset.targets[panel].to_numpy(), panel, head=head, params=params,
         transform=transform, folds=folds, groups=groups,
         seed=seed, out_dir=out_dir, feature_meta=meta, sweep=sweep, trials=trials, n_jobs=n_jobs,
         progress=progress, ids=list(dataset.targets.index) if bags is not None else features.ids, bag=bag,
-        bags=bags, subtile_um=dataset.subtile_um,
+        bags=bags, subtile_um=dataset.subtile_um, extra=card_extra,
     )
+    _write_fit_card(out_dir, dataset.targets[panel])
     report["out_dir"] = str(out_dir)
     report["replaced_backbones"] = replaced
     report["random_init_backbones"] = [s.name for s in specs if s.is_random_init]

@@ -7,6 +7,7 @@ import difflib
 from pathlib import Path
 
 from hexpr.embedder.errors import MissingInputError, OutputExistsError, UsageError
+from hexpr.embedder.hub_ids import parse_hub_id
 from hexpr.heads.params import Constraint, Int, Real
 from hexpr.heads.registry import AUTO, HEAD_CLASSES
 
@@ -35,13 +36,14 @@ def check_model_path(path) -> Path:
         # -> PosixPath('cache/models/train__ridge'); a missing one names `hexpr fit-head` and lists saved models
     """
     path = Path(path)
-    if path.exists():
+    if path.exists() or parse_hub_id(str(path)):   # a Hugging Face id (org/name[@revision]) is resolved later
         return path
     found = saved_models()
     listing = (f"models in {MODELS_DIR}/: {', '.join(found)}" if found
                else f"there is no model in {MODELS_DIR}/ yet")
     raise MissingInputError(f"no fitted model at {path}; fit one with `hexpr fit-head DATA` (saved as "
-                            f"{MODELS_DIR}/<data>__<head>, or where --out says); {listing}")
+                            f"{MODELS_DIR}/<data>__<head>, or where --out says), or give a Hugging Face model id "
+                            f"(org/name[@revision]); {listing}")
 
 
 def check_option(option: str, value, constraint: Constraint, *, optional: bool = False) -> None:

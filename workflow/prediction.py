@@ -6,15 +6,20 @@ from pathlib import Path
 
 import pandas as pd
 
+from hexpr.embedder.backbones import hub_reachable
 from hexpr.embedder.cache import DEFAULT_CACHE_DIR
 from hexpr.embedder.context import format_um
 from hexpr.embedder.datasets import check_genes_match, open_dataset
+from hexpr.embedder.errors import MissingInputError
 from hexpr.embedder.extract import check_embed_options
+from hexpr.embedder.importers.names import safe_name
+from hexpr.embedder.weights import WeightsError, locate_hub_model, parse_hub_id
 from hexpr.embedder.features import check_features_match, ensure_features, specs_from_meta, with_dataset_context
 from hexpr.heads.finetune import load_finetuned
 from hexpr.heads.finetune_model import FINETUNED_KIND, LEGACY_FINETUNED_FILE
 from hexpr.heads.fitting import load_model
 from hexpr.heads.model_files import CONFIG_FILE, read_config
+from hexpr.workflow.model_card import UNKNOWN_UNITS
 from hexpr.heads.uncertainty import DEFAULT_INTERVAL, check_interval, check_model_interval, predict_uncertain
 from hexpr.workflow.options import check_choice, check_model_path, check_output_file
 from hexpr.workflow.outputs.anndata import write_anndata
@@ -33,11 +38,40 @@ def load_predictor(model_path, trust_pickle: bool = False):
         >>> model = hexpr.load_predictor("cache/models/ridge_resnet18")
         >>> len(model.genes)
     """
-    check_model_path(model_path)
-    model_dir = Path(model_path) if Path(model_path).is_dir() else Path(model_path).parent
+    model_path = resolve_model(model_path)
+    model_dir = model_path if model_path.is_dir() else model_path.parent
     if model_kind(model_dir) == FINETUNED_KIND:
         return load_finetuned(model_dir, trust_pickle=trust_pickle)
     return load_model(model_path, trust_pickle=trust_pickle)
+
+
+def resolve_model(ref) -> Path:
+    """A model given as a local folder (or file in it) or a Hugging Face repo id ``org/name[@revision]``:
+    its local path. A hub id is looked up in the local hub cache first (offline: only there; see
+    ``embedder.weights.locate_hub_model``), then downloaded.
+
+    Example::
+
+        >>> hexpr.resolve_model("my-org/ridge-her2st@main")
+    """
+    path = Path(ref)
+    if path.exists():
+        return path
+    hub = parse_hub_id(str(ref))
+    if hub is None:
+        raise MissingInputError(f"no model at {ref}: give a model folder written by fit-head, or a Hugging Face "
+                                "model id (org/name or org/name@revision)")
+    try:
+        return locate_hub_model(*hub, online=hub_reachable())
+    except WeightsError as exc:   # the id may also be a mistyped local folder: say both
+        raise type(exc)(f"there is no folder {ref} here, so it was taken as a Hugging Face id: {exc}") from None
+
+
+def model_facts(model_ref, model) -> dict:
+    """What every output says about the model: its id (the hub id, or the folder) and the units of
+    its predictions."""
+    units = (getattr(model, "extra", None) or {}).get("units") or (getattr(model, "info", None) or {}).get("units")
+    return {"model_id": str(model_ref), "units": units or UNKNOWN_UNITS}
 
 
 def model_kind(model_dir: Path) -> str | None:
@@ -107,11 +141,12 @@ def predict_with_uncertainty(model, dataset, *, interval: float | None = DEFAULT
 
 def predict(model_path, data, *, out=None, fmt: str | None = None, cache_dir=DEFAULT_CACHE_DIR,
             template=None, progress: bool = True, interval: float | None = DEFAULT_INTERVAL, clip: bool = True,
-            **embed_options) -> dict:
+            trust_pickle: bool = False, **embed_options) -> dict:
     """Embed ``data`` with exactly the model's backbones, predict, write CSV (or .h5ad).
     Predictions are clipped to the training range unless ``clip`` is False. The uncertainty
     (``std``, and ``lower``/``upper`` at coverage ``interval``) goes into .h5ad layers only; a CSV
-    holds the predictions alone.
+    holds the predictions alone. ``model_path``: a folder or a Hugging Face id (``resolve_model``);
+    ``trust_pickle``: also load an old pickled model (runs the code in it).
 
     Example::
 
@@ -123,10 +158,10 @@ def predict(model_path, data, *, out=None, fmt: str | None = None, cache_dir=DEF
     check_output_file("--out", out)
     check_embed_options(**embed_options)
     interval = check_interval(interval)
-    check_model_path(model_path)
-    model_dir = Path(model_path) if Path(model_path).is_dir() else Path(model_path).parent
+    local = resolve_model(model_path)
+    model_dir = local if local.is_dir() else local.parent
     dataset = open_dataset(data, template=template)
-    model = load_predictor(model_path)
+    model = load_predictor(local, trust_pickle=trust_pickle)
     check_model_interval(model, interval)
     frame, layers, config, cache_files = predict_with_uncertainty(model, dataset, interval=interval, clip=clip,
                                                                   cache_dir=cache_dir, progress=progress,
@@ -136,12 +171,13 @@ def predict(model_path, data, *, out=None, fmt: str | None = None, cache_dir=DEF
         check_genes_match(list(frame.columns), dataset.template_genes, f"model {model_path}", "the submission template")
         frame = frame[dataset.template_genes]
         layers = {name: layer[dataset.template_genes] for name, layer in layers.items()}
-    if out is None:
-        out = model_dir / "predictions" / f"{dataset.name}.{fmt or 'csv'}"
+    if out is None:   # beside a local model; a hub id (the model lives in the hub cache): ./predictions/<id>/
+        folder = model_dir / "predictions" if Path(model_path).exists() else Path("predictions") / safe_name(str(model_path))
+        out = folder / f"{dataset.name}.{fmt or 'csv'}"
     out = Path(out)
     fmt = fmt or ("h5ad" if out.suffix.lower() == ".h5ad" else "csv")
     if fmt == "h5ad":
-        provenance = {"model": str(model_path), "config": config, "feature_meta": meta,
+        provenance = {"model": str(model_path), **model_facts(model_path, model), "config": config, "feature_meta": meta,
                       "dataset": str(dataset.source), "dataset_fingerprint": dataset.fingerprint(),
                       "cache_files": cache_files}
         write_anndata(out, frame, dataset.coords, None if dataset.groups is None else dataset.groups.to_numpy(), provenance,

@@ -25,7 +25,7 @@ from hexpr.workflow.options import POSITIVE, SHARE, WHOLE_NON_NEGATIVE, check_op
 from hexpr.workflow.outputs.gene_sets import SCORE_METHOD, read_gene_sets, score_gene_sets
 from hexpr.workflow.outputs.slide_maps import SlideMap, parse_geojson_genes, parse_outputs, write_slide_outputs
 from hexpr.workflow.outputs.viewer import write_run_index
-from hexpr.workflow.prediction import load_predictor, predict_with_uncertainty, predictor_meta
+from hexpr.workflow.prediction import load_predictor, model_facts, predict_with_uncertainty, predictor_meta
 
 DEFAULT_TILE_UM = 112.0          # HEST's patch: 224 px at 0.5 µm/px
 DEFAULT_TILE_UM_PER_PX = 0.5
@@ -164,7 +164,7 @@ def predict_slide(model_path, slides, out_dir, *, um_per_px: float | None = None
                   n_heatmap_genes: int = DEFAULT_HEATMAP_GENES, cache_dir=DEFAULT_CACHE_DIR, overwrite: bool = False,
                   progress: bool = True, outputs: str | list[str] | None = None, geojson_genes: str | int | None = None,
                   gene_sets=None, interval: float | None = DEFAULT_INTERVAL, clip: bool = True,
-                  resolution_um: float | None = None, **embed_options) -> dict:
+                  resolution_um: float | None = None, trust_pickle: bool = False, **embed_options) -> dict:
     """Whole slides in, expression maps out: tissue tiles embedded and predicted with a fitted head
     or a fine-tuned model (see ``load_predictor``).
 
@@ -185,7 +185,8 @@ def predict_slide(model_path, slides, out_dir, *, um_per_px: float | None = None
     Tiles are the model's training patch (for a model fitted on bags: its sub-tile). ``resolution_um``
     (a whole multiple of that size) writes cells of that side instead, each the mean of the predictions
     of its sub-tiles (heads.bags.aggregate: exactly the region prediction for linear heads).
-    An existing slide folder needs ``overwrite``.
+    An existing slide folder needs ``overwrite``. ``model_path``: a folder or a Hugging Face id
+    (``org/name[@revision]``); ``trust_pickle``: also load an old pickled model (runs the code in it).
     Example::
 
         >>> report = hexpr.predict_slide("cache/models/ridge_resnet18", ["slide.svs"], "maps",
@@ -201,7 +202,7 @@ def predict_slide(model_path, slides, out_dir, *, um_per_px: float | None = None
     check_embed_options(**embed_options)
     interval = check_interval(interval)
     writing = {"outputs": parse_outputs(outputs), "n_geojson_genes": parse_geojson_genes(geojson_genes)}
-    fitted = load_predictor(model_path)
+    fitted = load_predictor(model_path, trust_pickle=trust_pickle)
     check_model_interval(fitted, interval)
     writing["gene_sets"] = read_gene_sets(gene_sets, fitted.genes) if gene_sets else {}
     scale = tile_scale(predictor_meta(fitted), tile_um, tile_um_per_px)
@@ -288,7 +289,7 @@ def _predict_one_slide(fitted, model_path, path: Path, final_dir: Path, scale: d
         obs = pd.DataFrame({"row": tiles.rows, "col": tiles.cols, "tissue_fraction": fraction[keep].astype(np.float32)})
         if n_subtiles is not None:
             obs["n_subtiles"] = n_subtiles.astype(np.int32)
-        provenance = {"model": str(model_path), "config": config, "feature_meta": predictor_meta(fitted),
+        provenance = {"model": str(model_path), **model_facts(model_path, fitted), "config": config, "feature_meta": predictor_meta(fitted),
                       "slide": str(Path(path).resolve()), "slide_size_px": [int(slide.width), int(slide.height)],
                       "um_per_px": slide.um_per_px, "um_per_px_source": slide.um_per_px_source,
                       "tile_um": scale["tile_um"], "tile_px_level0": tile_px, "tile_um_per_px": scale["tile_um_per_px"],

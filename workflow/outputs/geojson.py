@@ -18,8 +18,9 @@ from hexpr.embedder.files import atomic_path
 OBJECT_TYPE = "tile"
 
 
-def tile_features(predictions: pd.DataFrame, centres: np.ndarray, tile_px: float) -> dict:
-    """FeatureCollection of squares of ``tile_px`` around ``centres`` (level-0 px), one per row."""
+def tile_features(predictions: pd.DataFrame, centres: np.ndarray, tile_px: float, about: dict | None = None) -> dict:
+    """FeatureCollection of squares of ``tile_px`` around ``centres`` (level-0 px), one per row;
+    ``about`` (e.g. the model id and the units) joins every feature's properties."""
     centres = np.asarray(centres, dtype=np.float64).reshape(-1, 2)
     if len(centres) != len(predictions):
         raise ValueError(f"{len(predictions)} prediction rows for {len(centres)} tile centres")
@@ -36,15 +37,17 @@ def tile_features(predictions: pd.DataFrame, centres: np.ndarray, tile_px: float
             "properties": {
                 "objectType": OBJECT_TYPE,
                 "name": tile_id,
+                **(about or {}),
                 "measurements": {g: float(f"{v:.6g}") for g, v in zip(genes, values[i])},
             },
         })
     return {"type": "FeatureCollection", "features": features}
 
 
-def write_tile_geojson(path: str | Path, predictions: pd.DataFrame, centres: np.ndarray, tile_px: float) -> Path:
+def write_tile_geojson(path: str | Path, predictions: pd.DataFrame, centres: np.ndarray, tile_px: float,
+                       about: dict | None = None) -> Path:
     """Write :func:`tile_features` atomically to ``path``."""
-    collection = tile_features(predictions, centres, tile_px)
+    collection = tile_features(predictions, centres, tile_px, about)
     with atomic_path(path) as tmp:
         with open(tmp, "w") as f:
             json.dump(collection, f, separators=(",", ":"))

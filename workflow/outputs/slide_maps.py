@@ -64,7 +64,8 @@ def _write_h5ad(m: SlideMap, folder: Path) -> dict[str, str]:
 def _write_geojson(m: SlideMap, folder: Path) -> dict[str, str]:
     genes = m.predictions if m.geojson_genes is None else m.predictions[m.geojson_genes]
     measurements = pd.concat([genes, m.scores.set_axis(genes.index)], axis=1) if m.scores.shape[1] else genes
-    write_tile_geojson(folder / "tiles.geojson", measurements, m.centres, m.tile_px)
+    about = {key: m.provenance[key] for key in ("model_id", "units") if key in m.provenance}
+    write_tile_geojson(folder / "tiles.geojson", measurements, m.centres, m.tile_px, about)
     return {"geojson": "tiles.geojson"}
 
 
