@@ -159,3 +159,20 @@ def test_the_embedding_progress_bar_keeps_its_numbers_at_80_columns():
         console.print(bar.make_tasks_table(bar.tasks))
         line = console.file.getvalue().rstrip("\n")
         assert len(line) <= width and "120/600" in line and "7.7 img/s" in line and "ETA" in line, line
+
+
+def test_changelog_starts_at_the_installed_version():
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "CHANGELOG.md").read_text()
+    releases = [line.split("]")[0].removeprefix("## [") for line in text.splitlines() if line.startswith("## [")]
+    assert releases[0] == "Unreleased" and releases[1] == hexpr.__version__
+
+
+def test_import_of_an_unknown_layout_names_the_kind_option(tmp_path):
+    (tmp_path / "raw").mkdir()
+    (tmp_path / "raw" / "notes.txt").write_text("not a dataset\n")
+    r = run("import", tmp_path / "raw", "--out", tmp_path / "out", "--quiet")
+    assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1, r.output
+    assert "--kind legacy_st | visium | hest" in r.output and "kind=..." not in r.output.split("(kind=")[0]
+    assert not (tmp_path / "out").exists()
