@@ -60,7 +60,7 @@ def test_version_is_the_installed_package_version():
 
 
 def test_backbones_in_a_pipe_are_tab_separated_rows_grep_finds():
-    done = subprocess.run([sys.executable, "-m", "hexpr", "backbones"], capture_output=True, text=True, timeout=60,
+    done = subprocess.run([sys.executable, "-m", "hexpr", "backbones"], capture_output=True, text=True, timeout=300,
                           env={"COLUMNS": "80", "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
     assert done.returncode == 0, done.stderr
     rows = [line.split("\t") for line in done.stdout.splitlines() if not line.startswith("#")]
@@ -116,7 +116,7 @@ def test_mistyped_paths_and_options_are_reported_before_heavy_libraries_load(tmp
              "except SystemExit as exc:\n    heavy = sorted(m for m in ('torch', 'sklearn', 'pandas', 'timm', 'h5py') if m in sys.modules)\n"
              "    print('EXIT', exc.code, 'HEAVY', ','.join(heavy) or '-', file=sys.stderr)\n")
     done = subprocess.run([sys.executable, "-c", probe, *[a.replace("{w}", str(tmp_path)) for a in args]],
-                          capture_output=True, text=True, timeout=120, cwd=tmp_path, env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"})
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path, env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"})
     lines = done.stderr.strip().splitlines()
     assert lines[-1] == "EXIT 2 HEAVY -", done.stderr
     assert len(lines) == 2 and lines[0].startswith(says), done.stderr
