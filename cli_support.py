@@ -213,7 +213,8 @@ def usage_message(exc: UsageError) -> str:
     hint = str(hint).strip("'\"").removesuffix("...") if hint else ""
     kind = type(exc).__name__
     text = _choices_text(exc.message)
-    text = text[:1].lower() + text[1:]
+    if text[:1].isupper() and text[1:2].islower():     # "No such option" -> "no such option"; "CUDA ..." stays
+        text = text[:1].lower() + text[1:]
     if kind == "MissingParameter":
         text = f"missing {'option' if hint.startswith('-') else 'argument'} {hint}"
     elif hint:
