@@ -157,7 +157,7 @@ _SCALARS = {"path": "PATH", "str": "TEXT", "float": "FLOAT", "int": "INTEGER", "
 def _metavar(param) -> str | None:
     """Upper-case metavar: arguments by name (DATA), options by type (PATH, FLOAT, [pca|tsne])."""
     if param.param_type_name == "argument":
-        return param.name.upper()
+        return param.name.upper() + ("..." if param.nargs != 1 else "")
     if getattr(param, "is_flag", False) or getattr(param, "count", False):
         return None
     descriptor = getattr(param, "type_descriptor", None)
@@ -179,12 +179,14 @@ class HexprCommand(TyperCommand):
         for param in self.params:
             if param.metavar is None:
                 param.metavar = _metavar(param)
+            if param.param_type_name == "argument":      # help lists "SLIDES...", not "SLIDES <list[Path]>"
+                param.display_type_rich = lambda ctx=None: None
 
     def collect_usage_pieces(self, ctx) -> list[str]:
         pieces = [self.options_metavar] if self.options_metavar else []
         for param in self.get_params(ctx):
             if param.param_type_name == "argument":
-                name = (param.metavar or param.name.upper()) + ("..." if param.nargs != 1 else "")
+                name = param.metavar or param.name.upper()
                 pieces.append(name if param.required else f"[{name}]")
         return pieces
 
@@ -208,10 +210,11 @@ def usage_message(exc: UsageError) -> str:
         hint = opts[0] if opts and param.param_type_name == "option" else (param.metavar or param.name or "").upper()
     if isinstance(hint, (list, tuple)):
         hint = " / ".join(hint)
-    hint = str(hint).strip("'\"") if hint else ""
+    hint = str(hint).strip("'\"").removesuffix("...") if hint else ""
     kind = type(exc).__name__
     text = _choices_text(exc.message)
-    text = text[:1].lower() + text[1:]
+    if text[:1].isupper() and text[1:2].islower():     # "No such option" -> "no such option"; "CUDA ..." stays
+        text = text[:1].lower() + text[1:]
     if kind == "MissingParameter":
         text = f"missing {'option' if hint.startswith('-') else 'argument'} {hint}"
     elif hint:

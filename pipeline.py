@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Annotated, Literal, Optional
 
 import typer
-from rich.markup import escape
+from rich.markup import escape  # noqa: F401 (for commands that print rich markup)
 from rich.table import Table
 
 from hexpr import workflow

@@ -37,7 +37,7 @@ import torch
 
 from hexpr.embedder.backbones import BackboneSpec
 from hexpr.embedder.errors import DataError
-from hexpr.embedder.files import atomic_path, atomic_write
+from hexpr.embedder.files import atomic_path, atomic_write, hexpr_version
 
 CACHE_FORMAT_VERSION = 1
 DEFAULT_CACHE_DIR = Path("cache")
@@ -61,7 +61,8 @@ def cache_key(dataset_fingerprint: str, spec: BackboneSpec, tta: bool, precision
 
 def library_versions() -> dict:
     # timm's version without importing it (backbones.py imports timm only when a model is built)
-    return {"torch": torch.__version__, "timm": version("timm"), "h5py": h5py.__version__, "numpy": np.__version__}
+    return {"hexpr": hexpr_version(), "torch": torch.__version__, "timm": version("timm"), "h5py": h5py.__version__,
+            "numpy": np.__version__}
 
 
 def _atomic_save_npy(path: Path, array: np.ndarray) -> None:

@@ -106,8 +106,21 @@ def json_ready(obj):
     return obj
 
 
+def hexpr_version() -> str:
+    """The installed hexpr's version ("0+unknown" for a source tree that was not installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("hexpr")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
 def write_json(path: str | Path, obj) -> Path:
-    """Pretty, strict JSON (NaN/inf as null) written atomically; the one JSON writer of hexpr."""
+    """Pretty, strict JSON (NaN/inf as null) written atomically; the one JSON writer of hexpr. A JSON
+    object records the hexpr version that wrote it (``hexpr_version``, first) unless it already does."""
+    if isinstance(obj, Mapping) and "hexpr_version" not in obj:
+        obj = {"hexpr_version": hexpr_version(), **obj}
     text = json.dumps(json_ready(obj), indent=2, default=str, allow_nan=False) + "\n"
     return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 

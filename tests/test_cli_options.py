@@ -1,5 +1,6 @@
 """Every command's options, tried as a newcomer would: a bad value fails before any work with one
 `Error:` line (a usage mistake, such as a bad choice, reads alike), exit code 2, no traceback and nothing written."""
+import re
 import typing
 from pathlib import Path
 
@@ -173,7 +174,7 @@ def test_every_option_of_every_command_has_help():
 def test_help_reads_whole(name, monkeypatch):
     monkeypatch.setenv("COLUMNS", "80")
     r = run(name, "--help")
-    text = "\n".join(line for line in r.output.splitlines() if "Usage:" not in line and "..." + " " * 6 not in line)
+    text = re.sub(r"\b[A-Z_]+\.\.\.", "", r.output)     # argument names that take several values: SLIDES...
     assert r.exit_code == 0 and "…" not in text and "..." not in text, r.output
     if "--backbone" in r.output:  # the whole -b spec syntax
         text = " ".join(r.output.split())

@@ -60,7 +60,7 @@ def test_version_is_the_installed_package_version():
 
 
 def test_backbones_in_a_pipe_are_tab_separated_rows_grep_finds():
-    done = subprocess.run([sys.executable, "-m", "hexpr", "backbones"], capture_output=True, text=True, timeout=60,
+    done = subprocess.run([sys.executable, "-m", "hexpr", "backbones"], capture_output=True, text=True, timeout=300,
                           env={"COLUMNS": "80", "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
     assert done.returncode == 0, done.stderr
     rows = [line.split("\t") for line in done.stdout.splitlines() if not line.startswith("#")]
@@ -116,7 +116,7 @@ def test_mistyped_paths_and_options_are_reported_before_heavy_libraries_load(tmp
              "except SystemExit as exc:\n    heavy = sorted(m for m in ('torch', 'sklearn', 'pandas', 'timm', 'h5py') if m in sys.modules)\n"
              "    print('EXIT', exc.code, 'HEAVY', ','.join(heavy) or '-', file=sys.stderr)\n")
     done = subprocess.run([sys.executable, "-c", probe, *[a.replace("{w}", str(tmp_path)) for a in args]],
-                          capture_output=True, text=True, timeout=120, cwd=tmp_path, env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"})
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path, env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"})
     lines = done.stderr.strip().splitlines()
     assert lines[-1] == "EXIT 2 HEAVY -", done.stderr
     assert len(lines) == 2 and lines[0].startswith(says), done.stderr
@@ -159,3 +159,20 @@ def test_the_embedding_progress_bar_keeps_its_numbers_at_80_columns():
         console.print(bar.make_tasks_table(bar.tasks))
         line = console.file.getvalue().rstrip("\n")
         assert len(line) <= width and "120/600" in line and "7.7 img/s" in line and "ETA" in line, line
+
+
+def test_changelog_starts_at_the_installed_version():
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "CHANGELOG.md").read_text()
+    releases = [line.split("]")[0].removeprefix("## [") for line in text.splitlines() if line.startswith("## [")]
+    assert releases[0] == "Unreleased" and releases[1] == hexpr.__version__
+
+
+def test_import_of_an_unknown_layout_names_the_kind_option(tmp_path):
+    (tmp_path / "raw").mkdir()
+    (tmp_path / "raw" / "notes.txt").write_text("not a dataset\n")
+    r = run("import", tmp_path / "raw", "--out", tmp_path / "out", "--quiet")
+    assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1, r.output
+    assert "--kind legacy_st | visium | hest" in r.output and "kind=..." not in r.output.split("(kind=")[0]
+    assert not (tmp_path / "out").exists()

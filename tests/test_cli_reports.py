@@ -113,3 +113,28 @@ def test_predict_given_a_slide_image_points_to_predict_slide(fitted, tmp_path):
     r = run("predict", root / "model", tmp_path / "slide.png", "--cache-dir", root / "cache", "--quiet")
     assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1, r.output
     assert f"hexpr predict-slide MODEL {tmp_path / 'slide.png'}" in r.output
+
+
+def test_every_output_records_the_hexpr_version(fitted, tmp_path):
+    import anndata
+    import hexpr
+
+    root, train, _, _ = fitted
+    version = hexpr.__version__
+    assert run("--version").stdout.strip() == f"hexpr {version}"
+    for name in ("model.json", "cv_report.json"):
+        assert json.loads((root / "model" / name).read_text())["hexpr_version"] == version
+    assert run("predict", root / "model", train, "--out", tmp_path / "p.h5ad", "--cache-dir", root / "cache",
+               "--quiet").exit_code == 0
+    assert anndata.read_h5ad(tmp_path / "p.h5ad").uns["hexpr"]["hexpr_version"] == version
+    assert run("evaluate", tmp_path / "p.h5ad", train, "--out-dir", tmp_path / "scores").exit_code == 0
+    assert json.loads((tmp_path / "scores" / "p.scores.json").read_text())["hexpr_version"] == version
+    Image.fromarray(synthetic_slide()).save(tmp_path / "slide.png")
+    r = run("predict-slide", root / "model", tmp_path / "slide.png", "--um-per-px", "0.5", "--cache-dir", root / "cache",
+            "--tile-um", "100", "--tile-um-per-px", "2", "--out", tmp_path / "maps", "--quiet")
+    assert r.exit_code == 0, r.output
+    out = tmp_path / "maps" / "slide"
+    assert anndata.read_h5ad(out / "predictions.h5ad").uns["hexpr"]["hexpr_version"] == version
+    assert json.loads((out / "tiles.geojson").read_text())["hexpr_version"] == version
+    heatmap = next(out.glob("heatmap_*.png"))
+    assert Image.open(heatmap).text["Software"] == f"hexpr {version}"

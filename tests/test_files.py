@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from hexpr.embedder.errors import DataError, OutputExistsError
-from hexpr.embedder.files import atomic_dir, atomic_path, atomic_write, read_config, write_json
+import hexpr
+from hexpr.embedder.files import atomic_dir, atomic_path, atomic_write, hexpr_version, read_config, write_json
 
 
 def _listing(folder):
@@ -66,7 +67,10 @@ def test_write_json_writes_nan_and_inf_as_null_and_numpy_as_plain_values(tmp_pat
                                             "n": np.int64(3), "pair": (1, 2), 4: "int key"})
     text = path.read_text()
     assert "NaN" not in text and "Infinity" not in text
-    assert json.loads(text) == {"score": None, "inf": None, "arr": [1.5, None], "n": 3, "pair": [1, 2], "4": "int key"}
+    assert json.loads(text) == {"hexpr_version": hexpr_version(), "score": None, "inf": None, "arr": [1.5, None], "n": 3,
+                                "pair": [1, 2], "4": "int key"}
+    assert list(json.loads(text))[0] == "hexpr_version" and hexpr_version() == hexpr.__version__   # each JSON records it
+    assert json.loads(write_json(tmp_path / "l.json", [1, 2]).read_text()) == [1, 2]           # (a list stays a list)
 
 
 def test_read_config_reads_json_and_yaml_by_suffix(tmp_path):

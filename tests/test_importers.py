@@ -308,7 +308,7 @@ def test_two_samples_share_genes_and_nothing_half_written(tmp_path):
     a = make_visium(tmp_path / "A", genes=[f"G{i}" for i in range(30)] + ["MARK", "ONLYA"])
     b = make_visium(tmp_path / "B", genes=["ONLYB"] + [f"G{i}" for i in range(29, -1, -1)] + ["MARK"], seed=2)
     out = tmp_path / "o"
-    with pytest.warns(ImporterWarning, match="gene intersection"):
+    with pytest.warns(ImporterWarning, match=r"gene intersection .*\(dropped per sample: A 1, B 1\)$"):  # not a dict
         s = import_dataset([a["root"], b["root"]], out, target_um_per_px=1.0, progress=False)
     assert s["n_genes"] == 31 and s["n_genes_dropped"] == 2
     va, vb = _read_out(out, "A")[-1].var_names, _read_out(out, "B")[-1].var_names

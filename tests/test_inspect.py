@@ -10,6 +10,7 @@ import pytest
 from conftest import write_challenge_dataset
 from test_plots import assert_png
 
+import hexpr
 from hexpr.workflow.explore import heatmap_layout, inspect_dataset, log1p_cp10k, robust_z, summarize, value_kind
 from hexpr.workflow.outputs.plots import figure_pixels
 
@@ -112,6 +113,7 @@ def test_inspect_dataset_table_with_coords(tmp_path):
     assert_png(f["spot_qc"], figure_pixels(13.0, 5.0))
     assert_png(f["spatial_qc"], figure_pixels(3 * 4.6, 4.3 + 0.5))        # one panel per group
     on_disk = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert on_disk.pop("hexpr_version") == hexpr.__version__        # every JSON output records the version
     assert on_disk["n_spots"] == 90 and on_disk["outlier_spots"]["n"] == 3
     assert on_disk["embedding"]["method"] == "pca" and on_disk == json.loads(json.dumps(res["summary"]))
     assert res["notes"] == []

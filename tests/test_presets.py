@@ -262,12 +262,11 @@ def test_backbones_command_lists_every_preset_and_finds_local_weights(tmp_path, 
     monkeypatch.setenv("HF_HOME", str(tmp_path))
     monkeypatch.delenv("HF_HUB_CACHE", raising=False)
     runner = CliRunner()
-    listed = runner.invoke(app, ["backbones"], env={"COLUMNS": "250"})
+    listed = runner.invoke(app, ["backbones"])          # (CliRunner's stdout is a pipe: tab-separated rows)
     assert listed.exit_code == 0, listed.output
-    for preset in PRESETS:
-        assert preset.name in listed.output
-    local = runner.invoke(app, ["backbones", "--local"], env={"COLUMNS": "250"})
+    rows = [line.split("\t") for line in listed.stdout.splitlines()[2:]]
+    assert [r[0] for r in rows] == [preset.name for preset in PRESETS]
+    local = runner.invoke(app, ["backbones", "--local"])
     assert local.exit_code == 0, local.output
-    names = [line.split("│")[1].strip() for line in local.output.splitlines() if line.startswith("│")]
-    assert names == ["uni"]
-    assert str(snap / "pytorch_model.bin") in local.output.replace("\n", "")
+    rows = [line.split("\t") for line in local.stdout.splitlines()[2:]]
+    assert [r[0] for r in rows] == ["uni"] and rows[0][-1] == str(snap / "pytorch_model.bin")

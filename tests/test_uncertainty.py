@@ -214,6 +214,8 @@ def test_raw_flag_gives_unclipped_values_default_is_clipped(bagged_cli_model):
 @pytest.mark.parametrize("level", ["0", "1", "1.5"])
 def test_bad_interval_is_one_error_line_before_any_work(tmp_path, command, level):
     out = tmp_path / ("pred.h5ad" if command == "predict" else "maps")
+    (tmp_path / "no-model").mkdir()              # paths that exist (a missing one is reported first, by typer)
+    (tmp_path / "no-data").write_text("")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         r = runner.invoke(app, [command, str(tmp_path / "no-model"), str(tmp_path / "no-data"), "--out", str(out),

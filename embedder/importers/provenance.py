@@ -3,23 +3,16 @@
 from __future__ import annotations
 
 import datetime as _dt
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from hexpr.embedder.files import hexpr_version
 from hexpr.embedder.slides import WHITE
 
 from .options import ImportSettings
 from .sample import SampleData
-
-
-def hexpr_version() -> str:
-    try:
-        return version("hexpr")
-    except PackageNotFoundError:
-        return "0+unknown"
 
 
 def anndata_safe(obj: Any) -> Any:

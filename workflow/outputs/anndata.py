@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from hexpr.embedder.files import atomic_path
+from hexpr.embedder.files import atomic_path, hexpr_version
 
 
 def _h5ad_safe(value):
@@ -24,8 +24,9 @@ def _h5ad_safe(value):
 
 
 def provenance_uns(provenance: dict) -> dict:
-    """``provenance`` as AnnData can store it in ``uns`` (JSON types, no None, no mixed lists)."""
-    return _h5ad_safe(json.loads(json.dumps(provenance, default=str)))
+    """``provenance`` as AnnData can store it in ``uns`` (JSON types, no None, no mixed lists), with the
+    hexpr version that wrote it (``hexpr_version``)."""
+    return _h5ad_safe(json.loads(json.dumps({"hexpr_version": hexpr_version(), **provenance}, default=str)))
 
 
 def write_anndata(path, predictions: pd.DataFrame, coords, groups, provenance: dict,

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from hexpr.embedder.files import atomic_path
+from hexpr.embedder.files import atomic_path, hexpr_version
 
 OBJECT_TYPE = "tile"
 
@@ -47,7 +47,7 @@ def tile_features(predictions: pd.DataFrame, centres: np.ndarray, tile_px: float
 def write_tile_geojson(path: str | Path, predictions: pd.DataFrame, centres: np.ndarray, tile_px: float,
                        about: dict | None = None) -> Path:
     """Write :func:`tile_features` atomically to ``path``."""
-    collection = tile_features(predictions, centres, tile_px, about)
+    collection = {**tile_features(predictions, centres, tile_px, about), "hexpr_version": hexpr_version()}  # a foreign member
     with atomic_path(path) as tmp:
         with open(tmp, "w") as f:
             json.dump(collection, f, separators=(",", ":"))

@@ -30,7 +30,7 @@ import pandas as pd
 
 from hexpr.embedder.datasets import TARGET_UNITS, open_dataset
 from hexpr.embedder.errors import DataError, MissingInputError
-from hexpr.embedder.files import atomic_write
+from hexpr.embedder.files import atomic_write, hexpr_version
 from hexpr.embedder.gene_names import unknown_gene_message
 from hexpr.heads.metrics import N_TOP_DEFAULT, pearson_per_gene
 from hexpr.workflow.expression_tables import EvaluationError, align, evaluate_tables, read_expression_table
@@ -60,7 +60,8 @@ def _figure(width_in: float, height_in: float, dpi: int = DPI):
 
 def save_png(fig, out_png: str | Path) -> Path:
     """Render ``fig`` to ``out_png`` atomically (temporary file beside it, then rename)."""
-    return atomic_write(out_png, lambda tmp: fig.savefig(tmp, format="png", dpi=fig.dpi))
+    metadata = {"Software": f"hexpr {hexpr_version()}"}     # PNG text chunk: which hexpr drew it
+    return atomic_write(out_png, lambda tmp: fig.savefig(tmp, format="png", dpi=fig.dpi, metadata=metadata))
 
 
 def figure_pixels(width_in: float, height_in: float, dpi: int = DPI) -> tuple[int, int]:
