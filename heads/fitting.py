@@ -378,6 +378,6 @@ def _fit_into(work: Path, X, Y, gene_names, *, head, params, transform, folds, g
     write_json(work / MODEL_INFO_FILE, {"format_version": FORMAT_VERSION, "config": config,
                                         "n_features": X_chosen.shape[1], "feature_meta": meta, "genes": genes,
                                         "cv": cv.report["model"], "subtile_um": subtile_um,
-                                        "bags": extra.get(BAGS_KEY)})
+                                        "bags": model_extra.get(BAGS_KEY)})
     write_json(work / REPORT_FILE, report)
     return report
