@@ -290,7 +290,7 @@ def test_typing_a_gene_recolours_tiles_with_the_h5ad_value(viewer_run, browser):
         width = adata.layers["upper"][:, other] - adata.layers["lower"][:, other]
         np.testing.assert_allclose(page.pixel(xy), viridis(width[tile], width.min(), width.max()), atol=6)
         page.page.select_option("#mode", "score")
-        page.page.wait_for_function("hexprViewer.scores !== null")
+        page.page.wait_for_function("document.getElementById('legend-title').textContent.startsWith('gene set')")
         score = adata.obs["score_prog"].to_numpy(float)
         np.testing.assert_allclose(page.pixel(xy), viridis(score[tile], score.min(), score.max()), atol=4)
         assert page.errors == []
@@ -340,6 +340,10 @@ def test_zooming_in_fetches_finer_pyramid_levels(viewer_run, browser):
         page.page.evaluate("""([x, y]) => { const v = hexprViewer.viewer, item = v.world.getItemAt(0);
             v.viewport.zoomTo(v.viewport.getMaxZoom(), null, true);
             v.viewport.panTo(item.imageToViewportCoordinates(x, y), true); }""", [float(cx), float(cy)])
+        for _ in range(150):                                      # OpenSeadragon asks for tiles on its next frames
+            if max(page.pyramid_levels()) == top:
+                break
+            page.page.wait_for_timeout(200)
         page.wait_drawn()
         assert max(page.pyramid_levels()) == top                  # the slide's own pixels
         assert page.errors == []

@@ -27,7 +27,7 @@ from PIL import Image
 from hexpr.embedder.slides import SlideImage, open_image
 
 TILE = 256                 # Deep Zoom tile side (no overlap)
-BLOCK_STEPS = 4            # fine levels cut from one block read: level-0 block = TILE * 2**4 = 4,096 px
+BLOCK_STEPS = 2            # fine levels cut from one block read: level-0 block = TILE * 2**2 = 1,024 px
 JPEG_QUALITY = 80
 PYRAMID_WORKERS = 4        # processes cutting fine blocks of a large slide (at most one per CPU)
 MIN_BLOCKS_PER_WORKER = 8  # fewer blocks than this per process: cut in this process

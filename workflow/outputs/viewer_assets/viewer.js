@@ -204,7 +204,11 @@
   function showInfo(t) {
     S.info = t;
     var d = S.data, box = $("info");
-    if (t < 0) { box.textContent = "Hover or click a tile."; box.dataset.tile = ""; return; }
+    if (t < 0) {
+      box.textContent = "Hover or click a tile."; box.dataset.tile = "";
+      if (S.frame) S.frame.hidden = true;
+      return;
+    }
     var cell = S.cells[t], r = Math.floor(cell / d.n_cols), c = cell % d.n_cols;
     var cx = c * d.stride_px + d.tile_px / 2, cy = r * d.stride_px + d.tile_px / 2;
     var lines = ["tile row " + r + ", col " + c];
@@ -225,6 +229,20 @@
     }
     box.textContent = lines.join("\n");
     box.dataset.tile = String(t);
+    outline(cx, cy, d.tile_px);
+  }
+  function outline(cx, cy, side) {          // a frame around the tile under the pointer
+    var item = S.viewer.world.getItemAt(0), k = S.imageScale;
+    if (!item) return;
+    var rect = item.imageToViewportRectangle((cx - side / 2) * k, (cy - side / 2) * k, side * k, side * k);
+    if (!S.frame) {
+      S.frame = document.createElement("div");
+      S.frame.className = "hexpr-frame";
+      S.viewer.addOverlay({element: S.frame, location: rect});
+    } else {
+      S.viewer.updateOverlay(S.frame, rect);
+    }
+    S.frame.hidden = false;
   }
   function pointOf(ev) {
     var r = S.viewer.container.getBoundingClientRect();
