@@ -69,7 +69,13 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=None)
     parser.add_argument("--smoke", action="store_true", help="tiny MLPs, 60 genes, 2 seeds: checks the script; numbers mean nothing")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "context_her2st.json")
+    parser.add_argument("--table-only", action="store_true", help="the table and JSON from the sections a run finished")
     args = parser.parse_args()
+    rows_path = args.out.with_suffix(".rows.json")   # finished sections, kept so that a rerun continues
+    if args.table_only:
+        saved = json.loads(rows_path.read_text())
+        write_table(args, saved["results"], saved["chosen"], {}, None)
+        return
     warnings.simplefilter("ignore")
     mlp_params = {}
     if args.smoke:
@@ -94,7 +100,6 @@ def main() -> None:
         print(f"embedded {prefix or 'plain '}({embed_seconds[prefix.strip() or 'plain']} s, cached afterwards); "
               f"context squares padded at the image edge: {padded}", flush=True)
 
-    rows_path = args.out.with_suffix(".rows.json")   # finished sections, kept so that a rerun continues
     saved = json.loads(rows_path.read_text()) if rows_path.is_file() and not args.smoke else {"results": [], "chosen": {}}
     results, chosen = saved["results"], saved["chosen"]
     for held_out in sections:
