@@ -293,3 +293,13 @@ def test_context_with_tta_neighbours_bagging_and_intervals(sections, tmp_path):
     predicted = ad.read_h5ad(result["out"])
     assert {"std", "lower", "upper"} <= set(predicted.layers)
     assert (predicted.layers["lower"] <= predicted.X + 1e-6).all() and (predicted.X <= predicted.layers["upper"] + 1e-6).all()
+
+
+def test_finetune_refuses_a_head_fitted_with_context(sections, tmp_path):
+    from hexpr.heads.finetune import FinetuneError, _load_head_init
+
+    out = tmp_path / "mlp"
+    workflow.fit_head(sections["data"], _spec(), head="mlp", params={"epochs": 2, "hidden": [8]}, folds=2, context_um="300",
+                      out_dir=out, cache_dir=sections["cache"], **EMBED)
+    with pytest.raises(FinetuneError, match="context scales .*300 µm.*without --context-um"):
+        _load_head_init(out, _spec())
