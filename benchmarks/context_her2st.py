@@ -39,6 +39,7 @@ from hexpr.embedder.features import FeatureSet, add_neighbour_context, ensure_fe
 from hexpr.heads.base import make_head
 from hexpr.heads.fitting import fit_head, load_model
 from hexpr.heads.metrics import challenge_score, pearson_per_gene, top_genes
+from hexpr.heads.sweep import auto_candidates
 
 N_TOP = 50
 SCALES = (336.0, 672.0)
@@ -66,10 +67,18 @@ def main() -> None:
     parser.add_argument("--tta", action="store_true", help="also the rows on TTA features (8 views per square)")
     parser.add_argument("--no-auto", action="store_true", help="skip the auto rows")
     parser.add_argument("--auto-only", action="store_true", help="only the auto rows (e.g. a second run with another --out)")
+    parser.add_argument("--auto-heads", default="ridge,mlp", help="the candidate heads auto scores (ridge alone: "
+                        "auto's choice of feature set, in seconds instead of hours on 2 shared cores)")
     parser.add_argument("--work", type=Path, default=None)
     parser.add_argument("--smoke", action="store_true", help="tiny MLPs, 60 genes, 2 seeds: checks the script; numbers mean nothing")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "context_her2st.json")
+    parser.add_argument("--table-only", action="store_true", help="the table and JSON from the sections a run finished")
     args = parser.parse_args()
+    rows_path = args.out.with_suffix(".rows.json")   # finished sections, kept so that a rerun continues
+    if args.table_only:
+        saved = json.loads(rows_path.read_text())
+        write_table(args, saved["results"], saved["chosen"], {}, None)
+        return
     warnings.simplefilter("ignore")
     mlp_params = {}
     if args.smoke:
@@ -94,7 +103,6 @@ def main() -> None:
         print(f"embedded {prefix or 'plain '}({embed_seconds[prefix.strip() or 'plain']} s, cached afterwards); "
               f"context squares padded at the image edge: {padded}", flush=True)
 
-    rows_path = args.out.with_suffix(".rows.json")   # finished sections, kept so that a rerun continues
     saved = json.loads(rows_path.read_text()) if rows_path.is_file() and not args.smoke else {"results": [], "chosen": {}}
     results, chosen = saved["results"], saved["chosen"]
     for held_out in sections:
@@ -122,11 +130,15 @@ def main() -> None:
                 continue
             names = {prefix + "112": "plain", f"{prefix}112+k{k}": f"k{k}", prefix + "112+336": "c336",
                      prefix + "112+336+672": "c336+672"}
-            label = f"auto{' --tta' if prefix else ''} (with context)"
+            heads = args.auto_heads.split(",")
+            label = f"auto{' --tta' if prefix else ''} (with context){'' if heads == ['ridge', 'mlp'] else ', ' + '+'.join(heads) + ' candidates'}"
+            candidates = [c for c in auto_candidates(list(names.values()), params=mlp_params or None, bag=args.seeds)
+                          if c["head"].split(":")[0] in heads or (c["head"] == "bagged" and "mlp" in heads)]
             with tempfile.TemporaryDirectory() as tmp:
                 report = fit_head({short: views[long][train] for long, short in names.items()}, y_train, [str(g) for g in panel],
                                   head="auto", folds=len(set(groups[train])), groups=groups[train], params=mlp_params or None,
-                                  bag=args.seeds, out_dir=Path(tmp) / "model", feature_meta={}, progress=False)
+                                  bag=args.seeds, out_dir=Path(tmp) / "model", feature_meta={}, progress=False,
+                                  candidates=candidates)
                 long = {v: key for key, v in names.items()}[report["features"]]
                 record(label, load_model(Path(tmp) / "model").predict(views[long][test]), chosen=report["auto"]["chosen"])
             chosen.setdefault(label, {})[held_out] = report["auto"]["chosen"]

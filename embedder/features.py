@@ -42,6 +42,9 @@ class FeatureSet:
 
     def select(self, labels: list[str]) -> "FeatureSet":
         """Only the blocks of the named backbones (by spec label or name), in the given order."""
+        if self.context_um:
+            raise CacheError("choosing backbones from features with context scales is not supported; "
+                             "fit each backbone with --context-um on its own")
         chosen = []
         for label in labels:
             match = [b for b in self.blocks if BackboneSpec.from_dict(b["spec"]).label == label or b["spec"]["name"] == label]
@@ -54,9 +57,6 @@ class FeatureSet:
             stop = start + b["stop"] - b["start"]
             blocks.append({**b, "start": start, "stop": stop})
             start = stop
-        if self.context_um:
-            raise CacheError("choosing backbones from features with context scales is not supported; "
-                             "fit each backbone with --context-um on its own")
         return FeatureSet(self.ids, np.concatenate(columns, axis=1), blocks, self.tta, self.warnings)
 
 

@@ -263,3 +263,43 @@ def test_auto_without_source_images_tries_no_context(tmp_path):
         report = workflow.fit_head(csv, _spec(), head="auto", params={"epochs": 2, "hidden": [8]}, bag=2, folds=2,
                                    out_dir=tmp_path / "auto", cache_dir=tmp_path / "cache", **EMBED)
     assert not any(c["recipe"].endswith(("c300", "c300+600")) for c in report["auto"]["candidates"])
+
+
+def test_cli_embed_table_and_predict_error_name_the_scales(sections, tmp_path):
+    r = runner.invoke(app, ["embed", str(sections["data"]), "--context-um", "300", "-b", TINY_BACKBONE, "--cache-dir",
+                            str(sections["cache"]), "--workers", "0", "--precision", "fp32", "--quiet"])
+    assert r.exit_code == 0, r.output
+    assert "300 µm context" in r.output
+    model = tmp_path / "model"
+    r = runner.invoke(app, ["fit-head", str(sections["data"]), "--context-um", "300", "-b", TINY_BACKBONE, "--folds", "2",
+                            "--out", str(model), "--cache-dir", str(sections["cache"]), "--workers", "0", "--quiet"])
+    assert r.exit_code == 0, r.output
+    csv = write_challenge_dataset(tmp_path / "csv", n=4, with_targets=False)
+    r = runner.invoke(app, ["predict", str(model), str(csv), "--out", str(tmp_path / "p.csv"), "--cache-dir",
+                            str(tmp_path / "cache"), "--quiet"])
+    assert r.exit_code == 2
+    errors = [line for line in r.output.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and "300 µm" in errors[0] and "no source image" in errors[0], r.output
+
+
+def test_context_with_tta_neighbours_bagging_and_intervals(sections, tmp_path):
+    out = tmp_path / "model"
+    workflow.fit_head(sections["data"], _spec(), head="mlp", params={"epochs": 3, "hidden": [8]}, bag=2, folds=2, tta=True,
+                      neighbours=2, context_um="300", out_dir=out, cache_dir=sections["cache"], **EMBED)
+    meta = load_model(out).feature_meta
+    assert meta["tta"] and meta["neighbours"] == 2 and meta["context_um"] == [300.0]
+    assert meta["n_features"] == 2 * 2 * 512          # (patch + 300 µm) x (own + neighbour mean)
+    result = workflow.predict(out, sections["data"], out=tmp_path / "p.h5ad", cache_dir=sections["cache"], interval=0.8, **EMBED)
+    predicted = ad.read_h5ad(result["out"])
+    assert {"std", "lower", "upper"} <= set(predicted.layers)
+    assert (predicted.layers["lower"] <= predicted.X + 1e-6).all() and (predicted.X <= predicted.layers["upper"] + 1e-6).all()
+
+
+def test_finetune_refuses_a_head_fitted_with_context(sections, tmp_path):
+    from hexpr.heads.finetune import FinetuneError, _load_head_init
+
+    out = tmp_path / "mlp"
+    workflow.fit_head(sections["data"], _spec(), head="mlp", params={"epochs": 2, "hidden": [8]}, folds=2, context_um="300",
+                      out_dir=out, cache_dir=sections["cache"], **EMBED)
+    with pytest.raises(FinetuneError, match="context scales .*300 µm.*without --context-um"):
+        _load_head_init(out, _spec())
