@@ -103,6 +103,7 @@ ContextOpt = Annotated[Optional[str], typer.Option(
 RawOpt = Annotated[bool, typer.Option("--no-clip", "--raw", help="Raw predictions: do not clip them to the training targets' range.")]
 
 
+_LIBRARY_NOISE = (DeprecationWarning, PendingDeprecationWarning, FutureWarning, SyntaxWarning)
 _SHOWN: set[tuple[str, str]] = set()   # warnings printed by this command (Python's "once" forgets after catch_warnings)
 
 
@@ -120,6 +121,8 @@ def _friendly_errors(func):
     def wrapper(*args, **kwargs):
         warnings.showwarning = _show_warning
         warnings.simplefilter("once")
+        for noise in _LIBRARY_NOISE:   # other libraries' deprecations and syntax warnings say nothing to a user
+            warnings.filterwarnings("ignore", category=noise)
         _SHOWN.clear()
         try:
             return func(*args, **kwargs)
