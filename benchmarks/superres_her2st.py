@@ -45,7 +45,8 @@ from hexpr.heads.metrics import pearson_per_gene, top_genes
 
 HEADS = {
     "ridge": ("ridge", {}),
-    "mlp (bag loss)": ("mlp", {"hidden": [256], "epochs": 60, "dropout": 0.2, "weight_decay": 1e-3, "seed": 0}),
+    "mlp (bag loss)": ("mlp", {"hidden": [256], "epochs": 60, "dropout": 0.2, "weight_decay": 1e-3, "batch_size": 32,
+                               "seed": 0}),
 }
 POOLS = (2, 3)
 

@@ -10,7 +10,13 @@ observation: ``index[i]`` is the observation of patch ``i``. Heads see bags thro
   sub-tile feature. Standardization, PCA and ridge are affine, so the mean of the sub-tile
   predictions of a patch set equals the prediction of its mean feature: fitting on mean features
   *is* fitting the mean of sub-tile predictions, exactly (``aggregate`` reproduces the region's
-  prediction up to float rounding; tested).
+  prediction up to float rounding; tested). The feature standardization (and PCA) is fitted on
+  the sub-tiles themselves (``fit(..., subtile_features=X)``), not on the bag means: a feature
+  that varies from sub-tile to sub-tile but averages out over a bag keeps its sub-tile scale, so
+  the ridge penalty holds it down; and ridge's alpha is chosen for sub-tiles (``subtile_bags``:
+  GCV of the bag means plus the spread of sub-tile predictions around their bag's). On her2st
+  (README, benchmarks/superres_her2st.py) these lifted the super-resolved 2x2 ridge from 0.156
+  to 0.171 and 0.198.
 * ``"bag_loss"`` (mlp, and a bagged mlp): the head's ``fit`` takes ``bags=`` and trains on the
   loss of the mean of its sub-tile predictions against the target.
 * None (gbm, knn, bleep, ensemble, streamed heads): no bag support; asked to fit bags, a
@@ -148,8 +154,9 @@ def fit_on_bags(estimator, X, Y, bags=None, **fit_params):
         raise HeadError(f"bags of {bags.n_patches} patches / {bags.n_obs} observations do not match X with "
                         f"{np.shape(X)[0]} rows and Y with {np.shape(Y)[0]} rows")
     mode = bag_support(estimator)
-    if mode == MEAN_FEATURES:
-        return fit_with_supported(estimator, bags.mean(X), Y, **fit_params)
+    if mode == MEAN_FEATURES:   # feature scaling from the sub-tiles themselves where the head takes them
+        return fit_with_supported(estimator, bags.mean(X), Y, subtile_features=np.asarray(X, dtype=np.float64),
+                                  subtile_bags=bags.index, **fit_params)
     if mode == BAG_LOSS:
         return estimator.fit(X, Y, bags=bags, **{k: v for k, v in fit_params.items() if v is not None})
     name = getattr(estimator, "head", estimator)

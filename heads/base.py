@@ -357,7 +357,13 @@ class FeatureReduced(Head):
         X, Y = self._start_fit(X, Y)
         if self.head is None:
             raise HeadError("FeatureReduced needs a head to wrap")
-        self.step_ = FeaturePCA(self.n_components, self.standardize, self.whiten, self.seed).fit(X)
+        subtiles = fit_params.pop("subtile_features", None)   # heads.bags: fit the step on the sub-tiles
+        if subtiles is None:
+            fit_params.pop("subtile_bags", None)
+        self.step_ = FeaturePCA(self.n_components, self.standardize, self.whiten, self.seed).fit(
+            X if subtiles is None else subtiles)
+        if subtiles is not None:
+            fit_params["subtile_features"] = self.step_.transform(subtiles)
         if "X_val" in fit_params and fit_params["X_val"] is not None:
             fit_params["X_val"] = self.step_.transform(fit_params["X_val"])
         self.head_ = fit_with_supported(clone(self.head), self.step_.transform(X), Y, **fit_params)

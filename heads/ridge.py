@@ -69,6 +69,18 @@ def loo_errors(Z, Yc, s2, V, Q, alphas, intercept: bool) -> np.ndarray:
     return errors
 
 
+def subtile_spread(Z_sub, bag_of, Z_mean, s2, V, Q, alphas) -> np.ndarray:
+    """(n_alphas, G): the mean squared deviation of sub-tile predictions from their bag's prediction,
+    for every alpha, from the within-bag scatter in the eigenbasis (no per-alpha (N, G) products)."""
+    D = (Z_sub - Z_mean[bag_of]) @ V                  # (n_sub, k) within-bag deviations
+    B = (D.T @ D) / D.shape[0]                        # (k, k)
+    spread = np.empty((len(alphas), Q.shape[1]))
+    for i, alpha in enumerate(alphas):
+        C = Q / (s2[:, None] + alpha)                 # coefficients in the eigenbasis (k, G)
+        spread[i] = (C * (B @ C)).sum(axis=0)
+    return spread
+
+
 class RidgeHead(Head):
     """Ridge regression with one alpha per gene chosen by GCV ("gcv") or leave-one-out ("loo")."""
 
@@ -92,15 +104,21 @@ class RidgeHead(Head):
     def _feature_step(self) -> FeaturePCA:
         return FeaturePCA(self.n_components, standardize=True, seed=self.seed)
 
-    def fit(self, X, Y):
+    def fit(self, X, Y, subtile_features=None, subtile_bags=None):
+        """``subtile_features``: when X holds bag means (heads.bags), the sub-tiles themselves: the
+        standardization (and PCA) is fitted on them, so a feature that varies between sub-tiles but
+        averages out over a bag is not blown up when single sub-tiles are predicted.
+        ``subtile_bags`` (the row of X each sub-tile belongs to): alpha is then chosen for the
+        sub-tiles, by the GCV error of the bag means plus the spread of the sub-tile predictions
+        around their bag's prediction (``subtile_spread``)."""
         X, Y = self._start_fit(X, Y)
         if self.alpha_selection not in ("gcv", "loo"):
             raise ValueError(f"alpha_selection must be 'gcv' or 'loo', got {self.alpha_selection!r}")
         alphas = np.asarray(sorted(self.alphas), dtype=np.float64)
         if alphas.size == 0 or (alphas <= 0).any():
             raise ValueError("alphas must be a non-empty list of positive numbers")
-        self.features_ = self._feature_step()
-        Z = self.features_.fit_transform(X)
+        self.features_ = self._feature_step().fit(X if subtile_features is None else subtile_features)
+        Z = self.features_.transform(X)
         self.intercept_ = Y.mean(axis=0) if self.fit_intercept else np.zeros(Y.shape[1])
         Yc = Y - self.intercept_
         s2, V, Q = _eigen_path(Z, Yc)
@@ -108,6 +126,9 @@ class RidgeHead(Head):
             errors = gcv_errors(s2, Q, (Yc * Yc).sum(axis=0), Z.shape[0], alphas, self.fit_intercept)
         else:
             errors = loo_errors(Z, Yc, s2, V, Q, alphas, self.fit_intercept)
+        if subtile_features is not None and subtile_bags is not None:
+            errors = errors + subtile_spread(self.features_.transform(subtile_features), np.asarray(subtile_bags), Z,
+                                             s2, V, Q, alphas)
         best = np.argmin(errors, axis=0)
         self.alphas_ = alphas
         self.alpha_ = alphas[best]
@@ -144,10 +165,11 @@ class HestRidgeHead(Head):
     def _feature_step(self) -> FeaturePCA:
         return FeaturePCA(self.n_components, standardize=True, seed=self.seed)
 
-    def fit(self, X, Y):
+    def fit(self, X, Y, subtile_features=None):
+        """``subtile_features``: see ``RidgeHead.fit``."""
         X, Y = self._start_fit(X, Y)
-        self.features_ = self._feature_step()
-        Z = self.features_.fit_transform(X)
+        self.features_ = self._feature_step().fit(X if subtile_features is None else subtile_features)
+        Z = self.features_.transform(X)
         self.target_mean_ = Y.mean(axis=0)
         self.alpha_ = (self.alpha if self.alpha is not None
                        else 100.0 / (Z.shape[1] * Y.shape[1]))
