@@ -185,8 +185,8 @@ def test_plain_specs_keep_their_fields_and_cache_keys():
 def test_readme_table_is_generated_from_the_presets():
     table = markdown_table()
     assert all(f"`{p.name}`" in table for p in PRESETS)
-    readme = (__import__("pathlib").Path(__file__).resolve().parents[1] / "README.md").read_text()
-    assert table in readme, "README's preset table is stale: regenerate it with embedder.presets.markdown_table()"
+    page = (__import__("pathlib").Path(__file__).resolve().parents[1] / "docs" / "guides" / "foundation-models.md").read_text()
+    assert table in page, "the preset table in docs/guides/foundation-models.md is stale: regenerate it with markdown_table()"
 
 
 def test_presets_table_is_consistent():
