@@ -16,6 +16,7 @@ import scipy.sparse as sp
 import tifffile
 from conftest import HER2ST
 from PIL import Image
+from platform_folders import write_10x_h5
 
 import hexpr.embedder.importers.thumbnails as thumbnails
 import hexpr.embedder.slides as slides
@@ -61,18 +62,7 @@ def _spots():
 
 
 def _write_h5_matrix(path: Path, barcodes, genes, counts: np.ndarray):
-    m = sp.csc_matrix(counts.T)      # genes x barcodes, CSC over barcodes
-    with h5py.File(path, "w") as f:
-        g = f.create_group("matrix")
-        g["data"] = m.data.astype(np.int32)
-        g["indices"] = m.indices.astype(np.int64)
-        g["indptr"] = m.indptr.astype(np.int64)
-        g["shape"] = np.array(m.shape, np.int32)
-        g["barcodes"] = np.array([b.encode() for b in barcodes])
-        ft = g.create_group("features")
-        ft["name"] = np.array([s.encode() for s in genes])
-        ft["id"] = np.array([f"ENSG{i:05d}".encode() for i in range(len(genes))])
-        ft["feature_type"] = np.array([b"Gene Expression"] * len(genes))
+    write_10x_h5(path, barcodes, genes, counts)      # Space Ranger's layout, shared with the platform tests
 
 
 def make_visium(root: Path, *, genes=None, pyramidal=False, mtx=False, image_fmt="tif", scalefactors=True,
