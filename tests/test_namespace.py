@@ -72,7 +72,7 @@ def test_the_wheel_holds_the_hexpr_package_only(tmp_path):
     assert top == {"hexpr", next(t for t in top if t.endswith(".dist-info"))}, top
     for module in ("hexpr/__init__.py", "hexpr/__main__.py", "hexpr/pipeline.py", "hexpr/embedder/errors.py",
                    "hexpr/heads/base.py", "hexpr/workflow/fit.py", "hexpr/embedder/importers/run.py",
-                   "hexpr/workflow/outputs/anndata.py"):
+                   "hexpr/workflow/outputs/anndata.py", "hexpr/workflow/outputs/viewer_assets/openseadragon.min.js"):
         assert module in names
     assert not [n for n in names if n.startswith(("hexpr/tests/", "hexpr/benchmarks/"))]
     entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
