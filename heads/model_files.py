@@ -474,7 +474,7 @@ def trusted_torch_load(path):
     module.Unpickler = TrustedUnpickler
     module.load = lambda f, **kw: TrustedUnpickler(f, **kw).load()
     try:
-        return torch.load(path, map_location="cpu", weights_only=False, pickle_module=module)
+        return torch.load(path, map_location="cpu", weights_only=False, pickle_module=module)  # trusted only
     except Exception as exc:  # noqa: BLE001 - a truncated, foreign or incompatible file fails in many ways
         raise ModelError(f"{path}: not a readable old hexpr fine-tuned model ({brief(exc)})") from None
 
