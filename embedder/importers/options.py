@@ -12,6 +12,16 @@ from .patches import patch_size_px
 OUTPUTS = ("hest", "challenge")
 
 
+def given_file(path: Path | str | None, what: str) -> Path | None:
+    """The file the user named for ``what`` (e.g. "image", "alignment"), checked to exist; None when not given."""
+    if path is None:
+        return None
+    p = Path(path)
+    if not p.is_file():
+        raise ImporterError(f"{what} file not found: {p}")
+    return p
+
+
 def check_options(patch_um, target_um_per_px, normalize, output, source_um_per_px=None) -> None:
     if not (isinstance(patch_um, (int, float)) and patch_um > 0):
         raise ImporterError(f"patch_um must be a positive number of µm, got {patch_um!r}")

@@ -33,6 +33,7 @@ import pyarrow.parquet as pq
 
 from .errors import ImporterError, warn
 from .names import positions_in
+from .options import given_file
 from .sample import SampleData, SampleSpec
 from .slide_image import open_image
 from .tenx_h5 import TenxH5
@@ -141,10 +142,7 @@ def hd_layout_format(root: Path, msgs: list[str]) -> str:
 
 def find_hd_image(root: Path, image: Path | str | None) -> Path:
     if image is not None:
-        p = Path(image)
-        if not p.is_file():
-            raise ImporterError(f"image file not found: {p}")
-        return p
+        return given_file(image, "image")
     mdir = root / "microscope_image"
     if mdir.is_dir():
         files = sorted(p for p in mdir.iterdir() if p.is_file() and not p.name.startswith("."))

@@ -32,6 +32,7 @@ from hexpr.embedder.slides import SLIDE_SUFFIXES
 
 from .errors import ImporterError, warn
 from .names import positions_in
+from .options import given_file
 from .sample import SampleData, SampleSpec
 from .slide_image import open_image
 from .tenx_h5 import TenxH5
@@ -61,10 +62,7 @@ def read_pixel_size(folder: Path) -> float:
 
 def find_he_image(folder: Path, image: Path | str | None) -> Path:
     if image is not None:
-        p = Path(image)
-        if not p.is_file():
-            raise ImporterError(f"image file not found: {p}")
-        return p
+        return given_file(image, "image")
     cands = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
                    and p.suffix.lower() in SLIDE_SUFFIXES and "morphology" not in p.name)
     he = [p for p in cands if "he_image" in p.name] or cands
@@ -78,10 +76,7 @@ def find_he_image(folder: Path, image: Path | str | None) -> Path:
 
 def find_alignment(folder: Path, alignment: Path | str | None) -> Path:
     if alignment is not None:
-        p = Path(alignment)
-        if not p.is_file():
-            raise ImporterError(f"alignment file not found: {p}")
-        return p
+        return given_file(alignment, "alignment")
     cands = sorted(p for p in folder.glob("*.csv") if "alignment" in p.name or "keypoints" in p.name)
     if len(cands) == 1:
         return cands[0]
