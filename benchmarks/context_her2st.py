@@ -10,11 +10,12 @@ sections only (top ``--panel`` HVG modelled, top-50 HVG/HEG for the scores), as 
 ``benchmarks/her2st_accuracy.py``. Per held-out section: r_hvg50 (mean Pearson over the top-50
 HVG) and the challenge score.
 
-Rows: ridge and the MLP (head defaults, seed 0; bag5 = mean of seeds 0-4) on 112 µm, 112 + 336 µm
-and 112 + 336 + 672 µm; ``auto`` = ``heads.fitting.fit_head(head="auto")`` on the 3 training sections
-with the feature sets ``fit-head --head auto`` builds on imported data (plain, k=6 neighbours,
-c336, c336+672; grouped CV = leave one training section out), the winner refit and applied to the
-held-out section. ``--tta`` adds the same rows on 8-view TTA features.
+Rows: ridge (alpha on held-out training sections, as ``fit-head`` fits it) and the MLP (head
+defaults, seed 0; bag5 = mean of seeds 0-4) on 112 µm, 112 + 336 µm and 112 + 336 + 672 µm, and the
+two context rows with k=6 neighbours too; ``auto`` = ``heads.fitting.fit_head(head="auto")`` on the
+3 training sections with the feature sets ``fit-head --head auto`` builds on imported data (plain,
+k6, c336, c336+672, c336+k6, c336+672+k6; grouped CV = leave one training section out), the winner
+refit and applied to the held-out section. ``--tta`` adds the same rows on 8-view TTA features.
 
     python -m benchmarks.context_her2st --work /tmp/ctx        # keep imports and caches for reruns
     python -m benchmarks.context_her2st --work /tmp/ctx --tta  # also the TTA rows (8x the embedding)
@@ -52,10 +53,13 @@ def scores(pred, truth, hvg, heg) -> dict:
 
 
 def feature_views(fs, dataset, groups, k) -> dict:
-    """Named feature matrices: the leading 1, 2 or 3 blocks (patch, 336 µm, 672 µm), and auto's k-neighbour set."""
-    views = {name: fs.X[:, :fs.blocks[n - 1]["stop"]] for name, n in VIEWS.items()}
-    plain = FeatureSet(fs.ids, views["112"], fs.blocks[:1], fs.tta)
-    views[f"112+k{k}"] = add_neighbour_context(plain, dataset.coords, groups, k).X
+    """Named feature matrices: the leading 1, 2 or 3 blocks (patch, 336 µm, 672 µm), and each with the
+    mean of its k nearest spots' features appended ("+k6": neighbour context, as auto builds it)."""
+    views = {}
+    for name, n in VIEWS.items():
+        leading = FeatureSet(fs.ids, fs.X[:, :fs.blocks[n - 1]["stop"]], fs.blocks[:n], fs.tta)
+        views[name] = leading.X
+        views[f"{name}+k{k}"] = add_neighbour_context(leading, dataset.coords, groups, k).X
     return views
 
 
@@ -118,9 +122,9 @@ def main() -> None:
 
         record("training mean", np.tile(y_train.mean(axis=0), (test.sum(), 1)))
         for prefix in ("", "TTA ") if args.tta else ("",):
-            for name in () if args.auto_only else VIEWS:
+            for name in () if args.auto_only else [*VIEWS, *(f"{v}+k{k}" for v in VIEWS if v != "112")]:
                 X = views[prefix + name]
-                record(f"ridge {prefix}{name}", make_head("ridge").fit(X[train], y_train).predict(X[test]))
+                record(f"ridge {prefix}{name}", make_head("ridge").fit(X[train], y_train, groups=groups[train]).predict(X[test]))
                 preds = [make_head("mlp", **mlp_params, seed=s, device="cpu").fit(X[train], y_train).predict(X[test])
                          for s in range(args.seeds)]
                 record(f"mlp 1 seed {prefix}{name}", preds[0])
@@ -129,7 +133,8 @@ def main() -> None:
             if args.no_auto:
                 continue
             names = {prefix + "112": "plain", f"{prefix}112+k{k}": f"k{k}", prefix + "112+336": "c336",
-                     prefix + "112+336+672": "c336+672"}
+                     prefix + "112+336+672": "c336+672", f"{prefix}112+336+k{k}": f"c336+k{k}",
+                     f"{prefix}112+336+672+k{k}": f"c336+672+k{k}"}
             heads = args.auto_heads.split(",")
             label = f"auto{' --tta' if prefix else ''} (with context){'' if heads == ['ridge', 'mlp'] else ', ' + '+'.join(heads) + ' candidates'}"
             candidates = [c for c in auto_candidates(list(names.values()), params=mlp_params or None, bag=args.seeds)

@@ -28,7 +28,7 @@ import pandas as pd
 from benchmarks._common import MOBILENET_SPEC, her2st_workdir, open_her2st
 from hexpr.embedder.backbones import DEFAULT_BACKBONES, parse_backbone
 from hexpr.embedder.features import add_neighbour_context, ensure_features
-from hexpr.heads.base import make_head
+from hexpr.heads.base import fit_with_supported, make_head
 from hexpr.heads.metrics import challenge_score, pearson_per_gene, top_genes
 
 BACKBONE_SETS = {
@@ -49,7 +49,7 @@ def leave_one_section_out(X, Y, groups, head, params, panel_size, n_top=50):
         y_train, y_test = Y[train][:, panel], Y[test][:, panel]
         hvg = top_genes(y_train, n_top, "variance")
         heg = top_genes(y_train, n_top, "sum")
-        model = make_head(head, **params).fit(X[train], y_train)
+        model = fit_with_supported(make_head(head, **params), X[train], y_train, groups=groups[train])
         pred = model.predict(X[test])
         floor = np.tile(y_train.mean(axis=0), (test.sum(), 1))
         for name, p in ((head, pred), ("mean", floor)):

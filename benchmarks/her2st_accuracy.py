@@ -116,7 +116,7 @@ def main() -> None:
         record("training mean", held_out, np.tile(y_train.mean(axis=0), (test.sum(), 1)), y_test, hvg, heg)
         for name, fset in (("ridge plain", "plain"), (f"ridge k{args.neighbours}", ctx), (f"ridge TTA+k{args.neighbours}", tta_ctx)):
             X = feats[fset]
-            pred = timed(name, lambda: make_head("ridge").fit(X[train], y_train).predict(X[test]))
+            pred = timed(name, lambda: make_head("ridge").fit(X[train], y_train, groups=groups[train]).predict(X[test]))
             record(name, held_out, pred, y_test, hvg, heg)
 
         for fset, n_bags in (("plain", args.bags), (tta_ctx, 1)):

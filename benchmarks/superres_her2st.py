@@ -16,7 +16,9 @@ spots (the modelled panel: the top --panel HVG of the training single spots):
                      its members' predictions, i.e. what a spot-level model at the pooled
                      resolution gives) copied to every member spot;
   * training mean:   r = 0 by construction.
-Heads: ridge (fitted on each bag's mean feature, exact) and the MLP with the bag loss.
+Heads: ridge (fitted on each bag's mean feature, exact; alpha on held-out training sections, as
+``fit-head`` fits it) and the MLP with the bag loss; the ridge rows again with a 336 µm context
+square around each sub-tile appended to its features (``--context-um 336``), all in one run.
 
     python -m benchmarks.superres_her2st                       # ~10 min on 2 CPU cores
     python -m benchmarks.superres_her2st --picture docs/superres_her2st.png
@@ -40,7 +42,7 @@ from hexpr.embedder.datasets import open_dataset
 from hexpr.embedder.features import ensure_features
 from hexpr.embedder.importers import import_dataset
 from hexpr.heads.bags import Bags, aggregate, fit_on_bags
-from hexpr.heads.base import make_head
+from hexpr.heads.base import fit_with_supported, make_head
 from hexpr.heads.metrics import pearson_per_gene, top_genes
 
 HEADS = {
@@ -49,6 +51,7 @@ HEADS = {
                                "seed": 0}),
 }
 POOLS = (2, 3)
+CONTEXT_UM = (336.0,)   # the ridge rows again with a 336 µm square around each sub-tile (--context-um 336)
 
 
 def pooled_dataset(work: Path, k: int):
@@ -73,7 +76,7 @@ def run_section(held_out, single, X, pools, args, heads, exactness) -> list[dict
     rows = []
     for head_label, (head, params) in heads.items():
         t = time.perf_counter()
-        model = make_head(head, **params).fit(X[train], Y[train][:, panel])
+        model = fit_with_supported(make_head(head, **params), X[train], Y[train][:, panel], groups=groups[train])
         rows.append({"held_out": held_out, "head": head_label, "pool": 1, "method": "(a) single spots",
                      "r_hvg50": score(model.predict(X[test]), y_test, hvg), "fit_s": round(time.perf_counter() - t, 2)})
         for k, (pooled, bags, X_pool) in pools.items():
@@ -83,7 +86,8 @@ def run_section(held_out, single, X, pools, args, heads, exactness) -> list[dict
             rows_test, bags_test = bags.subset(obs_test)
             Y_pool = pooled.targets[single.targets.columns[panel]].to_numpy()
             t = time.perf_counter()
-            model = fit_on_bags(make_head(head, **params), X_pool[rows_train], Y_pool[obs_train], bags_train)
+            model = fit_on_bags(make_head(head, **params), X_pool[rows_train], Y_pool[obs_train], bags_train,
+                                groups=obs_groups[obs_train])
             fit_s = round(time.perf_counter() - t, 2)
             sub = model.predict(X[test])                                       # (b) each spot on its own
             region = aggregate(model.predict(X_pool[rows_test]), bags_test)    # (c) per pseudo-spot ...
@@ -95,7 +99,7 @@ def run_section(held_out, single, X, pools, args, heads, exactness) -> list[dict
                          "r_hvg50": score(sub, y_test, hvg), "fit_s": fit_s})
             rows.append({"held_out": held_out, "head": head_label, "pool": k, "method": "(c) broadcast",
                          "r_hvg50": score(broadcast, y_test, hvg), "fit_s": fit_s})
-            if args.picture is not None and held_out == args.picture_section and k == 2 and head == "ridge":
+            if args.picture is not None and held_out == args.picture_section and k == 2 and head_label == "ridge":
                 truth_pool = pooled.targets[single.targets.columns[panel]].to_numpy()[obs_test]
                 pooled_by_id = dict(zip([pooled.ids[r] for r in rows_test], truth_pool[bags_test.index]))
                 args.picture_data = {"coords": single.coords[test], "genes": single.targets.columns[panel],
@@ -150,22 +154,32 @@ def main() -> None:
     work = her2st_workdir(args.work, "superres-bench-")
     started = time.perf_counter()
     single = open_her2st(work)
-    features = ensure_features(single, [parse_backbone(MOBILENET_SPEC)], work / "cache", progress=False)
-    X = features.X.astype(np.float64)
-    position = {sid: i for i, sid in enumerate(features.ids)}
-    pools = {}
-    for k in POOLS:
-        pooled = pooled_dataset(work, k)
-        same = pooled.fingerprint() == single.fingerprint()
-        bags = Bags.from_index(pooled.bag_index, len(pooled.targets))
-        pools[k] = (pooled, bags, X[[position[i] for i in pooled.ids]])
-        print(f"pool {k}x{k}: {bags.n_obs} pseudo-spots over {bags.n_patches} spots (mean {bags.sizes.mean():.2f} a "
-              f"pseudo-spot); same patches as the single-spot import: {same}", flush=True)
+    runs = []   # (X of the single spots, the pooled datasets with their X, heads): plain, then with context
+    for context in ((), CONTEXT_UM):
+        features = ensure_features(single, [parse_backbone(MOBILENET_SPEC)], work / "cache", context_um=context,
+                                   progress=False)
+        X = features.X.astype(np.float64)
+        position = {sid: i for i, sid in enumerate(features.ids)}
+        pools = {}
+        for k in POOLS:
+            pooled = pooled_dataset(work, k)
+            bags = Bags.from_index(pooled.bag_index, len(pooled.targets))
+            pools[k] = (pooled, bags, X[[position[i] for i in pooled.ids]])
+            if not context:
+                print(f"pool {k}x{k}: {bags.n_obs} pseudo-spots over {bags.n_patches} spots (mean {bags.sizes.mean():.2f} "
+                      f"a pseudo-spot); same patches as the single-spot import: "
+                      f"{pooled.fingerprint() == single.fingerprint()}", flush=True)
+        run_heads = heads if not context else {f"{label} + {context[0]:g} µm context": spec for label, spec in heads.items()
+                                                if spec[0] == "ridge"}
+        runs.append((X, pools, run_heads))
+    heads = {label: spec for _, _, run_heads in runs for label, spec in run_heads.items()}
     print(f"import + embed: {time.perf_counter() - started:.0f} s", flush=True)
 
     rows, exactness = [], []
     for held_out in sorted(set(single.groups)):
-        rows += run_section(held_out, single, X, pools, args, heads, exactness)
+        for X, pools, run_heads in runs:
+            rows += [r for r in run_section(held_out, single, X, pools, args, run_heads, exactness)
+                     if r["head"] != "training mean" or X is runs[0][0]]
         print(f"  held out {held_out}: done ({time.perf_counter() - started:.0f} s)", flush=True)
     frame = pd.DataFrame(rows)
     table = frame.pivot_table(index=["head", "pool", "method"], columns="held_out", values="r_hvg50")

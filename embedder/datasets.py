@@ -36,6 +36,7 @@ from hexpr.embedder.slides import SLIDE_SUFFIXES
 ID_COLUMN = "ID"
 PATH_COLUMN = "path"
 GROUP_COLUMN = "group"
+OBSERVATION_COLUMN = "observation"   # predictions of a bagged dataset: the observation each patch belongs to
 COORD_COLUMNS = ("x", "y")
 RESERVED_COLUMNS = {ID_COLUMN, PATH_COLUMN, GROUP_COLUMN, *COORD_COLUMNS}
 TEMPLATE_NAME = "sample_submission.csv"
@@ -111,6 +112,13 @@ class PatchDataset:
     @property
     def is_bagged(self) -> bool:
         return self.bag_index is not None
+
+    def patch_observations(self) -> list[str] | None:
+        """The observation id of each patch (row of ``targets``) of a bagged dataset; None otherwise."""
+        if self.bag_index is None or self.targets is None:
+            return None
+        labels = np.asarray(self.targets.index.astype(str))
+        return labels[np.asarray(self.bag_index)].tolist()
 
     def observation_groups(self) -> pd.Series | None:
         """One group per row of ``targets`` (a bag's patches share their observation's group)."""

@@ -14,7 +14,8 @@ observation: ``index[i]`` is the observation of patch ``i``. Heads see bags thro
   the sub-tiles themselves (``fit(..., subtile_features=X)``), not on the bag means: a feature
   that varies from sub-tile to sub-tile but averages out over a bag keeps its sub-tile scale, so
   the ridge penalty holds it down; and ridge's alpha is chosen for sub-tiles (``subtile_bags``:
-  GCV of the bag means plus the spread of sub-tile predictions around their bag's). On her2st
+  the error of the bag means -- on held-out groups when ``fit`` gets groups, else GCV -- plus the
+  spread of sub-tile predictions around their bag's). On her2st
   (README, benchmarks/superres_her2st.py) these lifted the super-resolved 2x2 ridge from 0.156
   to 0.171 and 0.198.
 * ``"bag_loss"`` (mlp, and a bagged mlp): the head's ``fit`` takes ``bags=`` and trains on the
@@ -158,7 +159,7 @@ def fit_on_bags(estimator, X, Y, bags=None, **fit_params):
         return fit_with_supported(estimator, bags.mean(X), Y, subtile_features=np.asarray(X, dtype=np.float64),
                                   subtile_bags=bags.index, **fit_params)
     if mode == BAG_LOSS:
-        return estimator.fit(X, Y, bags=bags, **{k: v for k, v in fit_params.items() if v is not None})
+        return fit_with_supported(estimator, X, Y, bags=bags, **fit_params)
     name = getattr(estimator, "head", estimator)
     raise HeadError(f"{type(name).__name__ if not isinstance(name, str) else name} cannot learn from bags; "
                     f"use {', '.join(BAG_HEADS)}")

@@ -56,6 +56,7 @@ LEADERBOARD_FILE = "leaderboard.csv"
 FORMAT_VERSION = 1
 from hexpr.heads.registry import AUTO  # noqa: E402
 SUBTILE_KEY = "subtile_um"     # FittedModel.extra: the side in µm of the sub-tiles a bag model was fitted on
+BAG_SIDE_KEY = "subtiles_per_side"   # FittedModel.extra: sub-tiles along one side of the largest observation
 BAGS_KEY = "bags"
 
 
@@ -356,6 +357,7 @@ def _fit_into(work: Path, X, Y, gene_names, *, head, params, transform, folds, g
     if subtile_um is not None:
         model_extra[SUBTILE_KEY] = float(subtile_um)
     if bags is not None:
+        model_extra[BAG_SIDE_KEY] = max(1, int(round(float(np.sqrt(bags.sizes.max())))))
         model_extra[BAGS_KEY] = {"n_observations": bags.n_obs, "n_subtiles": bags.n_patches,
                            "calibrated_on": "observations (region-level out-of-fold residuals)"}
     fitted = FittedModel(model=model, genes=genes, feature_meta=meta, n_features=X_chosen.shape[1],
@@ -378,6 +380,7 @@ def _fit_into(work: Path, X, Y, gene_names, *, head, params, transform, folds, g
     write_json(work / MODEL_INFO_FILE, {"format_version": FORMAT_VERSION, "config": config,
                                         "n_features": X_chosen.shape[1], "feature_meta": meta, "genes": genes,
                                         "cv": cv.report["model"], "subtile_um": subtile_um,
+                                        "subtiles_per_side": model_extra.get(BAG_SIDE_KEY),
                                         "bags": model_extra.get(BAGS_KEY)})
     write_json(work / REPORT_FILE, report)
     return report

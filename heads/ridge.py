@@ -1,10 +1,23 @@
 """Linear heads: ridge with a per-gene penalty chosen in closed form, and HEST-Benchmark's recipe.
 
 ``ridge``: features standardized (optionally reduced to ``n_components`` principal components by
-the shared ``FeaturePCA`` step). One eigendecomposition of the (D, D) Gram matrix Z'Z gives the
-whole regularisation path: for every alpha of the grid and every gene at once, the generalised
-cross-validation error (default) or the exact leave-one-out error is computed in closed form, and
-each gene keeps the alpha with the smallest error.
+the shared ``FeaturePCA`` step). One eigendecomposition (of Z'Z, or of ZZ' when there are fewer rows
+than features) gives the whole regularisation path: for every alpha of the grid and every gene at
+once, an error is computed in closed form and the alpha with the smallest error is kept.
+
+How alpha is chosen (``alpha_selection``):
+
+* ``"grouped"``: each group (slide, section, patient: the ``groups`` given to ``fit``) is held out
+  in turn (at most ``MAX_GROUP_FOLDS`` grouped folds) and one alpha, shared by all genes, minimises
+  the held-out squared error summed over genes (as the ridge loss itself: variable genes weigh
+  more, and genes with little signal, which would want no fit at all, do not set the penalty for
+  the rest). Neighbouring spots of one
+  section are alike, so errors measured within the training sections (GCV, leave-one-out) favour
+  too little shrinkage for a new section; held-out sections do not.
+* ``"gcv"``: generalised cross-validation, one alpha per gene; ``"loo"``: exact leave-one-out, one
+  alpha per gene.
+* ``"auto"`` (default): ``"grouped"`` when ``fit`` gets ``groups`` with at least two distinct
+  labels (``hexpr fit-head`` passes the sections or slides), else ``"gcv"``.
 
 ``hest``: StandardScaler -> PCA(256) -> Ridge(alpha = 100 / (n_features * n_genes),
 fit_intercept=False) as in HEST-Benchmark (Jaume et al. 2024), so results can be compared with
@@ -23,16 +36,60 @@ from hexpr.heads.base import FeaturePCA, Head
 from hexpr.heads.params import N_COMPONENTS, POSITIVE, SEED, Bool, Int, NoneOr, Options, RealList
 
 DEFAULT_ALPHAS = tuple(np.logspace(-2, 7, 19))
+ALPHA_SELECTIONS = ("auto", "grouped", "gcv", "loo")
+MAX_GROUP_FOLDS = 5
 _GENE_CHUNK = 512
 
 
 def _eigen_path(Z: np.ndarray, Yc: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(s2, V, Q): eigenvalues s2 (k,) and eigenvectors V (D, k) of Z'Z with s2 > 0, Q = V'Z'Yc (k, G)."""
-    s2, V = np.linalg.eigh(Z.T @ Z)
-    keep = s2 > 1e-10 * max(float(s2.max()), 1e-300)
-    s2, V = s2[keep], V[:, keep]
+    """(s2, V, Q): the non-zero eigenvalues s2 (k,) of Z'Z, their eigenvectors V (D, k) and Q = V'Z'Yc
+    (k, G). With fewer rows than features the (N, N) matrix ZZ' is decomposed instead (same s2)."""
+    if Z.shape[0] < Z.shape[1]:
+        s2, U = np.linalg.eigh(Z @ Z.T)
+        keep = s2 > 1e-10 * max(float(s2.max()), 1e-300)
+        s2, U = s2[keep], U[:, keep]
+        V = (Z.T @ U) / np.sqrt(s2)
+    else:
+        s2, V = np.linalg.eigh(Z.T @ Z)
+        keep = s2 > 1e-10 * max(float(s2.max()), 1e-300)
+        s2, V = s2[keep], V[:, keep]
     Q = V.T @ (Z.T @ Yc)
     return s2, V, Q
+
+
+def group_folds(groups, max_folds: int = MAX_GROUP_FOLDS) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(train, test) index pairs holding out whole groups: one fold per group up to ``max_folds``
+    (then groups are dealt round-robin in sorted order, so the folds do not depend on a seed)."""
+    labels, codes = np.unique(np.asarray(groups), return_inverse=True)
+    k = min(len(labels), max_folds)
+    fold_of = codes % k
+    return [(np.flatnonzero(fold_of != f), np.flatnonzero(fold_of == f)) for f in range(k)]
+
+
+def grouped_errors(X, Y, folds, alphas, intercept: bool, make_step, subtile_features=None,
+                   subtile_bags=None) -> np.ndarray:
+    """Held-out squared error (n_alphas, G), averaged over every row held out once by ``folds``; the
+    feature step (``make_step()``: standardization, PCA) is fitted on each fold's training rows (or
+    on their sub-tiles, when X holds bag means), as the final fit's is on all of them, so a held-out
+    group's shift in the features is kept."""
+    errors = np.zeros((len(alphas), Y.shape[1]))
+    for train, test in folds:
+        step_rows = X[train] if subtile_features is None else subtile_features[np.isin(subtile_bags, train)]
+        step = make_step().fit(step_rows)
+        offset = Y[train].mean(axis=0) if intercept else np.zeros(Y.shape[1])
+        s2, V, Q = _eigen_path(step.transform(X[train]), Y[train] - offset)
+        P = step.transform(X[test]) @ V                   # held-out rows in the eigenbasis (n_test, k)
+        for i, alpha in enumerate(alphas):
+            for g0 in range(0, Y.shape[1], _GENE_CHUNK):
+                g = slice(g0, g0 + _GENE_CHUNK)
+                resid = P @ (Q[:, g] / (s2[:, None] + alpha)) + offset[g] - Y[test][:, g]
+                errors[i, g] += (resid * resid).sum(axis=0)
+    return errors / sum(len(test) for _, test in folds)
+
+
+def shared_alpha(errors: np.ndarray) -> int:
+    """The index of the one alpha with the smallest error summed over genes."""
+    return int(np.argmin(errors.sum(axis=1)))
 
 
 def gcv_errors(s2, Q, total_ss, n, alphas, intercept: bool) -> np.ndarray:
@@ -82,16 +139,17 @@ def subtile_spread(Z_sub, bag_of, Z_mean, s2, V, Q, alphas) -> np.ndarray:
 
 
 class RidgeHead(Head):
-    """Ridge regression with one alpha per gene chosen by GCV ("gcv") or leave-one-out ("loo")."""
+    """Ridge regression; alpha chosen on held-out groups ("grouped": one alpha for all genes), by GCV
+    ("gcv") or leave-one-out ("loo") per gene, or "auto": grouped when ``fit`` gets groups."""
 
     param_constraints = {"alphas": RealList(POSITIVE), "n_components": N_COMPONENTS,
-                         "alpha_selection": Options("gcv", "loo"), "fit_intercept": Bool(), "seed": SEED}
+                         "alpha_selection": Options(*ALPHA_SELECTIONS), "fit_intercept": Bool(), "seed": SEED}
 
     search_space = {"n_components": [None, 128, 256, 512]}
     bag_fit = "mean_features"      # affine in X: fitted on each bag's mean feature (heads.bags)
 
     def __init__(self, alphas=DEFAULT_ALPHAS, n_components: int | None = None,
-                 alpha_selection: str = "gcv", fit_intercept: bool = True, seed: int = 0):
+                 alpha_selection: str = "auto", fit_intercept: bool = True, seed: int = 0):
         self.alphas = alphas
         self.n_components = n_components
         self.alpha_selection = alpha_selection
@@ -104,16 +162,16 @@ class RidgeHead(Head):
     def _feature_step(self) -> FeaturePCA:
         return FeaturePCA(self.n_components, standardize=True, seed=self.seed)
 
-    def fit(self, X, Y, subtile_features=None, subtile_bags=None):
-        """``subtile_features``: when X holds bag means (heads.bags), the sub-tiles themselves: the
+    def fit(self, X, Y, subtile_features=None, subtile_bags=None, groups=None):
+        """``groups``: one label per row (slide, section): alpha is then chosen on held-out groups
+        (``alpha_selection`` "auto" or "grouped"). ``subtile_features``: when X holds bag means (heads.bags), the sub-tiles themselves: the
         standardization (and PCA) is fitted on them, so a feature that varies between sub-tiles but
         averages out over a bag is not blown up when single sub-tiles are predicted.
         ``subtile_bags`` (the row of X each sub-tile belongs to): alpha is then chosen for the
         sub-tiles, by the GCV error of the bag means plus the spread of the sub-tile predictions
         around their bag's prediction (``subtile_spread``)."""
         X, Y = self._start_fit(X, Y)
-        if self.alpha_selection not in ("gcv", "loo"):
-            raise ValueError(f"alpha_selection must be 'gcv' or 'loo', got {self.alpha_selection!r}")
+        selection = self._selection(groups, X.shape[0])
         alphas = np.asarray(sorted(self.alphas), dtype=np.float64)
         if alphas.size == 0 or (alphas <= 0).any():
             raise ValueError("alphas must be a non-empty list of positive numbers")
@@ -122,19 +180,44 @@ class RidgeHead(Head):
         self.intercept_ = Y.mean(axis=0) if self.fit_intercept else np.zeros(Y.shape[1])
         Yc = Y - self.intercept_
         s2, V, Q = _eigen_path(Z, Yc)
-        if self.alpha_selection == "gcv":
+        if selection == "grouped":
+            errors = grouped_errors(X, Y, group_folds(groups), alphas, self.fit_intercept, self._feature_step,
+                                    subtile_features, None if subtile_bags is None else np.asarray(subtile_bags))
+        elif selection == "gcv":
             errors = gcv_errors(s2, Q, (Yc * Yc).sum(axis=0), Z.shape[0], alphas, self.fit_intercept)
         else:
             errors = loo_errors(Z, Yc, s2, V, Q, alphas, self.fit_intercept)
         if subtile_features is not None and subtile_bags is not None:
             errors = errors + subtile_spread(self.features_.transform(subtile_features), np.asarray(subtile_bags), Z,
                                              s2, V, Q, alphas)
-        best = np.argmin(errors, axis=0)
+        if selection == "grouped":
+            best = np.full(Y.shape[1], shared_alpha(errors))
+        else:
+            best = np.argmin(errors, axis=0)
+        self.alpha_selection_ = selection
         self.alphas_ = alphas
         self.alpha_ = alphas[best]
-        self.cv_errors_ = errors.min(axis=0)
+        self.cv_errors_ = errors[best, np.arange(errors.shape[1])]
         self.coef_ = V @ (Q / (s2[:, None] + self.alpha_[None, :]))   # (D', G)
         return self
+
+    def _selection(self, groups, n_rows: int) -> str:
+        """The rule used for this fit: "grouped" needs groups with two labels or more."""
+        if self.alpha_selection not in ALPHA_SELECTIONS:
+            raise ValueError(f"alpha_selection must be one of {', '.join(map(repr, ALPHA_SELECTIONS))}, "
+                             f"got {self.alpha_selection!r}")
+        n_groups = 0
+        if groups is not None:
+            groups = np.asarray(groups)
+            if groups.shape != (n_rows,):
+                raise ValueError(f"groups must hold one label per row ({n_rows}), got shape {groups.shape}")
+            n_groups = len(np.unique(groups))
+        if self.alpha_selection == "grouped" and n_groups < 2:
+            raise ValueError("alpha_selection='grouped' holds out whole groups and needs groups with at least "
+                             f"two labels; got {'no groups' if groups is None else f'{n_groups} label'}")
+        if self.alpha_selection == "auto":
+            return "grouped" if n_groups >= 2 else "gcv"
+        return self.alpha_selection
 
     def _predict(self, X):
         return self.features_.transform(X) @ self.coef_ + self.intercept_

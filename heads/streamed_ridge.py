@@ -13,8 +13,8 @@ over row chunks accumulates them (``heads.streaming.RunningMoments``); then, exa
     and ``df = sum s2/(s2 + alpha) + intercept`` -- the very ``heads.ridge.gcv_errors``;
   * coefficients ``V diag(1/(s2 + alpha_g)) Q`` per gene.
 
-So with ``alpha_selection="gcv"`` (the default of both heads) the fit is *the same computation* as
-``RidgeHead`` on the concatenated rows, differing only by floating-point rounding of the sums
+So with ``alpha_selection="gcv"`` (the streamed head's default, and ``RidgeHead``'s when its ``fit`` gets
+no groups) the fit is *the same computation* as ``RidgeHead`` on the concatenated rows, differing only by floating-point rounding of the sums
 (tested: predictions agree to ~1e-10 relative). ``alpha_selection="loo"`` (exact leave-one-out,
 ``RidgeHead``'s other criterion) needs the residual of every row, so it costs a second pass over
 the chunks (and ``n_alphas`` (chunk, D, G) products per chunk): equal to ``RidgeHead(alpha_selection

@@ -242,19 +242,21 @@ def test_predict_slide_cuts_the_models_scales_around_each_tile(sections, tmp_pat
 
 
 def test_auto_tries_context_scales_with_grouped_cv(sections, tmp_path):
-    """On imported data auto scores the plain embeddings, k-neighbour context and 3x, 3x + 6x context squares;
-    the chosen recipe's scales are what the model records."""
+    """On imported data auto scores the plain embeddings, k-neighbour context, 3x and 3x + 6x context squares,
+    and both contexts together; the chosen recipe's scales and neighbours are what the model records."""
     out = tmp_path / "auto"
     report = workflow.fit_head(sections["data"], _spec(), head="auto", params={"epochs": 2, "hidden": [8]}, bag=2, folds=2,
                                out_dir=out, cache_dir=sections["cache"], **EMBED)
     recipes = [c["recipe"] for c in report["auto"]["candidates"]]
-    for features in ("plain", "k6", "c300", "c300+600"):
+    sets = {"plain": ([], 0), "k6": ([], 6), "c300": ([300.0], 0), "c300+600": ([300.0, 600.0], 0),
+            "c300+k6": ([300.0], 6), "c300+600+k6": ([300.0, 600.0], 6)}
+    for features in sets:
         assert f"ridge on {features}" in recipes and f"mlp bag2 on {features}" in recipes
-    chosen = report["features"]
-    expected = {"plain": [], "k6": [], "c300": [300.0], "c300+600": [300.0, 600.0]}[chosen]
-    assert load_model(out).feature_meta["context_um"] == expected
+    scales, neighbours = sets[report["features"]]
+    meta = load_model(out).feature_meta
+    assert meta["context_um"] == scales and int(meta.get("neighbours") or 0) == neighbours
     board = pd.read_csv(out / "leaderboard.csv")
-    assert len(board) == 8
+    assert len(board) == 2 * len(sets)
 
 
 def test_auto_without_source_images_tries_no_context(tmp_path):

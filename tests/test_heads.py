@@ -201,3 +201,67 @@ def test_seed_changes_fit_decides_what_bagging_accepts():
     with pytest.raises(ValueError, match="deterministic"):
         check_baggable("hest", {"n_components": 4}, 2)
     check_baggable("hest", {"solver": "saga"}, 2)       # sag/saga shuffle with the seed
+
+
+def _section_data(seed=0, n_groups=4, clusters=15, dup=4, n_features=60):
+    """Sections of neighbouring spots: each cluster of ``dup`` spots shares (almost) its features and
+    its expression noise, as neighbouring spots of one section do. Leaving one spot out keeps its
+    neighbours in the fit (so memorising the noise looks good); leaving a section out does not."""
+    rng = np.random.default_rng(seed)
+    n = n_groups * clusters
+    cluster_X = rng.standard_normal((n, n_features))
+    W = np.zeros((n_features, 6))
+    W[:5] = rng.standard_normal((5, 6))
+    cluster_Y = cluster_X @ W + 2.0 * rng.standard_normal((n, 6))
+    cluster = np.repeat(np.arange(n), dup)
+    X = cluster_X[cluster] + 0.1 * rng.standard_normal((len(cluster), n_features))
+    Y = cluster_Y[cluster] + 0.1 * rng.standard_normal((len(cluster), 6))
+    return X, Y, cluster // clusters
+
+
+def test_ridge_grouped_alpha_matches_brute_force_held_out_sections():
+    X, Y, groups = _section_data()
+    alphas = [0.1, 10.0, 1000.0, 1e5]
+    head = RidgeHead(alphas=alphas, alpha_selection="grouped").fit(X, Y, groups=groups)
+    brute = np.zeros((len(alphas), Y.shape[1]))
+    for g in np.unique(groups):
+        train, test = groups != g, groups == g
+        scaler = StandardScaler().fit(X[train])   # the feature step is refitted on each fold's training rows
+        for a, alpha in enumerate(alphas):
+            ridge = Ridge(alpha=alpha).fit(scaler.transform(X[train]), Y[train])
+            brute[a] += ((ridge.predict(scaler.transform(X[test])) - Y[test]) ** 2).sum(axis=0) / len(X)
+    best = int(np.argmin(brute.sum(axis=1)))
+    assert head.alpha_selection_ == "grouped"
+    np.testing.assert_array_equal(head.alpha_, np.full(Y.shape[1], alphas[best]))
+    np.testing.assert_allclose(head.cv_errors_, brute[best], rtol=1e-6)
+
+
+def test_ridge_grouped_alpha_generalises_to_a_new_section_better_than_gcv():
+    X, Y, groups = _section_data(n_groups=5)
+    train, test = groups != 4, groups == 4
+    grouped = make_head("ridge").fit(X[train], Y[train], groups=groups[train])   # "auto" with groups
+    gcv = make_head("ridge", alpha_selection="gcv").fit(X[train], Y[train])
+    assert grouped.alpha_selection_ == "grouped" and gcv.alpha_selection_ == "gcv"
+    assert grouped.alpha_.min() > gcv.alpha_.max()     # within-section errors favour too little shrinkage
+    err = {name: float(((h.predict(X[test]) - Y[test]) ** 2).mean()) for name, h in (("grouped", grouped), ("gcv", gcv))}
+    assert err["grouped"] < err["gcv"]
+
+
+def test_ridge_auto_alpha_without_groups_is_gcv(planted):
+    X, Y, X_test, _ = planted
+    auto = make_head("ridge").fit(X, Y)
+    one_group = make_head("ridge").fit(X, Y, groups=np.zeros(len(X)))
+    gcv = make_head("ridge", alpha_selection="gcv").fit(X, Y)
+    assert auto.alpha_selection_ == one_group.alpha_selection_ == "gcv"
+    np.testing.assert_array_equal(auto.predict(X_test), gcv.predict(X_test))
+    np.testing.assert_array_equal(one_group.predict(X_test), gcv.predict(X_test))
+
+
+def test_ridge_grouped_alpha_bad_groups(planted):
+    X, Y, _, _ = planted
+    with pytest.raises(ValueError, match="at least two labels"):
+        make_head("ridge", alpha_selection="grouped").fit(X, Y)
+    with pytest.raises(ValueError, match="one label per row"):
+        make_head("ridge").fit(X, Y, groups=np.arange(5))
+    with pytest.raises(ValueError, match="alpha_selection"):
+        make_head("ridge", alpha_selection="kfold").fit(X, Y)

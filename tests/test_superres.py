@@ -22,6 +22,7 @@ from hexpr.heads.bags import Bags, aggregate, bag_support, fit_on_bags
 from hexpr.heads.base import HeadError
 from hexpr.heads.cv import cross_validate, make_folds
 from hexpr.heads.fitting import fit_head
+from hexpr.heads.metrics import pearson_per_gene
 from hexpr.heads.sweep import model_factory
 from hexpr.pipeline import app
 
@@ -261,3 +262,88 @@ def test_predict_slide_sub_tiles_below_8_slide_pixels_are_refused(tmp_path, tiny
     r = runner.invoke(app, ["predict-slide", str(tiny_model), str(slide), "--out", str(tmp_path / "o"), "--cache-dir",
                             str(tmp_path / "cache"), "--tile-um", "10", "--tile-um-per-px", "1", "--quiet"])
     assert r.exit_code == 2 and r.output.count("Error:") == 1 and "below the 8 px" in r.output
+
+
+# ---------------------------------------------------------------------------------------------
+# a bag model's outputs: predict rows name their observation; SpatialData gets the regions too
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def pooled_model(tmp_path_factory):
+    """A ridge fitted on 2 x 2 pooled spots of a generated legacy-ST section (sub-tiles of 112 µm)."""
+    root = tmp_path_factory.mktemp("pooled")
+    legacy_st(root / "st")
+    import_dataset(root / "st", root / "o", target_um_per_px=5.0, progress=False, pool_spots=2)
+    r = runner.invoke(app, ["fit-head", str(root / "o"), "--head", "ridge", "--out", str(root / "m"), "-b", TINY_BACKBONE,
+                            "--folds", "3", "--cache-dir", str(root / "cache"), "--quiet"])
+    assert r.exit_code == 0, r.output
+    return root
+
+
+def test_predict_on_a_pooled_import_names_each_rows_observation(pooled_model, tmp_path):
+    root = pooled_model
+    barcodes, bags, _, _, _ = read_bags(root / "o")
+    observation_of = dict(zip((f"S1/{b}" for b in barcodes), (f"S1/{b}" for b in bags)))
+    for suffix in ("csv", "h5ad"):
+        r = runner.invoke(app, ["predict", str(root / "m"), str(root / "o"), "--out", str(tmp_path / f"p.{suffix}"),
+                                "--cache-dir", str(root / "cache"), "--quiet"])
+        assert r.exit_code == 0, r.output
+    table = pd.read_csv(tmp_path / "p.csv", dtype={"ID": str})
+    assert list(table.columns[:2]) == ["ID", "observation"] and len(table) == 30
+    assert dict(zip(table["ID"], table["observation"])) == {i: observation_of[i] for i in table["ID"]}
+    adata = ad.read_h5ad(tmp_path / "p.h5ad")
+    assert dict(zip(adata.obs_names, adata.obs["observation"].astype(str))) == observation_of
+    # the CSV still reads as an expression table (the observation column is not a gene): the sub-tile
+    # predictions score against the same section imported as single spots
+    import_dataset(root / "st", tmp_path / "single", target_um_per_px=5.0, progress=False)
+    r = runner.invoke(app, ["evaluate", str(tmp_path / "p.csv"), str(tmp_path / "single"), "--json"])
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.output)
+    assert report["n_spots"] == 30 and report["n_genes"] == 12 and "aggregated" not in report
+    # against the pooled truth (one row per observation) each observation's sub-tile predictions are averaged
+    truth = open_dataset(root / "o").targets
+    rows = {"csv": table.drop(columns="ID"),
+            "h5ad": adata.to_df().astype(np.float64).assign(observation=adata.obs["observation"].astype(str))}
+    for suffix in ("csv", "h5ad"):
+        regions = rows[suffix].groupby("observation").mean().loc[truth.index, truth.columns]
+        r = runner.invoke(app, ["evaluate", str(tmp_path / f"p.{suffix}"), str(root / "o"), "--json"])
+        assert r.exit_code == 0, r.output
+        report = json.loads(r.output)
+        assert report["n_spots"] == 9 and "aggregated" in report
+        per_gene = pd.read_csv(report["per_gene_csv"]).set_index("gene")["pearson"]
+        expected = pearson_per_gene(regions.to_numpy(np.float64), truth.to_numpy(np.float64))
+        # genes whose region predictions vary well above float32 rounding (the tiny random backbone
+        # predicts some genes nearly constant, where r depends on the last bits)
+        varied = (regions.std() > 1e-4 * regions.abs().mean()).to_numpy()
+        assert varied.sum() >= 3
+        np.testing.assert_allclose(per_gene[truth.columns].to_numpy()[varied], expected[varied], atol=1e-4)
+
+
+def test_predict_slide_with_a_bag_model_writes_regions_as_a_second_shape_layer(pooled_model, tmp_path):
+    pytest.importorskip("spatialdata")
+    import spatialdata
+
+    model = json.loads((pooled_model / "m" / "model.json").read_text())
+    slide = write_tiff(tmp_path / "s.tif", synthetic_slide(0), um_per_px=2.0)
+    r = runner.invoke(app, ["predict-slide", str(pooled_model / "m"), str(slide), "--out", str(tmp_path / "o"),
+                            "--cache-dir", str(tmp_path / "cache"), "--tile-um-per-px", "2", "--outputs", "spatialdata",
+                            "--quiet"])
+    assert r.exit_code == 0, r.output
+    sdata = spatialdata.read_zarr(tmp_path / "o" / "s" / "spatialdata.zarr")
+    assert set(sdata.shapes) == {"tiles", "footprints"} and set(sdata.tables) == {"table", "footprint_table"}
+    tiles, regions = sdata.tables["table"], sdata.tables["footprint_table"]
+    assert regions.uns["spatialdata_attrs"]["region"] == "footprints"
+    assert model["subtile_um"] == 112.0 and model["subtiles_per_side"] == 2     # 2 x 2 pooled spots
+    tile_side = sdata.shapes["tiles"].geometry.iloc[0].bounds
+    region_side = sdata.shapes["footprints"].geometry.iloc[0].bounds
+    assert region_side[2] - region_side[0] == pytest.approx(2 * (tile_side[2] - tile_side[0]))   # 2 x 2 sub-tiles
+    footprint = tiles.obs["footprint"].to_numpy()
+    assert len(regions) < len(tiles) and set(footprint) == set(range(len(regions)))
+    boxes = sdata.shapes["footprints"].geometry
+    for f in range(len(regions)):
+        members = footprint == f
+        assert members.sum() == regions.obs["n_subtiles"].iloc[f]
+        # the region's prediction is the mean of its sub-tiles' (for a linear head, the region-level prediction)
+        np.testing.assert_allclose(regions.X[f], np.asarray(tiles.X)[members].mean(axis=0), rtol=1e-5, atol=1e-6)
+        x0, y0, x1, y1 = boxes.iloc[f].bounds
+        centres = tiles.obsm["spatial"][members]
+        assert ((centres[:, 0] > x0) & (centres[:, 0] < x1) & (centres[:, 1] > y0) & (centres[:, 1] < y1)).all()

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from hexpr.embedder.datasets import ID_COLUMN, numeric_columns, open_dataset
+from hexpr.embedder.datasets import ID_COLUMN, OBSERVATION_COLUMN, numeric_columns, open_dataset
 from hexpr.embedder.errors import DataError, MissingInputError
 from hexpr.heads.metrics import N_TOP_DEFAULT, challenge_score, pearson_per_gene, top_genes
 
@@ -95,9 +95,44 @@ def read_expression_table(path: str | Path) -> pd.DataFrame:
             raise DataError(f"{path}: needs an {ID_COLUMN!r} column (found {list(header)[:5]})")
         if "path" not in header:
             frame = pd.read_csv(path, dtype={ID_COLUMN: str}, low_memory=False)
-            genes = [c for c in frame.columns if c != ID_COLUMN]
+            genes = [c for c in frame.columns if c not in (ID_COLUMN, OBSERVATION_COLUMN)]
             return numeric_columns(frame, genes, path, "expression").set_axis(pd.Index(frame[ID_COLUMN], name=ID_COLUMN))
     dataset = open_dataset(path)
     if dataset.targets is None:
         raise DataError(f"{path} holds no expression values to compare with")
     return dataset.targets
+
+
+def read_observations(path: str | Path) -> pd.Series | None:
+    """The observation each row of a prediction table belongs to (``hexpr predict`` on a bagged
+    dataset writes it: the CSV's ``observation`` column, ``obs['observation']`` of an .h5ad), by row
+    id; None when the table has none."""
+    path = Path(path)
+    if path.suffix.lower() == ".h5ad":
+        import anndata
+
+        obs = anndata.read_h5ad(path, backed="r").obs
+        if OBSERVATION_COLUMN not in obs:
+            return None
+        return pd.Series(obs[OBSERVATION_COLUMN].astype(str).to_numpy(), index=obs.index.astype(str))
+    if path.suffix.lower() == ".csv":
+        import csv
+
+        with open(path, newline="") as f:
+            header = [c.strip() for c in next(csv.reader(f), [])]
+        if OBSERVATION_COLUMN not in header or ID_COLUMN not in header:
+            return None
+        frame = pd.read_csv(path, usecols=[ID_COLUMN, OBSERVATION_COLUMN], dtype=str)
+        return pd.Series(frame[OBSERVATION_COLUMN].to_numpy(), index=frame[ID_COLUMN].to_numpy())
+    return None
+
+
+def per_observation(pred: pd.DataFrame, observations: pd.Series | None, truth: pd.DataFrame) -> pd.DataFrame | None:
+    """Sub-tile predictions averaged per observation, when ``truth`` is measured per observation (its
+    ids are the observations, not the rows); None when that does not apply."""
+    if observations is None or truth.index.isin(pred.index).any():
+        return None
+    labels = observations.reindex(pred.index.astype(str))
+    if labels.isna().any() or not truth.index.isin(labels.to_numpy()).all():
+        return None
+    return pred.groupby(labels.to_numpy()).mean()

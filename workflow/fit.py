@@ -146,7 +146,8 @@ def _auto_feature_sets(features: FeatureSet, dataset, neighbours: int = 0, conte
     """The feature sets ``head="auto"`` chooses between: the embeddings alone ("plain") and, when the
     dataset has coordinates, with the mean embedding of the k nearest spots appended ("k6"; k =
     ``neighbours`` or 6). ``context``: (scales, scales -> features with those context scales); adds
-    one set per prefix of the scales ("c336", "c336+672"). Returns (name -> X, name -> feature meta
+    one set per prefix of the scales ("c336", "c336+672"), and each with the neighbours too
+    ("c336+k6", "c336+672+k6"). Returns (name -> X, name -> feature meta
     with its ``neighbours``)."""
     k = int(neighbours) or AUTO_NEIGHBOURS
     named = {"plain": (features, 0)}
@@ -156,7 +157,10 @@ def _auto_feature_sets(features: FeatureSet, dataset, neighbours: int = 0, conte
         warnings.warn("the data has no spot coordinates: head 'auto' tries no neighbour context", stacklevel=3)
     scales, with_scales = context or ((), None)
     for n in sorted({1, len(scales)}) if scales else ():
-        named["c" + "+".join(f"{s:g}" for s in scales[:n])] = (with_scales(scales[:n]), 0)
+        name = "c" + "+".join(f"{s:g}" for s in scales[:n])
+        named[name] = (with_scales(scales[:n]), 0)
+        if dataset.coords is not None:   # both contexts: the wider squares and the measured neighbours
+            named[f"{name}+k{k}"] = (with_dataset_context(named[name][0], dataset, k), k)
     X = {name: f.X for name, (f, _) in named.items()}
     meta = {name: {**f.meta(), "neighbours": kk} for name, (f, kk) in named.items()}
     return X, meta

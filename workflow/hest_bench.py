@@ -20,7 +20,7 @@ from hexpr.embedder.extract import check_embed_options
 from hexpr.embedder.features import ensure_features
 from hexpr.embedder.files import write_csv, write_json
 from hexpr.embedder.hest_bench import read_task
-from hexpr.heads.base import HeadError, head_param_names, make_head
+from hexpr.heads.base import HeadError, fit_with_supported, head_param_names, make_head
 from hexpr.heads.metrics import pearson_per_gene
 
 __all__ = ["hest_bench", "PUBLISHED_PARAMS"]
@@ -69,7 +69,7 @@ def hest_bench(task: str | Path, specs: list[BackboneSpec], *, heads=("hest",), 
                 raise HeadError(f"{bench.root}: {s.name} has no patches for its {'train' if not tr.any() else 'test'} "
                                 f"samples {list(s.train if not tr.any() else s.test)}")
             model = make_head(h, **({"seed": seed} if "seed" in _param_names(h) else {}), **configs[h])
-            model.fit(features.X[tr], Y[tr])
+            fit_with_supported(model, features.X[tr], Y[tr], groups=sample[tr])   # ridge: alpha on held-out samples
             r = pearson_per_gene(model.predict(features.X[te]), Y[te])
             per_split.append({"split": s.name, "n_train": int(tr.sum()), "n_test": int(te.sum()),
                               "pearson_mean": float(np.mean(r)), "pearson_per_gene": dict(zip(bench.genes, map(float, r)))})

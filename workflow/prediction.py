@@ -9,7 +9,7 @@ import pandas as pd
 from hexpr.embedder.backbones import hub_reachable
 from hexpr.embedder.cache import DEFAULT_CACHE_DIR
 from hexpr.embedder.context import format_um
-from hexpr.embedder.datasets import check_genes_match, open_dataset
+from hexpr.embedder.datasets import OBSERVATION_COLUMN, check_genes_match, open_dataset
 from hexpr.embedder.errors import MissingInputError
 from hexpr.embedder.extract import check_embed_options
 from hexpr.embedder.importers.names import safe_name
@@ -176,13 +176,19 @@ def predict(model_path, data, *, out=None, fmt: str | None = None, cache_dir=DEF
         out = folder / f"{dataset.name}.{fmt or 'csv'}"
     out = Path(out)
     fmt = fmt or ("h5ad" if out.suffix.lower() == ".h5ad" else "csv")
+    observations = dataset.patch_observations()   # a bagged dataset: each row names its observation
+    if observations is not None:
+        observations = pd.Series(observations, index=pd.Index(dataset.ids).astype(str)).reindex(frame.index.astype(str))
     if fmt == "h5ad":
         provenance = {"model": str(model_path), **model_facts(model_path, model), "config": config, "feature_meta": meta,
                       "dataset": str(dataset.source), "dataset_fingerprint": dataset.fingerprint(),
                       "cache_files": cache_files}
+        obs = None if observations is None else pd.DataFrame({OBSERVATION_COLUMN: pd.Categorical(observations.to_numpy())})
         write_anndata(out, frame, dataset.coords, None if dataset.groups is None else dataset.groups.to_numpy(), provenance,
-                      layers=layers)
+                      obs=obs, layers=layers)
     else:
-        write_table(out, frame)
+        write_table(out, frame if observations is None else frame.assign(**{OBSERVATION_COLUMN: observations.to_numpy()})
+                    [[OBSERVATION_COLUMN, *frame.columns]])
     return {"out": str(out), "n_spots": frame.shape[0], "n_genes": frame.shape[1], "format": fmt,
+            "n_observations": None if observations is None else int(observations.nunique()),
             "layers": sorted(layers) if fmt == "h5ad" else [], "uncertainty": config.get("uncertainty")}

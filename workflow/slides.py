@@ -20,10 +20,11 @@ from hexpr.embedder.slides import SlideError, find_slides, open_slide, slide_thu
 from hexpr.embedder.errors import UsageError
 from hexpr.embedder.tiling import TileGrid, tile_dataset, tile_grid, tissue_fraction, tissue_mask
 from hexpr.heads.bags import Bags, aggregate
+from hexpr.heads.fitting import BAG_SIDE_KEY
 from hexpr.heads.uncertainty import DEFAULT_INTERVAL, check_interval, check_model_interval
 from hexpr.workflow.options import POSITIVE, SHARE, WHOLE_NON_NEGATIVE, check_option, check_output_folder
 from hexpr.workflow.outputs.gene_sets import SCORE_METHOD, read_gene_sets, score_gene_sets
-from hexpr.workflow.outputs.slide_maps import SlideMap, parse_geojson_genes, parse_outputs, write_slide_outputs
+from hexpr.workflow.outputs.slide_maps import Footprints, SlideMap, parse_geojson_genes, parse_outputs, write_slide_outputs
 from hexpr.workflow.outputs.viewer import write_run_index
 from hexpr.workflow.prediction import load_predictor, model_facts, predict_with_uncertainty, predictor_meta
 
@@ -91,6 +92,24 @@ def coarse_cells(grid: TileGrid, kept: np.ndarray, fraction: np.ndarray, factor:
     side = grid.tile_px * factor
     cell_grid = TileGrid(cols * side, rows * side, rows, cols, side, side, -(-grid.n_rows // factor), n_cell_cols)
     return cell_grid, bags, tissue, bags.sizes
+
+
+def bag_footprints(fitted, grid: TileGrid, kept: np.ndarray, fraction: np.ndarray, frame: pd.DataFrame, outputs,
+                   factor: int) -> tuple[Footprints | None, np.ndarray | None]:
+    """A bag model's regions on the slide, for SpatialData: (cells of k x k sub-tiles with the mean of
+    their predictions, the footprint of each sub-tile when the slide is written at sub-tile resolution),
+    or (None, None) for a model fitted on single patches, a k of 1, no spatialdata output, or an
+    overlapping grid (--stride-um below the tile)."""
+    side = int((getattr(fitted, "extra", None) or {}).get(BAG_SIDE_KEY) or 1)
+    if side <= 1 or "spatialdata" not in outputs or not np.isclose(grid.stride_px, grid.tile_px):
+        return None, None
+    cells, bags, tissue, n_subtiles = coarse_cells(grid, kept, fraction, side)
+    names = pd.Index([f"footprint_{i}" for i in range(len(cells))], name=frame.index.name)
+    predictions = pd.DataFrame(aggregate(frame.to_numpy(), bags), index=names, columns=frame.columns)
+    obs = pd.DataFrame({"row": cells.rows, "col": cells.cols, "n_subtiles": n_subtiles.astype(np.int32),
+                        "tissue_fraction": tissue.astype(np.float32)})
+    return (Footprints(predictions, cells.centres, float(cells.tile_px), obs),
+            bags.index if factor == 1 else None)
 
 
 def rank_share(items: list, rank: int | None = None, world: int | None = None) -> list:
@@ -276,6 +295,7 @@ def _predict_one_slide(fitted, model_path, path: Path, final_dir: Path, scale: d
         if rank:   # rank 0 writes this slide's outputs from the shared cache
             return {"helper": True, "n_tiles": int(keep.sum())}
         n_subtiles = None
+        footprints, footprint_of = bag_footprints(fitted, grid, keep, fraction, frame, writing["outputs"], factor)
         if factor > 1:   # cells of factor x factor sub-tiles: the mean of their predictions
             tiles, bags, cell_fraction, n_subtiles = coarse_cells(grid, keep, fraction, factor)
             ids = tiles.ids()
@@ -289,6 +309,8 @@ def _predict_one_slide(fitted, model_path, path: Path, final_dir: Path, scale: d
         obs = pd.DataFrame({"row": tiles.rows, "col": tiles.cols, "tissue_fraction": fraction[keep].astype(np.float32)})
         if n_subtiles is not None:
             obs["n_subtiles"] = n_subtiles.astype(np.int32)
+        if footprint_of is not None:
+            obs["footprint"] = footprint_of.astype(np.int32)
         provenance = {"model": str(model_path), **model_facts(model_path, fitted), "config": config, "feature_meta": predictor_meta(fitted),
                       "slide": str(Path(path).resolve()), "slide_size_px": [int(slide.width), int(slide.height)],
                       "um_per_px": slide.um_per_px, "um_per_px_source": slide.um_per_px_source,
@@ -308,7 +330,7 @@ def _predict_one_slide(fitted, model_path, path: Path, final_dir: Path, scale: d
         slide_map = SlideMap(path.stem, frame, tiles.centres, tile_px, stride_px, thumbnail, thumb_scale, obs, provenance,
                              scores=score_gene_sets(frame, writing["gene_sets"]), heatmap_genes=chosen,
                              geojson_genes=geojson_genes, layers=layers, model=Path(model_path).name,
-                             unit=(predictor_meta(fitted) or {}).get("target_unit"))
+                             unit=(predictor_meta(fitted) or {}).get("target_unit"), footprints=footprints)
         with atomic_dir(final_dir) as tmp:
             written = write_slide_outputs(slide_map, tmp, writing["outputs"])
         heatmaps = {g: str(final_dir / name) for g, name in written.get("heatmaps", {}).items()

@@ -25,6 +25,17 @@ H5AD_COMPRESSION = "gzip"
 
 
 @dataclass
+class Footprints:
+    """The coarse regions a bag model learned from, laid on the slide: cells of k x k sub-tiles (k =
+    the model's sub-tiles per observation side) holding the mean of their sub-tiles' predictions,
+    i.e. the model's region-level prediction. Level-0 pixels, like ``SlideMap``."""
+    predictions: pd.DataFrame          # footprints x genes
+    centres: np.ndarray                # (n, 2) footprint centres
+    tile_px: float                     # footprint side
+    obs: pd.DataFrame                  # row, col, n_subtiles, tissue_fraction
+
+
+@dataclass
 class SlideMap:
     """One slide's tile predictions. Coordinates are level-0 slide pixels (x right, y down)."""
     name: str                          # the slide's stem: scanpy's library_id
@@ -42,6 +53,7 @@ class SlideMap:
     layers: dict[str, pd.DataFrame] = field(default_factory=dict)   # uncertainty: std, lower, upper (tiles x genes)
     model: str = "the model"           # the model's name, in the heatmaps' titles
     unit: str | None = None            # what the predictions measure (the training targets' unit), on colour bars
+    footprints: Footprints | None = None   # a bag model's region-level cells (SpatialData's second shape layer)
 
     def unit_label(self) -> str:
         return self.unit or "training target units"
@@ -70,8 +82,11 @@ def _write_geojson(m: SlideMap, folder: Path) -> dict[str, str]:
 
 
 def _write_spatialdata(m: SlideMap, folder: Path) -> dict[str, str]:
+    footprints = None if m.footprints is None else (m.footprints.predictions, m.footprints.centres, m.footprints.tile_px,
+                                                    m.footprints.obs)
     write_spatialdata(folder / "spatialdata.zarr", m.predictions, m.centres, m.tile_px, m.thumbnail, m.thumbnail_scale,
-                      obs=m.tile_obs(), uns={"hexpr": provenance_uns(m.provenance)}, layers=m.layers)
+                      obs=m.tile_obs(), uns={"hexpr": provenance_uns(m.provenance)}, layers=m.layers,
+                      footprints=footprints)
     return {"spatialdata": "spatialdata.zarr"}
 
 
