@@ -125,19 +125,38 @@ def cross_validate(make_model, X, Y, folds, *, n_top: int = N_TOP_DEFAULT, group
             if fold_spread is not None:
                 spread = np.full(Y.shape, np.nan) if spread is None else spread
                 spread[test] = fold_spread
-            floor = np.tile(MeanHead().fit(Y[train], Y[train]).mean_, (len(test), 1))
-            row = {"fold": i, "n_train": int(len(train)), "n_test": int(len(test)),
-                   "fit_seconds": round(fit_seconds, 3)}
-            if groups is not None:   # which slides / sections this fold held out
-                row["held_out"] = [str(g) for g in dict.fromkeys(groups[test].tolist())]
-            row.update(score_with_panels(oof[test], Y[test], panels))
-            row.update({"mean_head_" + k: v for k, v in score_with_panels(floor, Y[test], panels).items()})
-            rows.append(row)
+            rows.append(_fold_row(i, train, test, oof, Y, groups, panels, fit_seconds))
             advance()
+    return CVResult(oof=oof, report=_cv_report(rows, oof, n_top), spread=spread)
+
+
+def _fold_row(i, train, test, oof, Y, groups, panels, fit_seconds: float) -> dict:
+    """One fold's scores: the model's held-out predictions and the mean head's, on the training panels."""
+    floor = np.tile(MeanHead().fit(Y[train], Y[train]).mean_, (len(test), 1))
+    row = {"fold": i, "n_train": int(len(train)), "n_test": int(len(test)), "fit_seconds": round(fit_seconds, 3)}
+    if groups is not None:   # which slides / sections this fold held out
+        row["held_out"] = [str(g) for g in dict.fromkeys(groups[test].tolist())]
+    row.update(score_with_panels(oof[test], Y[test], panels))
+    row.update({"mean_head_" + k: v for k, v in score_with_panels(floor, Y[test], panels).items()})
+    return row
+
+
+def score_oof(oof, Y, folds, *, n_top: int = N_TOP_DEFAULT, groups=None, fit_seconds=None) -> CVResult:
+    """The CV report of out-of-fold predictions made elsewhere (e.g. a blend of two heads' OOF
+    predictions over the same ``folds``), scored exactly as ``cross_validate`` scores its own."""
+    oof, Y = np.asarray(oof, dtype=np.float64), np.asarray(Y, dtype=np.float64)
+    groups = None if groups is None else np.asarray(groups)
+    seconds = list(fit_seconds) if fit_seconds is not None else [0.0] * len(folds)
+    rows = [_fold_row(i, train, test, oof, Y, groups, training_panels(Y[train], n_top), seconds[i])
+            for i, (train, test) in enumerate(folds)]
+    return CVResult(oof=oof, report=_cv_report(rows, oof, n_top), spread=None)
+
+
+def _cv_report(rows: list[dict], oof: np.ndarray, n_top: int) -> dict:
     model_summary = summarize_folds(rows)
     floor_summary = summarize_folds(rows, prefix="mean_head_")
-    report = {
-        "n_folds": len(folds), "n_top": int(n_top),
+    return {
+        "n_folds": len(rows), "n_top": int(n_top),
         "n_predicted_spots": int((~np.isnan(oof[:, 0])).sum()),
         "model": model_summary,
         "mean_head": floor_summary,
@@ -145,4 +164,3 @@ def cross_validate(make_model, X, Y, folds, *, n_top: int = N_TOP_DEFAULT, group
         "fit_seconds": float(sum(r["fit_seconds"] for r in rows)),
         "folds": rows,
     }
-    return CVResult(oof=oof, report=report, spread=spread)

@@ -4,7 +4,8 @@
 ``groups`` is passed to ``fit``) gives out-of-fold predictions of every member on the training
 data; the weights -- non-negative, summing to 1 -- minimise their squared error (each gene scaled
 by its training standard deviation when ``balance_genes``, so every gene counts alike). Members
-are then refitted on all the training data.
+are then refitted on all the training data. Fixed ``weights`` skip the inner CV (``--head auto``'s
+blends: their weights were scored on the outer folds already).
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from sklearn.base import clone
 
 from hexpr.heads.base import Head, HeadError, fit_with_supported, make_head
 from hexpr.heads.cv import make_folds
-from hexpr.heads.params import SEED, Bool, Constraint, Int
+from hexpr.heads.params import NON_NEGATIVE, SEED, Bool, Constraint, Int, NoneOr, RealList
 
 
 def simplex_weights(predictions: list[np.ndarray], Y: np.ndarray) -> np.ndarray:
@@ -68,15 +69,17 @@ class Members(Constraint):
 class EnsembleHead(Head):
     """Non-negative, sum-to-one blend of member heads fitted on inner out-of-fold predictions."""
 
-    param_constraints = {"members": Members(), "n_folds": Int(2), "balance_genes": Bool(), "seed": SEED}
+    param_constraints = {"members": Members(), "n_folds": Int(2), "balance_genes": Bool(),
+                         "weights": NoneOr(RealList(NON_NEGATIVE)), "seed": SEED}
 
     search_space: dict = {}
 
     def __init__(self, members=("ridge", "knn"), n_folds: int = 3, balance_genes: bool = True,
-                 seed: int = 0):
+                 weights=None, seed: int = 0):
         self.members = members
         self.n_folds = n_folds
         self.balance_genes = balance_genes
+        self.weights = weights
         self.seed = seed
 
     @property
@@ -91,21 +94,33 @@ class EnsembleHead(Head):
         members = [as_member(m) for m in self.members]
         if not members:
             raise ValueError("an ensemble needs at least one member head")
-        folds = make_folds(X.shape[0], *self._inner_folds(groups), seed=self.seed)
-        oof = [np.zeros_like(Y) for _ in members]
-        for train, test in folds:
-            for j, member in enumerate(members):
-                model = fit_with_supported(clone(member), X[train], Y[train], inverse_targets=inverse_targets,
-                                           reference_targets=None if reference is None else reference[train])
-                oof[j][test] = model.predict(X[test])
-        scale = Y.std(axis=0) if self.balance_genes else np.ones(Y.shape[1])
-        scale = np.where(scale > 0, scale, 1.0)
-        self.weights_ = simplex_weights([p / scale for p in oof], Y / scale)
+        groups = None if groups is None else np.asarray(groups)
+        if self.weights is not None:
+            self.weights_ = self._fixed_weights(len(members))
+        else:
+            folds = make_folds(X.shape[0], *self._inner_folds(groups), seed=self.seed)
+            oof = [np.zeros_like(Y) for _ in members]
+            for train, test in folds:
+                for j, member in enumerate(members):
+                    model = fit_with_supported(clone(member), X[train], Y[train], inverse_targets=inverse_targets,
+                                               reference_targets=None if reference is None else reference[train],
+                                               groups=None if groups is None else groups[train])
+                    oof[j][test] = model.predict(X[test])
+            scale = Y.std(axis=0) if self.balance_genes else np.ones(Y.shape[1])
+            scale = np.where(scale > 0, scale, 1.0)
+            self.weights_ = simplex_weights([p / scale for p in oof], Y / scale)
         self.member_names_ = [type(m).name or type(m).__name__ for m in members]
-        self.members_ = [fit_with_supported(clone(m), X, Y, reference_targets=reference,
+        self.members_ = [fit_with_supported(clone(m), X, Y, reference_targets=reference, groups=groups,
                                             inverse_targets=inverse_targets) if w > 0 else None
                          for m, w in zip(members, self.weights_)]
         return self
+
+    def _fixed_weights(self, n_members: int) -> np.ndarray:
+        weights = np.asarray(self.weights, dtype=np.float64).reshape(-1)
+        if len(weights) != n_members or (weights < 0).any() or weights.sum() <= 0:
+            raise ValueError(f"weights must be {n_members} non-negative numbers (one per member) with a positive sum, "
+                             f"got {list(self.weights)}")
+        return weights / weights.sum()
 
     def _inner_folds(self, groups):
         """(k, groups) for the inner CV: as many grouped folds as there are groups (at most

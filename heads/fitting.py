@@ -35,10 +35,12 @@ from hexpr.heads.sweep import (
     AUTO_BAG,
     as_feature_sets,
     auto_candidates,
+    blend_rows,
     check_space,
     load_kept_cv,
     load_search_file,
     model_factory,
+    ranked,
     run_sweep,
     score_configs,
     split_params,
@@ -319,12 +321,15 @@ def _fit_into(work: Path, X, Y, gene_names, *, head, params, transform, folds, g
         result = score_configs(candidates, feature_sets, Y, fold_list, n_top=n_top, groups=groups, n_jobs=n_jobs,
                                progress=progress, description=f"auto: scoring {len(candidates)} candidates", keep_dir=kept,
                                bags=bags)
+        blends = [] if bags is not None else blend_rows(result.rows, kept, Y, fold_list, n_top=n_top, groups=groups)
+        if blends:   # ridge + mlp on one feature set, scored from their out-of-fold predictions
+            result = ranked(result.rows + blends)
         config = result.best
         cv = load_kept_cv(kept, int(result.leaderboard["trial"].iloc[0]))  # the winner's CV, not run again
         shutil.rmtree(kept)
         write_csv(work / LEADERBOARD_FILE, result.leaderboard, index=False)
         columns = ["rank", "recipe", "score", "pearson_hvg", "pearson_all_genes", "seconds", "error"]
-        auto_info = {"n_candidates": len(candidates), "chosen": config.get("recipe", config["head"]), "config": config,
+        auto_info = {"n_candidates": len(candidates), "n_blends": len(blends), "chosen": config.get("recipe", config["head"]), "config": config,
                      "leaderboard": str(out_dir / LEADERBOARD_FILE),
                      "candidates": result.leaderboard[[c for c in columns if c in result.leaderboard]].to_dict(orient="records")}
     elif sweep is not None or trials is not None:

@@ -1,4 +1,5 @@
-"""Linear heads: ridge with a per-gene penalty chosen in closed form, and HEST-Benchmark's recipe.
+"""Linear heads: ridge with its penalty chosen in closed form (on held-out groups, or per gene), and
+HEST-Benchmark's recipe.
 
 ``ridge``: features standardized (optionally reduced to ``n_components`` principal components by
 the shared ``FeaturePCA`` step). One eigendecomposition (of Z'Z, or of ZZ' when there are fewer rows
@@ -11,9 +12,9 @@ How alpha is chosen (``alpha_selection``):
   in turn (at most ``MAX_GROUP_FOLDS`` grouped folds) and one alpha, shared by all genes, minimises
   the held-out squared error summed over genes (as the ridge loss itself: variable genes weigh
   more, and genes with little signal, which would want no fit at all, do not set the penalty for
-  the rest). Neighbouring spots of one
-  section are alike, so errors measured within the training sections (GCV, leave-one-out) favour
-  too little shrinkage for a new section; held-out sections do not.
+  the rest). Neighbouring spots of one section are alike, so errors measured within the training
+  sections (GCV, leave-one-out) favour too little shrinkage for a new section; held-out sections
+  do not.
 * ``"gcv"``: generalised cross-validation, one alpha per gene; ``"loo"``: exact leave-one-out, one
   alpha per gene.
 * ``"auto"`` (default): ``"grouped"`` when ``fit`` gets ``groups`` with at least two distinct
@@ -164,12 +165,14 @@ class RidgeHead(Head):
 
     def fit(self, X, Y, subtile_features=None, subtile_bags=None, groups=None):
         """``groups``: one label per row (slide, section): alpha is then chosen on held-out groups
-        (``alpha_selection`` "auto" or "grouped"). ``subtile_features``: when X holds bag means (heads.bags), the sub-tiles themselves: the
+        (``alpha_selection`` "auto" or "grouped").
+
+        ``subtile_features``: when X holds bag means (heads.bags), the sub-tiles themselves: the
         standardization (and PCA) is fitted on them, so a feature that varies between sub-tiles but
         averages out over a bag is not blown up when single sub-tiles are predicted.
         ``subtile_bags`` (the row of X each sub-tile belongs to): alpha is then chosen for the
-        sub-tiles, by the GCV error of the bag means plus the spread of the sub-tile predictions
-        around their bag's prediction (``subtile_spread``)."""
+        sub-tiles, by the error of the bag means (held-out groups or GCV) plus the spread of the
+        sub-tile predictions around their bag's prediction (``subtile_spread``)."""
         X, Y = self._start_fit(X, Y)
         selection = self._selection(groups, X.shape[0])
         alphas = np.asarray(sorted(self.alphas), dtype=np.float64)

@@ -32,7 +32,7 @@ from threadpoolctl import threadpool_limits
 from hexpr.embedder.files import read_config
 from hexpr.heads.bagging import bagged_config
 from hexpr.heads.base import HeadError, default_search_space, head_param_names, make_head, progress_task
-from hexpr.heads.cv import METRICS, CVResult, cross_validate
+from hexpr.heads.cv import METRICS, CVResult, cross_validate, score_oof
 from hexpr.heads.metrics import N_TOP_DEFAULT
 from hexpr.heads.targets import TargetTransformed, make_transform
 
@@ -310,6 +310,58 @@ def score_configs(configs: list[dict], features, Y, folds, *, n_top: int = N_TOP
 # --------------------------------------------------------------------------------------------
 AUTO_HEADS = ("ridge", "mlp")
 AUTO_BAG = 5
+
+
+def _auto_kind(config: dict) -> str | None:
+    """"ridge" or "mlp" (alone or bagged) for auto's candidates, else None."""
+    head, params = config["head"], config.get("params") or {}
+    if head == "bagged":
+        head = params.get("head")
+    return head if head in AUTO_HEADS else None
+
+
+def blend_rows(rows: list[dict], keep_dir, Y, folds, *, n_top: int = N_TOP_DEFAULT, groups=None) -> list[dict]:
+    """Leaderboard rows for auto's blends: on each feature set where a ridge and an mlp candidate
+    both succeeded, the equal-weight mean of the two, scored from their kept out-of-fold predictions
+    (no model is fitted again). A blend's config is an ``ensemble`` head with fixed weights, so the
+    refit predicts exactly what was scored. Its OOF predictions and CV report are kept like the
+    others' (``load_kept_cv``)."""
+    keep_dir = Path(keep_dir)
+    pairs: dict[str, dict[str, dict]] = {}
+    for row in sorted(rows, key=lambda r: r["config"]["trial"]):
+        kind = _auto_kind(row["config"])
+        if kind is not None and row.get("error") is None and np.isfinite(row.get("score", np.nan)):
+            pairs.setdefault(row["config"]["features"], {}).setdefault(kind, row)
+    trial = max(r["config"]["trial"] for r in rows) + 1
+    blends = []
+    for features, pair in pairs.items():
+        if set(pair) != set(AUTO_HEADS):
+            continue
+        members = [pair[kind]["config"] for kind in AUTO_HEADS]
+        if len({m["transform"] for m in members}) != 1:
+            continue
+        oof = np.mean([np.load(keep_dir / f"oof_{m['trial']}.npy") for m in members], axis=0)
+        seconds = [sum(f["fit_seconds"] for f in fold) for fold in
+                   zip(*(json.loads((keep_dir / f"cv_{m['trial']}.json").read_text())["folds"] for m in members))]
+        cv = score_oof(oof, Y, folds, n_top=n_top, groups=groups, fit_seconds=seconds)
+        config = {"recipe": " + ".join(m.get("recipe", m["head"]).replace(f" on {features}", "") for m in members)
+                  + f" on {features}", "head": "ensemble", "features": features, "transform": members[0]["transform"],
+                  "params": {"members": [{"head": m["head"], "params": m["params"]} for m in members],
+                             "weights": [1.0] * len(members)}, "trial": trial}
+        np.save(keep_dir / f"oof_{trial}.npy", cv.oof)
+        (keep_dir / f"cv_{trial}.json").write_text(json.dumps(cv.report, default=float))
+        blends.append({"config": config, **cv.report["model"], "ratio_to_mean": cv.report["ratio_to_mean"],
+                       "mean_head_score": cv.report["mean_head"]["score"], "error": None,
+                       "seconds": round(sum(pair[k]["seconds"] for k in AUTO_HEADS), 3)})
+        trial += 1
+    return blends
+
+
+def ranked(rows: list[dict]) -> SweepResult:
+    """The leaderboard of ``rows`` (each holding its config) and its best config."""
+    board = leaderboard_frame(rows)
+    best = next(r["config"] for r in rows if r["config"]["trial"] == int(board["trial"].iloc[0]))
+    return SweepResult(leaderboard=board, best={k: v for k, v in best.items() if k != "trial"}, rows=rows)
 AUTO_NEIGHBOURS = 6
 AUTO_CONTEXT_MULTIPLES = (3, 6)   # context scales auto tries: none, 3x, then 3x + 6x the patch size
 

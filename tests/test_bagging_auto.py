@@ -12,7 +12,7 @@ from hexpr.heads.model_files import load_head, save_head
 from hexpr.heads import make_head
 from hexpr.heads.base import HeadError
 from hexpr.heads.fitting import fit_head, load_model
-from hexpr.heads.sweep import auto_candidates
+from hexpr.heads.sweep import auto_candidates, model_factory
 from hexpr.pipeline import app
 
 runner = CliRunner()
@@ -100,8 +100,18 @@ def test_auto_scores_every_candidate_on_grouped_folds_and_refits_the_best(data, 
     for train, test in seen["folds"]:
         assert not set(groups[train]) & set(groups[test])
     board = pd.read_csv(tmp_path / "m" / "leaderboard.csv")
-    assert sorted(board["recipe"]) == sorted(["ridge on plain", "ridge on k6", "mlp bag2 on plain", "mlp bag2 on k6"])
+    assert sorted(board["recipe"]) == sorted(["ridge on plain", "ridge on k6", "mlp bag2 on plain", "mlp bag2 on k6",
+                                              "ridge + mlp bag2 on plain", "ridge + mlp bag2 on k6"])
     assert board["score"].is_monotonic_decreasing and board["error"].isna().all()
+    assert report["auto"]["n_candidates"] == 4 and report["auto"]["n_blends"] == 2
+    # a blend is scored from its members' out-of-fold predictions: the same score as cross-validating
+    # the fixed-weight ensemble of the two from scratch on the same folds
+    blend = json.loads(board.loc[board["recipe"] == "ridge + mlp bag2 on k6", "config"].iloc[0])
+    assert blend["head"] == "ensemble" and blend["params"]["weights"] == [1.0, 1.0]
+    fresh = original_cv(model_factory(blend["head"], blend["params"], blend["transform"]), X_sets["k6"], Y,
+                        seen["folds"], groups=groups)
+    assert board.loc[board["recipe"] == "ridge + mlp bag2 on k6", "score"].iloc[0] == pytest.approx(
+        fresh.report["model"]["score"], rel=1e-5)
     assert report["auto"]["chosen"] == board["recipe"].iloc[0]
     # the winner's CV (score, out-of-fold predictions) comes from the candidate scoring, not a rerun
     assert reruns == []
@@ -113,6 +123,21 @@ def test_auto_scores_every_candidate_on_grouped_folds_and_refits_the_best(data, 
     assert fitted.config["recipe"] == board["recipe"].iloc[0]
     assert fitted.feature_meta == {"neighbours": 6 if "k6" in fitted.config["recipe"] else 0}
     assert fitted.n_features == X_sets[fitted.config["features"]].shape[1]
+
+
+def test_a_blend_refits_as_the_fixed_weight_mean_of_its_members_and_reloads(data, tmp_path):
+    X, Y, X_test = data
+    groups = np.repeat(["a", "b", "c"], 40)
+    mlp = {"head": "bagged", "params": {"head": "mlp", "params": FAST_MLP, "n_seeds": 2, "seed": 0}}
+    blend = make_head("ensemble", members=[{"head": "ridge", "params": {}}, mlp], weights=[1.0, 1.0]).fit(X, Y, groups=groups)
+    ridge = make_head("ridge").fit(X, Y, groups=groups)
+    bagged = make_head(mlp["head"], **mlp["params"]).fit(X, Y)
+    np.testing.assert_allclose(blend.weights_, [0.5, 0.5])
+    np.testing.assert_allclose(blend.predict(X_test), (ridge.predict(X_test) + bagged.predict(X_test)) / 2, rtol=1e-6, atol=1e-6)
+    save_head(blend, tmp_path / "blend")
+    np.testing.assert_array_equal(load_head(tmp_path / "blend").predict(X_test), blend.predict(X_test))
+    with pytest.raises(ValueError, match="one per member"):
+        make_head("ensemble", members=["ridge", "mean"], weights=[1.0]).fit(X, Y)
 
 
 def _with_coords(csv):
@@ -131,7 +156,7 @@ def test_cli_fit_head_auto_end_to_end(tmp_path):
     assert r.exit_code == 0, r.output
     assert "auto chose" in r.output and "grouped" in r.output
     board = pd.read_csv(model / "leaderboard.csv")
-    assert len(board) == 4 and set(board["features"]) == {"plain", "k6"}
+    assert len(board) == 6 and set(board["features"]) == {"plain", "k6"}     # 4 candidates + 2 blends
     report = json.loads((model / "cv_report.json").read_text())
     assert report["auto"]["chosen"] == board["recipe"].iloc[0]
     assert report["auto"]["chosen"] in " ".join(r.output.split())
