@@ -64,7 +64,8 @@ def _check_transform(spec):
 
 
 HEAD_HELP = ("Head: mean | ridge | hest | mlp | gbm | knn | bleep | ensemble | bagged | ridge_streamed | mlp_streamed | "
-             "auto (ridge or bagged mlp, with or without neighbour context or context scales, picked by grouped CV).")
+             "auto (ridge, bagged mlp or their blend, with or without neighbour context or context scales, picked by "
+             "grouped CV).")
 TRANSFORM_HELP = "none | log1p | standardize | robust | minmax, or a chain of them joined by '+' (e.g. log1p+standardize)."
 
 # ----------------------------------------------------------------------------- shared options
@@ -281,7 +282,8 @@ def _print_cv(report: dict) -> None:
                   f"leaderboard {report['sweep']['leaderboard']}")
     if report.get("auto"):
         auto = report["auto"]
-        out.print(f"auto: {auto['n_candidates']} candidates by CV score: "
+        blends = f" and {auto['n_blends']} blends" if auto.get("n_blends") else ""
+        out.print(f"auto: {auto['n_candidates']} candidates{blends} by CV score: "
                   + "; ".join(f"{c['recipe']} {c['score']:.4f}" for c in auto["candidates"])
                   + f"\nauto chose {auto['chosen']} (leaderboard {auto['leaderboard']})", markup=False, highlight=False)
     replaced = f"; it replaced a model fitted on {report['replaced_backbones']}" if report.get("replaced_backbones") else ""

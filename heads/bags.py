@@ -14,8 +14,8 @@ observation: ``index[i]`` is the observation of patch ``i``. Heads see bags thro
   the sub-tiles themselves (``fit(..., subtile_features=X)``), not on the bag means: a feature
   that varies from sub-tile to sub-tile but averages out over a bag keeps its sub-tile scale, so
   the ridge penalty holds it down; and ridge's alpha is chosen for sub-tiles (``subtile_bags``:
-  the error of the bag means -- on held-out groups when ``fit`` gets groups, else GCV -- plus the
-  spread of sub-tile predictions around their bag's). On her2st
+  GCV of the bag means plus the spread of sub-tile predictions around their bag's, moved by the
+  grid steps held-out groups prefer when ``fit`` gets groups). On her2st
   (README, benchmarks/superres_her2st.py) these lifted the super-resolved 2x2 ridge from 0.156
   to 0.171 and 0.198.
 * ``"bag_loss"`` (mlp, and a bagged mlp): the head's ``fit`` takes ``bags=`` and trains on the

@@ -8,13 +8,14 @@ once, an error is computed in closed form and the alpha with the smallest error 
 
 How alpha is chosen (``alpha_selection``):
 
-* ``"grouped"``: each group (slide, section, patient: the ``groups`` given to ``fit``) is held out
-  in turn (at most ``MAX_GROUP_FOLDS`` grouped folds) and one alpha, shared by all genes, minimises
-  the held-out squared error summed over genes (as the ridge loss itself: variable genes weigh
-  more, and genes with little signal, which would want no fit at all, do not set the penalty for
-  the rest). Neighbouring spots of one section are alike, so errors measured within the training
-  sections (GCV, leave-one-out) favour too little shrinkage for a new section; held-out sections
-  do not.
+* ``"grouped"``: each gene keeps its GCV alpha, moved by a number of grid steps shared by all
+  genes (``alpha_shift_``) that is chosen on held-out groups: each group (slide, section, patient:
+  the ``groups`` given to ``fit``) is held out in turn (at most ``MAX_GROUP_FOLDS`` grouped folds),
+  GCV picks each gene's alpha on the other groups, and the shift whose moved alphas give the
+  smallest held-out squared error summed over genes wins. Neighbouring spots of one section are
+  alike, so errors measured within the training sections (GCV, leave-one-out) favour too little
+  shrinkage for a new section; held-out sections do not. GCV keeps what it does well (which genes
+  need more shrinkage than others); the held-out groups set the overall level.
 * ``"gcv"``: generalised cross-validation, one alpha per gene; ``"loo"``: exact leave-one-out, one
   alpha per gene.
 * ``"auto"`` (default): ``"grouped"`` when ``fit`` gets ``groups`` with at least two distinct
@@ -67,30 +68,42 @@ def group_folds(groups, max_folds: int = MAX_GROUP_FOLDS) -> list[tuple[np.ndarr
     return [(np.flatnonzero(fold_of != f), np.flatnonzero(fold_of == f)) for f in range(k)]
 
 
-def grouped_errors(X, Y, folds, alphas, intercept: bool, make_step, subtile_features=None,
-                   subtile_bags=None) -> np.ndarray:
-    """Held-out squared error (n_alphas, G), averaged over every row held out once by ``folds``; the
-    feature step (``make_step()``: standardization, PCA) is fitted on each fold's training rows (or
-    on their sub-tiles, when X holds bag means), as the final fit's is on all of them, so a held-out
-    group's shift in the features is kept."""
-    errors = np.zeros((len(alphas), Y.shape[1]))
+def grouped_shift(X, Y, folds, alphas, intercept: bool, make_step, extra=None, subtile_features=None,
+                  subtile_bags=None) -> tuple[int, np.ndarray]:
+    """How many steps of the alpha grid to add to every gene's GCV alpha, chosen on held-out groups:
+    (shift, per-gene held-out error at the shifted alphas). In each fold (``folds``: whole groups
+    held out) the feature step (``make_step()``: standardization, PCA) is fitted on the training
+    rows (or their sub-tiles, when X holds bag means) and each gene's alpha is chosen by GCV there;
+    the shift is the one whose shifted alphas give the smallest held-out squared error summed over
+    genes and folds. ``extra`` (n_alphas, G), e.g. the sub-tile spread, is added to both criteria."""
+    n_alphas, n_genes = len(alphas), Y.shape[1]
+    extra = np.zeros((n_alphas, n_genes)) if extra is None else extra
+    genes = np.arange(n_genes)
+    fold_best, fold_errors = [], []
     for train, test in folds:
         step_rows = X[train] if subtile_features is None else subtile_features[np.isin(subtile_bags, train)]
         step = make_step().fit(step_rows)
-        offset = Y[train].mean(axis=0) if intercept else np.zeros(Y.shape[1])
-        s2, V, Q = _eigen_path(step.transform(X[train]), Y[train] - offset)
+        offset = Y[train].mean(axis=0) if intercept else np.zeros(n_genes)
+        Z, Yc = step.transform(X[train]), Y[train] - offset
+        s2, V, Q = _eigen_path(Z, Yc)
+        fold_best.append(np.argmin(gcv_errors(s2, Q, (Yc * Yc).sum(axis=0), Z.shape[0], alphas, intercept) + extra,
+                                   axis=0))
         P = step.transform(X[test]) @ V                   # held-out rows in the eigenbasis (n_test, k)
+        errors = np.empty((n_alphas, n_genes))
         for i, alpha in enumerate(alphas):
-            for g0 in range(0, Y.shape[1], _GENE_CHUNK):
+            for g0 in range(0, n_genes, _GENE_CHUNK):
                 g = slice(g0, g0 + _GENE_CHUNK)
                 resid = P @ (Q[:, g] / (s2[:, None] + alpha)) + offset[g] - Y[test][:, g]
-                errors[i, g] += (resid * resid).sum(axis=0)
-    return errors / sum(len(test) for _, test in folds)
+                errors[i, g] = (resid * resid).mean(axis=0)
+        fold_errors.append((errors + extra) * len(test))
+    n_held_out = sum(len(test) for _, test in folds)
 
+    def held_out(shift):   # per gene, over all held-out rows, at each fold's GCV alphas moved by ``shift``
+        return sum(err[np.clip(best + shift, 0, n_alphas - 1), genes]
+                   for best, err in zip(fold_best, fold_errors)) / n_held_out
 
-def shared_alpha(errors: np.ndarray) -> int:
-    """The index of the one alpha with the smallest error summed over genes."""
-    return int(np.argmin(errors.sum(axis=1)))
+    shift = min(range(-(n_alphas - 1), n_alphas), key=lambda k: (float(held_out(k).sum()), abs(k)))
+    return shift, held_out(shift)
 
 
 def gcv_errors(s2, Q, total_ss, n, alphas, intercept: bool) -> np.ndarray:
@@ -140,8 +153,8 @@ def subtile_spread(Z_sub, bag_of, Z_mean, s2, V, Q, alphas) -> np.ndarray:
 
 
 class RidgeHead(Head):
-    """Ridge regression; alpha chosen on held-out groups ("grouped": one alpha for all genes), by GCV
-    ("gcv") or leave-one-out ("loo") per gene, or "auto": grouped when ``fit`` gets groups."""
+    """Ridge regression with one alpha per gene: by GCV ("gcv"), leave-one-out ("loo"), or GCV moved
+    by the grid steps held-out groups prefer ("grouped"); "auto": grouped when ``fit`` gets groups."""
 
     param_constraints = {"alphas": RealList(POSITIVE), "n_components": N_COMPONENTS,
                          "alpha_selection": Options(*ALPHA_SELECTIONS), "fit_intercept": Bool(), "seed": SEED}
@@ -171,8 +184,8 @@ class RidgeHead(Head):
         standardization (and PCA) is fitted on them, so a feature that varies between sub-tiles but
         averages out over a bag is not blown up when single sub-tiles are predicted.
         ``subtile_bags`` (the row of X each sub-tile belongs to): alpha is then chosen for the
-        sub-tiles, by the error of the bag means (held-out groups or GCV) plus the spread of the
-        sub-tile predictions around their bag's prediction (``subtile_spread``)."""
+        sub-tiles, by the GCV error of the bag means plus the spread of the sub-tile predictions
+        around their bag's prediction (``subtile_spread``), moved by the grouped shift with groups."""
         X, Y = self._start_fit(X, Y)
         selection = self._selection(groups, X.shape[0])
         alphas = np.asarray(sorted(self.alphas), dtype=np.float64)
@@ -183,24 +196,26 @@ class RidgeHead(Head):
         self.intercept_ = Y.mean(axis=0) if self.fit_intercept else np.zeros(Y.shape[1])
         Yc = Y - self.intercept_
         s2, V, Q = _eigen_path(Z, Yc)
-        if selection == "grouped":
-            errors = grouped_errors(X, Y, group_folds(groups), alphas, self.fit_intercept, self._feature_step,
-                                    subtile_features, None if subtile_bags is None else np.asarray(subtile_bags))
-        elif selection == "gcv":
-            errors = gcv_errors(s2, Q, (Yc * Yc).sum(axis=0), Z.shape[0], alphas, self.fit_intercept)
-        else:
-            errors = loo_errors(Z, Yc, s2, V, Q, alphas, self.fit_intercept)
+        spread = None
         if subtile_features is not None and subtile_bags is not None:
-            errors = errors + subtile_spread(self.features_.transform(subtile_features), np.asarray(subtile_bags), Z,
-                                             s2, V, Q, alphas)
-        if selection == "grouped":
-            best = np.full(Y.shape[1], shared_alpha(errors))
+            spread = subtile_spread(self.features_.transform(subtile_features), np.asarray(subtile_bags), Z,
+                                    s2, V, Q, alphas)
+        if selection == "loo":
+            errors = loo_errors(Z, Yc, s2, V, Q, alphas, self.fit_intercept)
         else:
-            best = np.argmin(errors, axis=0)
+            errors = gcv_errors(s2, Q, (Yc * Yc).sum(axis=0), Z.shape[0], alphas, self.fit_intercept)
+        errors = errors if spread is None else errors + spread
+        best = np.argmin(errors, axis=0)
+        self.alpha_shift_ = 0
+        self.cv_errors_ = errors[best, np.arange(errors.shape[1])]
+        if selection == "grouped":   # every gene's GCV alpha moved by the steps that held-out groups prefer
+            self.alpha_shift_, self.cv_errors_ = grouped_shift(
+                X, Y, group_folds(groups), alphas, self.fit_intercept, self._feature_step, spread, subtile_features,
+                None if subtile_bags is None else np.asarray(subtile_bags))
+            best = np.clip(best + self.alpha_shift_, 0, len(alphas) - 1)
         self.alpha_selection_ = selection
         self.alphas_ = alphas
         self.alpha_ = alphas[best]
-        self.cv_errors_ = errors[best, np.arange(errors.shape[1])]
         self.coef_ = V @ (Q / (s2[:, None] + self.alpha_[None, :]))   # (D', G)
         return self
 

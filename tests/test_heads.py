@@ -219,21 +219,31 @@ def _section_data(seed=0, n_groups=4, clusters=15, dup=4, n_features=60):
     return X, Y, cluster // clusters
 
 
-def test_ridge_grouped_alpha_matches_brute_force_held_out_sections():
+def test_ridge_grouped_alpha_is_gcv_moved_by_the_shift_held_out_sections_prefer():
     X, Y, groups = _section_data()
-    alphas = [0.1, 10.0, 1000.0, 1e5]
+    alphas = list(np.logspace(-1, 5, 7))
     head = RidgeHead(alphas=alphas, alpha_selection="grouped").fit(X, Y, groups=groups)
-    brute = np.zeros((len(alphas), Y.shape[1]))
-    for g in np.unique(groups):
-        train, test = groups != g, groups == g
-        scaler = StandardScaler().fit(X[train])   # the feature step is refitted on each fold's training rows
-        for a, alpha in enumerate(alphas):
-            ridge = Ridge(alpha=alpha).fit(scaler.transform(X[train]), Y[train])
-            brute[a] += ((ridge.predict(scaler.transform(X[test])) - Y[test]) ** 2).sum(axis=0) / len(X)
-    best = int(np.argmin(brute.sum(axis=1)))
-    assert head.alpha_selection_ == "grouped"
-    np.testing.assert_array_equal(head.alpha_, np.full(Y.shape[1], alphas[best]))
-    np.testing.assert_allclose(head.cv_errors_, brute[best], rtol=1e-6)
+    gcv = RidgeHead(alphas=alphas, alpha_selection="gcv").fit(X, Y)
+    position = {a: i for i, a in enumerate(alphas)}
+    # brute force: in each fold, each gene's GCV alpha on the other sections (RidgeHead "gcv"), moved by
+    # k grid steps, scored with scikit-learn's Ridge on the held-out section
+    brute = {}
+    for k in range(-len(alphas) + 1, len(alphas)):
+        total = 0.0
+        for g in np.unique(groups):
+            train, test = groups != g, groups == g
+            fold_alphas = RidgeHead(alphas=alphas, alpha_selection="gcv").fit(X[train], Y[train]).alpha_
+            scaler = StandardScaler().fit(X[train])   # the feature step is refitted on each fold's training rows
+            for gene, alpha in enumerate(fold_alphas):
+                moved = alphas[int(np.clip(position[alpha] + k, 0, len(alphas) - 1))]
+                ridge = Ridge(alpha=moved).fit(scaler.transform(X[train]), Y[train][:, gene])
+                total += float(((ridge.predict(scaler.transform(X[test])) - Y[test][:, gene]) ** 2).sum())
+        brute[k] = total / len(X)
+    best = min(brute, key=lambda k: (brute[k], abs(k)))
+    assert head.alpha_selection_ == "grouped" and head.alpha_shift_ == best > 0   # more shrinkage than GCV
+    assert head.cv_errors_.sum() == pytest.approx(brute[best], rel=1e-6)
+    expected = [alphas[int(np.clip(position[a] + best, 0, len(alphas) - 1))] for a in gcv.alpha_]
+    np.testing.assert_allclose(head.alpha_, expected)
 
 
 def test_ridge_grouped_alpha_generalises_to_a_new_section_better_than_gcv():
@@ -242,7 +252,7 @@ def test_ridge_grouped_alpha_generalises_to_a_new_section_better_than_gcv():
     grouped = make_head("ridge").fit(X[train], Y[train], groups=groups[train])   # "auto" with groups
     gcv = make_head("ridge", alpha_selection="gcv").fit(X[train], Y[train])
     assert grouped.alpha_selection_ == "grouped" and gcv.alpha_selection_ == "gcv"
-    assert grouped.alpha_.min() > gcv.alpha_.max()     # within-section errors favour too little shrinkage
+    assert grouped.alpha_shift_ > 0 and (grouped.alpha_ > gcv.alpha_).all()   # within-section errors favour too little shrinkage
     err = {name: float(((h.predict(X[test]) - Y[test]) ** 2).mean()) for name, h in (("grouped", grouped), ("gcv", gcv))}
     assert err["grouped"] < err["gcv"]
 

@@ -203,8 +203,9 @@ def fit_head(data, specs: list[BackboneSpec], *, head: str = "ridge", params: di
     sub-tile size and predicts single sub-tiles.
     ``bag``: average the head over this many seeds. ``head="auto"``: score ridge and an mlp bagged
     over ``bag`` (default 5) seeds, each without and with neighbour context (k = ``neighbours``, or 6),
-    by grouped CV on this training data; refit the best (see ``_auto_feature_sets``); with source images
-    it also tries context scales (``context_um``, else 3x and 3x + 6x the patch size).
+    by grouped CV on this training data, and the equal-weight blend of the two on each feature set
+    (scored from their out-of-fold predictions); refit the best (see ``_auto_feature_sets``); with
+    source images it also tries context scales (``context_um``, else 3x and 3x + 6x the patch size).
     ``context_um`` (e.g. ``"336,672"``): append the features of squares of those sizes (µm) around each
     spot, cut from the source slides (``embedder.context``); the model records them and predict cuts
     the same squares.
