@@ -12,7 +12,8 @@ How alpha is chosen (``alpha_selection``):
   genes (``alpha_shift_``) that is chosen on held-out groups: each group (slide, section, patient:
   the ``groups`` given to ``fit``) is held out in turn (at most ``MAX_GROUP_FOLDS`` grouped folds),
   GCV picks each gene's alpha on the other groups, and the shift whose moved alphas give the
-  smallest held-out squared error summed over genes wins. Neighbouring spots of one section are
+  smallest held-out squared error summed over genes wins (over the ``MAX_SHIFT_GENES`` most
+  variable genes when there are more: one number needs no more, and it bounds the cost). Neighbouring spots of one section are
   alike, so errors measured within the training sections (GCV, leave-one-out) favour too little
   shrinkage for a new section; held-out sections do not. GCV keeps what it does well (which genes
   need more shrinkage than others); the held-out groups set the overall level.
@@ -40,6 +41,7 @@ from hexpr.heads.params import N_COMPONENTS, POSITIVE, SEED, Bool, Int, NoneOr, 
 DEFAULT_ALPHAS = tuple(np.logspace(-2, 7, 19))
 ALPHA_SELECTIONS = ("auto", "grouped", "gcv", "loo")
 MAX_GROUP_FOLDS = 5
+MAX_SHIFT_GENES = 1024   # the grouped shift is estimated on at most this many genes (the most variable)
 _GENE_CHUNK = 512
 
 
@@ -71,11 +73,16 @@ def group_folds(groups, max_folds: int = MAX_GROUP_FOLDS) -> list[tuple[np.ndarr
 def grouped_shift(X, Y, folds, alphas, intercept: bool, make_step, extra=None, subtile_features=None,
                   subtile_bags=None) -> tuple[int, np.ndarray]:
     """How many steps of the alpha grid to add to every gene's GCV alpha, chosen on held-out groups:
-    (shift, per-gene held-out error at the shifted alphas). In each fold (``folds``: whole groups
+    (shift, held-out error per gene at the shifted alphas, for the genes it was estimated on: all, or
+    the ``MAX_SHIFT_GENES`` most variable). In each fold (``folds``: whole groups
     held out) the feature step (``make_step()``: standardization, PCA) is fitted on the training
     rows (or their sub-tiles, when X holds bag means) and each gene's alpha is chosen by GCV there;
     the shift is the one whose shifted alphas give the smallest held-out squared error summed over
     genes and folds. ``extra`` (n_alphas, G), e.g. the sub-tile spread, is added to both criteria."""
+    if Y.shape[1] > MAX_SHIFT_GENES:   # one number for all genes: the most variable ones set it, at a fraction of the cost
+        keep = np.sort(np.argsort(-Y.var(axis=0), kind="stable")[:MAX_SHIFT_GENES])
+        Y = Y[:, keep]
+        extra = None if extra is None else extra[:, keep]
     n_alphas, n_genes = len(alphas), Y.shape[1]
     extra = np.zeros((n_alphas, n_genes)) if extra is None else extra
     genes = np.arange(n_genes)
@@ -209,10 +216,11 @@ class RidgeHead(Head):
         self.alpha_shift_ = 0
         self.cv_errors_ = errors[best, np.arange(errors.shape[1])]
         if selection == "grouped":   # every gene's GCV alpha moved by the steps that held-out groups prefer
-            self.alpha_shift_, self.cv_errors_ = grouped_shift(
+            self.alpha_shift_, self.shift_errors_ = grouped_shift(
                 X, Y, group_folds(groups), alphas, self.fit_intercept, self._feature_step, spread, subtile_features,
                 None if subtile_bags is None else np.asarray(subtile_bags))
             best = np.clip(best + self.alpha_shift_, 0, len(alphas) - 1)
+            self.cv_errors_ = errors[best, np.arange(errors.shape[1])]
         self.alpha_selection_ = selection
         self.alphas_ = alphas
         self.alpha_ = alphas[best]

@@ -241,7 +241,7 @@ def test_ridge_grouped_alpha_is_gcv_moved_by_the_shift_held_out_sections_prefer(
         brute[k] = total / len(X)
     best = min(brute, key=lambda k: (brute[k], abs(k)))
     assert head.alpha_selection_ == "grouped" and head.alpha_shift_ == best > 0   # more shrinkage than GCV
-    assert head.cv_errors_.sum() == pytest.approx(brute[best], rel=1e-6)
+    assert head.shift_errors_.sum() == pytest.approx(brute[best], rel=1e-6)
     expected = [alphas[int(np.clip(position[a] + best, 0, len(alphas) - 1))] for a in gcv.alpha_]
     np.testing.assert_allclose(head.alpha_, expected)
 
@@ -275,3 +275,16 @@ def test_ridge_grouped_alpha_bad_groups(planted):
         make_head("ridge").fit(X, Y, groups=np.arange(5))
     with pytest.raises(ValueError, match="alpha_selection"):
         make_head("ridge", alpha_selection="kfold").fit(X, Y)
+
+
+def test_ridge_grouped_shift_is_estimated_on_the_most_variable_genes(monkeypatch):
+    import hexpr.heads.ridge as ridge_module
+
+    X, Y, groups = _section_data()
+    Y = Y * np.array([1.0, 5.0, 0.2, 3.0, 0.5, 2.0])          # gene variances in a known order
+    monkeypatch.setattr(ridge_module, "MAX_SHIFT_GENES", 3)
+    head = RidgeHead(alpha_selection="grouped").fit(X, Y, groups=groups)
+    top3 = RidgeHead(alpha_selection="grouped").fit(X, Y[:, [1, 3, 5]], groups=groups)
+    assert head.shift_errors_.shape == (3,) and head.alpha_.shape == (6,)
+    assert head.alpha_shift_ == top3.alpha_shift_
+    np.testing.assert_allclose(head.shift_errors_, top3.shift_errors_)
