@@ -312,6 +312,9 @@ def fit_head(
     sweep_backbones: Annotated[bool, typer.Option("--sweep-backbones", help="Rank each backbone and their concatenation by CV.")] = False,
     genes: Annotated[Optional[str], typer.Option(help="Gene panel from the training data: hvg:N, heg:N, or a file of names.")] = None,
     neighbours: Annotated[int, typer.Option(help="Append the mean embedding of the k nearest spots (needs coordinates); 0: none.")] = 0,
+    centre_slides: Annotated[bool, typer.Option("--centre-slides", help="Subtract each slide's mean embedding from its spots "
+                                                "(removes slide-wide stain and scanner shifts; predict centres each new "
+                                                "slide by its own mean). auto tries it by itself.")] = False,
     bag: Annotated[Optional[int], typer.Option(help="Average the head over N seeds (seed, seed+1 and so on); 1: no bagging "
                                                     "(auto's mlp: 5).")] = None,
     seed: Annotated[int, typer.Option(help="Random seed (>= 0) of the folds and the head.")] = 0,
@@ -326,8 +329,8 @@ def fit_head(
     report = workflow.fit_head(data, _specs(backbone, backbone_config, no_pretrained), head=head, params=_params(param),
                                transform=transform, folds=folds, sweep=sweep, trials=trials, sweep_backbones=sweep_backbones,
                                seed=seed, n_jobs=jobs, out_dir=out_dir, cache_dir=cache_dir, tta=tta, genes=genes,
-                               neighbours=neighbours, bag=bag, context_um=context_um, progress=not quiet,
-                               batch_size=batch_size, num_workers=workers, device=device)
+                               neighbours=neighbours, bag=bag, context_um=context_um, centre_slides=centre_slides,
+                               progress=not quiet, batch_size=batch_size, num_workers=workers, device=device)
     emit(report, _print_cv)
     _random_init_notice(report["random_init_backbones"])
 

@@ -12,10 +12,13 @@ HVG) and the challenge score.
 
 Rows: ridge (alpha on held-out training sections, as ``fit-head`` fits it) and the MLP (head
 defaults, seed 0; bag5 = mean of seeds 0-4) on 112 µm, 112 + 336 µm and 112 + 336 + 672 µm, and the
-two context rows with k=6 neighbours too; ``auto`` = ``heads.fitting.fit_head(head="auto")`` on the
+two context rows with k=6 neighbours too; "ridge within slides": ridge with ``within_groups`` (its
+coefficients and penalty from the variation within each training section, as ``fit-head
+--centre-slides`` fits it); ``auto`` = ``heads.fitting.fit_head(head="auto")`` on the
 3 training sections with the feature sets ``fit-head --head auto`` builds on imported data (plain,
-k6, c336, c336+672, c336+k6, c336+672+k6; grouped CV = leave one training section out), the winner
-refit and applied to the held-out section. ``--tta`` adds the same rows on 8-view TTA features.
+k6, c336, c336+672, c336+k6, c336+672+k6; grouped CV = leave one training section out; ridge, ridge
+within slides, the bagged mlp and each ridge's blend with it), the winner refit and applied to the
+held-out section. ``--tta`` adds the same rows on 8-view TTA features.
 
     python -m benchmarks.context_her2st --work /tmp/ctx        # keep imports and caches for reruns
     python -m benchmarks.context_her2st --work /tmp/ctx --tta  # also the TTA rows (8x the embedding)
@@ -129,6 +132,8 @@ def main() -> None:
                          for s in range(args.seeds)]
                 record(f"mlp 1 seed {prefix}{name}", preds[0])
                 record(f"mlp bag{args.seeds} {prefix}{name}", np.mean(preds, axis=0))
+                record(f"ridge within slides {prefix}{name}", make_head("ridge", within_groups=True)
+                       .fit(X[train], y_train, groups=groups[train]).predict(X[test]))
             print(f"  {held_out}: {prefix or 'plain '}ridge/mlp rows done ({time.perf_counter() - started:.0f} s)", flush=True)
             if args.no_auto:
                 continue
@@ -137,7 +142,8 @@ def main() -> None:
                      f"{prefix}112+336+672+k{k}": f"c336+672+k{k}"}
             heads = args.auto_heads.split(",")
             label = f"auto{' --tta' if prefix else ''} (with context){'' if heads == ['ridge', 'mlp'] else ', ' + '+'.join(heads) + ' candidates'}"
-            candidates = [c for c in auto_candidates(list(names.values()), params=mlp_params or None, bag=args.seeds)
+            candidates = [c for c in auto_candidates(list(names.values()), params=mlp_params or None, bag=args.seeds,
+                                                     within_slides=True)
                           if c["head"].split(":")[0] in heads or (c["head"] == "bagged" and "mlp" in heads)]
             with tempfile.TemporaryDirectory() as tmp:
                 report = fit_head({short: views[long][train] for long, short in names.items()}, y_train, [str(g) for g in panel],

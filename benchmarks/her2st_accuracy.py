@@ -10,12 +10,16 @@ of the scores. Per held-out section:
   * r_hvg50: mean Pearson over the top-50 HVG (the HEST-Benchmark figure);
   * score:   the challenge score over the panel (HEG/HVG terms from the training sections).
 Rows:
-  * ridge: plain features, with k=6 neighbour context, and TTA + k=6;
+  * ridge: plain features, with k=6 neighbour context, and TTA + k=6; each also "within slides"
+    (``-p within_groups=true``: coefficients and penalty from the variation within each training
+    section; what ``fit-head --centre-slides`` fits, and an ``auto`` candidate);
   * mlp, one seed (head defaults): plain and TTA + k=6; the figure is seed 0, and ``range`` is the
     spread (max - min) of the 4-section mean r over seeds 0..4;
   * mlp bag5: the mean of 5 seeds (what ``SeedBagged`` / ``fit-head --bag 5`` predicts); ``range``
     over 3 disjoint bags (seeds 0-4, 5-9, 10-14);
-  * auto / auto --tta: ``heads.fitting.fit_head(head="auto")`` on the 3 training sections alone
+  * auto / auto --tta: ``heads.fitting.fit_head(head="auto")`` on the 3 training sections alone, with
+    the candidates ``fit-head --head auto`` scores (ridge, ridge within slides and mlp bag5 on plain
+    and k6, and each ridge blended with the mlp)
     (grouped CV = leave one training section out), the chosen recipe refit and applied to the
     held-out section; the chosen recipe per section is listed.
 
@@ -43,6 +47,7 @@ from hexpr.embedder.features import add_neighbour_context, ensure_features
 from hexpr.heads.base import make_head
 from hexpr.heads.fitting import fit_head, load_model
 from hexpr.heads.metrics import challenge_score, pearson_per_gene, top_genes
+from hexpr.heads.sweep import auto_candidates
 
 N_TOP = 50
 
@@ -116,8 +121,11 @@ def main() -> None:
         record("training mean", held_out, np.tile(y_train.mean(axis=0), (test.sum(), 1)), y_test, hvg, heg)
         for name, fset in (("ridge plain", "plain"), (f"ridge k{args.neighbours}", ctx), (f"ridge TTA+k{args.neighbours}", tta_ctx)):
             X = feats[fset]
-            pred = timed(name, lambda: make_head("ridge").fit(X[train], y_train, groups=groups[train]).predict(X[test]))
-            record(name, held_out, pred, y_test, hvg, heg)
+            for within in (False, True):   # ridge within slides: its coefficients from within-section variation
+                label = name + ", within slides" * within
+                pred = timed(label, lambda: make_head("ridge", within_groups=within)
+                             .fit(X[train], y_train, groups=groups[train]).predict(X[test]))
+                record(label, held_out, pred, y_test, hvg, heg)
 
         for fset, n_bags in (("plain", args.bags), (tta_ctx, 1)):
             X = feats[fset]
@@ -137,10 +145,12 @@ def main() -> None:
         for name, names in (("auto", {"plain": "plain", ctx: f"k{args.neighbours}"}),
                             ("auto --tta", {"TTA": "plain", tta_ctx: f"k{args.neighbours}"})):
             X_sets = {short: feats[long][train] for long, short in names.items()}
+            candidates = auto_candidates(list(X_sets), params=mlp_params or None, bag=2 if args.smoke else None,
+                                         within_slides=True)   # as fit-head builds them: 3 training sections
             with tempfile.TemporaryDirectory() as tmp:
                 t = time.perf_counter()
                 report = fit_head(X_sets, y_train, [str(g) for g in panel], head="auto", folds=len(set(groups[train])), groups=groups[train],
-                                  params=mlp_params or None, bag=2 if args.smoke else None,
+                                  params=mlp_params or None, bag=2 if args.smoke else None, candidates=candidates,
                                   out_dir=Path(tmp) / "model", feature_meta={}, progress=False)
                 fitted = load_model(Path(tmp) / "model")
                 long = {v: k for k, v in names.items()}[report["features"]]
@@ -176,7 +186,8 @@ def write_table(args, results, chosen, timings, embed_seconds, seconds) -> None:
         return float(means.max() - means.min())
 
     table["range"] = [spread(frame[frame["row"] == r], "seed" if "1 seed" in r else "bag") for r in table.index]
-    order = ["ridge plain", f"ridge k{args.neighbours}", f"ridge TTA+k{args.neighbours}", "mlp 1 seed plain",
+    order = ["ridge plain", f"ridge k{args.neighbours}", f"ridge TTA+k{args.neighbours}", "ridge plain, within slides",
+             f"ridge k{args.neighbours}, within slides", f"ridge TTA+k{args.neighbours}, within slides", "mlp 1 seed plain",
              f"mlp 1 seed {tta_ctx}", f"mlp bag{args.seeds} plain", f"mlp bag{args.seeds} {tta_ctx}", "auto", "auto --tta",
              "training mean"]
     table = table.reindex([r for r in order if r in table.index])

@@ -166,6 +166,43 @@ def add_neighbour_context(features: FeatureSet, coords, groups, k: int) -> Featu
                       features.tta, features.warnings, features.context_um)
 
 
+MIN_CENTRING_ROWS = 30   # fewer spots than this per slide: its mean embedding is a rough estimate (a warning says so)
+
+
+def centre_per_slide(features: FeatureSet, groups) -> FeatureSet:
+    """Each slide's mean feature vector subtracted from its rows (``groups``: one slide label per row;
+    None: all rows are one slide).
+
+    Removes what shifts every spot of a slide alike (stain, scanner, section thickness) before a head
+    sees the features; predictions then vary within each slide around the training mean. The mean is
+    the slide's own, from its images alone, so it is the same at fit and predict time and needs no
+    measured expression."""
+    X = np.asarray(features.X, dtype=np.float32).copy()
+    labels = np.zeros(len(X), dtype=int) if groups is None else np.asarray(groups)
+    small = []
+    for label in np.unique(labels):
+        rows = labels == label
+        X[rows] -= X[rows].mean(axis=0, dtype=np.float64).astype(np.float32)
+        if rows.sum() < MIN_CENTRING_ROWS:
+            small.append(f"{label} ({int(rows.sum())})")
+    notes = list(features.warnings)
+    if small:
+        notes.append(f"slide centring: {', '.join(small[:5])}{' ...' if len(small) > 5 else ''} "
+                     f"{'has' if len(small) == 1 else 'have'} fewer than {MIN_CENTRING_ROWS} spots, so the slide "
+                     "mean is a rough estimate; give all of a slide's spots in one call")
+    return FeatureSet(features.ids, X, features.blocks, features.tta, notes, features.context_um)
+
+
+def with_slide_centring(features: FeatureSet, dataset: PatchDataset, centre: bool) -> FeatureSet:
+    """``features`` centred per slide of ``dataset`` (``centre_per_slide``); unchanged when not ``centre``."""
+    if not centre:
+        return features
+    centred = centre_per_slide(features, None if dataset.groups is None else dataset.groups.to_numpy())
+    for note in centred.warnings[len(features.warnings):]:
+        warnings.warn(note, stacklevel=2)
+    return centred
+
+
 def with_dataset_context(features: FeatureSet, dataset: PatchDataset, neighbours: int) -> FeatureSet:
     """``features`` with the mean embedding of each spot's ``neighbours`` nearest spots of the same
     group appended (the dataset's coordinates and groups); unchanged when ``neighbours`` is 0."""

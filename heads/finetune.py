@@ -177,6 +177,10 @@ def _load_head_init(path, specs: list[BackboneSpec]) -> _HeadInit:
     if int(meta.get("neighbours", 0) or 0):
         raise FinetuneError(f"head_init {path}: the head was fitted with neighbour-context features "
                             f"(neighbours={meta['neighbours']}); fine-tuning uses each spot's own patch only")
+    if meta.get("slide_centred"):
+        raise FinetuneError(f"head_init {path}: the head was fitted on slide-centred features (--centre-slides); "
+                            "fine-tuning sees one batch of patches at a time, not whole slides: start from a head "
+                            "fitted without --centre-slides")
     if meta.get("context_um"):
         raise FinetuneError(f"head_init {path}: the head was fitted with context scales "
                             f"({', '.join(f'{s:g}' for s in meta['context_um'])} µm); fine-tuning uses each spot's own "

@@ -22,6 +22,14 @@ How alpha is chosen (``alpha_selection``):
 * ``"auto"`` (default): ``"grouped"`` when ``fit`` gets ``groups`` with at least two distinct
   labels (``hexpr fit-head`` passes the sections or slides), else ``"gcv"``.
 
+``within_groups=True``: the within-groups (fixed-effects) estimator. Each group's mean feature vector
+and mean target are replaced by the overall ones before the fit, so the coefficients and the
+penalty come from what varies within a slide, and a shift shared by every spot of a slide (stain,
+scanner, a patient's overall expression level) is not learned as if it were biology. Prediction
+applies the coefficients to the features as they are: within a slide the pattern is the same as
+a fit on slide-centred features, so every within-slide Pearson r is too; the slide's overall level
+follows its mean features. ``fit-head --centre-slides`` sets it; ``--head auto`` tries it.
+
 ``hest``: StandardScaler -> PCA(256) -> Ridge(alpha = 100 / (n_features * n_genes),
 fit_intercept=False) as in HEST-Benchmark (Jaume et al. 2024), so results can be compared with
 published numbers. HEST solves it with ``solver="lsqr"`` (iterative, per gene: ~75 s for 3,467
@@ -43,6 +51,15 @@ ALPHA_SELECTIONS = ("auto", "grouped", "gcv", "loo")
 MAX_GROUP_FOLDS = 5
 MAX_SHIFT_GENES = 1024   # the grouped shift is estimated on at most this many genes (the most variable)
 _GENE_CHUNK = 512
+
+
+def replace_group_means(Y: np.ndarray, groups) -> np.ndarray:
+    """``Y`` with each group's mean (per column) replaced by the overall mean."""
+    labels, index = np.unique(np.asarray(groups), return_inverse=True)
+    sums = np.zeros((len(labels), Y.shape[1]))
+    np.add.at(sums, index, Y)
+    means = sums / np.bincount(index, minlength=len(labels))[:, None]
+    return Y - means[index] + Y.mean(axis=0)
 
 
 def _eigen_path(Z: np.ndarray, Yc: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -164,17 +181,19 @@ class RidgeHead(Head):
     by the grid steps held-out groups prefer ("grouped"); "auto": grouped when ``fit`` gets groups."""
 
     param_constraints = {"alphas": RealList(POSITIVE), "n_components": N_COMPONENTS,
-                         "alpha_selection": Options(*ALPHA_SELECTIONS), "fit_intercept": Bool(), "seed": SEED}
+                         "alpha_selection": Options(*ALPHA_SELECTIONS), "fit_intercept": Bool(), "within_groups": Bool(),
+                         "seed": SEED}
 
     search_space = {"n_components": [None, 128, 256, 512]}
     bag_fit = "mean_features"      # affine in X: fitted on each bag's mean feature (heads.bags)
 
     def __init__(self, alphas=DEFAULT_ALPHAS, n_components: int | None = None,
-                 alpha_selection: str = "auto", fit_intercept: bool = True, seed: int = 0):
+                 alpha_selection: str = "auto", fit_intercept: bool = True, within_groups: bool = False, seed: int = 0):
         self.alphas = alphas
         self.n_components = n_components
         self.alpha_selection = alpha_selection
         self.fit_intercept = fit_intercept
+        self.within_groups = within_groups
         self.seed = seed
 
     def seed_changes_fit(self) -> bool:
@@ -192,9 +211,16 @@ class RidgeHead(Head):
         averages out over a bag is not blown up when single sub-tiles are predicted.
         ``subtile_bags`` (the row of X each sub-tile belongs to): alpha is then chosen for the
         sub-tiles, by the GCV error of the bag means plus the spread of the sub-tile predictions
-        around their bag's prediction (``subtile_spread``), moved by the grouped shift with groups."""
+        around their bag's prediction (``subtile_spread``), moved by the grouped shift with groups.
+
+        ``within_groups`` (with ``groups``): the within-groups (fixed-effects) fit: each group's mean
+        feature vector and mean target are replaced by the overall ones before fitting, so the
+        coefficients and the penalty come from the variation within groups alone; what differs
+        between whole slides (stain, scanner, a patient's overall level) is not learned."""
         X, Y = self._start_fit(X, Y)
         selection = self._selection(groups, X.shape[0])
+        if self.within_groups and groups is not None:
+            X, Y = replace_group_means(X, groups), replace_group_means(Y, groups)
         alphas = np.asarray(sorted(self.alphas), dtype=np.float64)
         if alphas.size == 0 or (alphas <= 0).any():
             raise ValueError("alphas must be a non-empty list of positive numbers")

@@ -37,7 +37,8 @@ from hexpr.heads.streaming import DEFAULT_CHUNK_ROWS, ArrayChunks, RunningMoment
 class StreamedRidgeHead(Head):
     """Ridge with a per-gene alpha (GCV or LOO), fitted from row chunks in bounded memory."""
 
-    param_constraints = {**RidgeHead.param_constraints, "chunk_rows": Int(1),
+    param_constraints = {**{k: v for k, v in RidgeHead.param_constraints.items() if k != "within_groups"},  # no groups
+                         "chunk_rows": Int(1),
                          "precision": Options("float64", "float32")}
 
     search_space = {"n_components": [None, 128, 256, 512]}

@@ -309,6 +309,7 @@ def score_configs(configs: list[dict], features, Y, folds, *, n_top: int = N_TOP
 # bagging and the "auto" recipe
 # --------------------------------------------------------------------------------------------
 AUTO_HEADS = ("ridge", "mlp")
+WITHIN_SLIDES_RIDGE = "ridge within slides"   # auto's name for ridge(within_groups=True)
 AUTO_BAG = 5
 
 
@@ -320,24 +321,29 @@ def _auto_kind(config: dict) -> str | None:
     return head if head in AUTO_HEADS else None
 
 
-def blend_rows(rows: list[dict], keep_dir, Y, folds, *, n_top: int = N_TOP_DEFAULT, groups=None) -> list[dict]:
-    """Leaderboard rows for auto's blends: on each feature set where a ridge and an mlp candidate
-    both succeeded, the equal-weight mean of the two, scored from their kept out-of-fold predictions
-    (no model is fitted again). A blend's config is an ``ensemble`` head with fixed weights, so the
-    refit predicts exactly what was scored. Its OOF predictions and CV report are kept like the
-    others' (``load_kept_cv``)."""
-    keep_dir = Path(keep_dir)
-    pairs: dict[str, dict[str, dict]] = {}
+def _pairs(rows: list[dict]) -> list[tuple[str, list[dict]]]:
+    """(feature set, [ridge row, mlp row]) for each ridge candidate (plain or within slides) that has a
+    successful mlp candidate on the same feature set, in candidate order."""
+    by_set: dict[str, dict[str, list[dict]]] = {}
     for row in sorted(rows, key=lambda r: r["config"]["trial"]):
         kind = _auto_kind(row["config"])
         if kind is not None and row.get("error") is None and np.isfinite(row.get("score", np.nan)):
-            pairs.setdefault(row["config"]["features"], {}).setdefault(kind, row)
+            by_set.setdefault(row["config"]["features"], {}).setdefault(kind, []).append(row)
+    return [(features, [ridge, kinds["mlp"][0]]) for features, kinds in by_set.items()
+            for ridge in kinds.get("ridge", []) if kinds.get("mlp")]
+
+
+def blend_rows(rows: list[dict], keep_dir, Y, folds, *, n_top: int = N_TOP_DEFAULT, groups=None) -> list[dict]:
+    """Leaderboard rows for auto's blends: on each feature set, each ridge candidate (plain, and
+    within slides when tried) with the mlp candidate, where both succeeded: the equal-weight mean
+    of the two, scored from their kept out-of-fold predictions (no model is fitted again). A blend's config is an ``ensemble`` head with fixed weights, so the
+    refit predicts exactly what was scored. Its OOF predictions and CV report are kept like the
+    others' (``load_kept_cv``)."""
+    keep_dir = Path(keep_dir)
     trial = max(r["config"]["trial"] for r in rows) + 1
     blends = []
-    for features, pair in pairs.items():
-        if set(pair) != set(AUTO_HEADS):
-            continue
-        members = [pair[kind]["config"] for kind in AUTO_HEADS]
+    for features, pair in _pairs(rows):
+        members = [row["config"] for row in pair]
         if len({m["transform"] for m in members}) != 1:
             continue
         oof = np.mean([np.load(keep_dir / f"oof_{m['trial']}.npy") for m in members], axis=0)
@@ -352,7 +358,7 @@ def blend_rows(rows: list[dict], keep_dir, Y, folds, *, n_top: int = N_TOP_DEFAU
         (keep_dir / f"cv_{trial}.json").write_text(json.dumps(cv.report, default=float))
         blends.append({"config": config, **cv.report["model"], "ratio_to_mean": cv.report["ratio_to_mean"],
                        "mean_head_score": cv.report["mean_head"]["score"], "error": None,
-                       "seconds": round(sum(pair[k]["seconds"] for k in AUTO_HEADS), 3)})
+                       "seconds": round(sum(row["seconds"] for row in pair), 3)})
         trial += 1
     return blends
 
@@ -389,16 +395,20 @@ def split_params(params: Mapping | None, heads=AUTO_HEADS) -> dict[str, dict]:
 
 
 def auto_candidates(feature_names, *, params: Mapping | None = None, transform="none", seed: int = 0,
-                    bag: int | None = None) -> list[dict]:
+                    bag: int | None = None, within_slides: bool = False) -> list[dict]:
     """The configs ``fit-head --head auto`` scores: ridge and an mlp bagged over ``bag`` seeds
     (default 5), each on every named feature set (e.g. plain embeddings and embeddings with
-    neighbour context). ``params`` go to the heads that have them."""
+    neighbour context). ``params`` go to the heads that have them. ``within_slides`` (the data has
+    two slides or more): also ridge fitted within slides (``within_groups``) on every set."""
     bag = AUTO_BAG if bag is None else int(bag)
     shared = split_params(params)
     configs = []
     for features in feature_names:
         configs.append({"recipe": f"ridge on {features}", "head": "ridge", "features": features,
                         "transform": transform, "params": dict(shared["ridge"])})
+        if within_slides:
+            configs.append({"recipe": f"{WITHIN_SLIDES_RIDGE} on {features}", "head": "ridge", "features": features,
+                            "transform": transform, "params": {"within_groups": True, **shared["ridge"]}})
         mlp = {"head": "mlp", "features": features, "transform": transform,
                "params": {"seed": seed, **shared["mlp"]}}
         configs.append({"recipe": f"mlp{f' bag{bag}' if bag > 1 else ''} on {features}", **with_bag(mlp, bag)})

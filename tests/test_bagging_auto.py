@@ -156,12 +156,15 @@ def test_cli_fit_head_auto_end_to_end(tmp_path):
     assert r.exit_code == 0, r.output
     assert "auto chose" in r.output and "grouped" in r.output
     board = pd.read_csv(model / "leaderboard.csv")
-    assert len(board) == 6 and set(board["features"]) == {"plain", "k6"}     # 4 candidates + 2 blends
+    # on plain and k6: ridge, ridge within slides (3 slides), mlp, and each ridge blended with the mlp
+    assert len(board) == 10 and set(board["features"]) == {"plain", "k6"}
+    assert {"ridge within slides on k6", "ridge within slides + mlp bag2 on k6", "ridge + mlp bag2 on k6"} <= set(board["recipe"])
     report = json.loads((model / "cv_report.json").read_text())
     assert report["auto"]["chosen"] == board["recipe"].iloc[0]
     assert report["auto"]["chosen"] in " ".join(r.output.split())
     info = json.loads((model / "model.json").read_text())
     assert info["feature_meta"]["neighbours"] == (6 if "k6" in report["auto"]["chosen"] else 0)
+    assert info["feature_meta"]["slide_centred"] is False   # auto centres no features; its within-slides ridge needs none
     assert "patch" in info["feature_meta"]  # what predict-slide reads
     r = runner.invoke(app, ["predict", str(model), str(train), "--out", str(tmp_path / "p.csv"), "--cache-dir", str(cache), "--quiet"])
     assert r.exit_code == 0, r.output

@@ -253,11 +253,12 @@ def test_auto_tries_context_scales_with_grouped_cv(sections, tmp_path):
     for features in sets:
         assert f"ridge on {features}" in recipes and f"mlp bag2 on {features}" in recipes
     assert all(f"ridge + mlp bag2 on {features}" in [c["recipe"] for c in report["auto"]["candidates"]] for features in sets)
+    assert all(f"ridge within slides + mlp bag2 on {features}" in recipes for features in sets)   # two sections
     scales, neighbours = sets[report["features"]]
     meta = load_model(out).feature_meta
     assert meta["context_um"] == scales and int(meta.get("neighbours") or 0) == neighbours
     board = pd.read_csv(out / "leaderboard.csv")
-    assert len(board) == 3 * len(sets)      # ridge, mlp bag2 and their blend on each set
+    assert len(board) == 5 * len(sets)      # ridge, ridge within slides, mlp bag2 and both blends on each set
 
 
 def test_auto_without_source_images_tries_no_context(tmp_path):

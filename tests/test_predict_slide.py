@@ -400,3 +400,24 @@ def test_a_model_with_neighbour_context_gets_it_from_the_tile_grid(tmp_path):
     expected = fitted.predict(add_neighbour_context(plain, a.obsm["spatial"], None, 3).X)
     np.testing.assert_allclose(a.X, expected, rtol=1e-4, atol=1e-5)
     assert not np.allclose(a.X, fitted.predict(np.concatenate([plain.X, plain.X], axis=1)), atol=1e-4)  # context mattered
+
+
+def test_a_slide_centred_model_centres_the_slide_by_its_own_tiles(tmp_path):
+    """A ridge fitted with --centre-slides predicts, over a slide's tiles, the training mean on average:
+    the tiles' features are centred on the slide's own mean before the head sees them."""
+    from hexpr.heads.fitting import load_model
+
+    train = write_challenge_dataset(tmp_path / "train", n=24, n_genes=4, groups=2)
+    cache = tmp_path / "cache"
+    r = runner.invoke(app, ["fit-head", str(train), "-b", TINY_BACKBONE, "--folds", "2", "--centre-slides",
+                            "--out", str(tmp_path / "model"), "--cache-dir", str(cache), "--quiet"])
+    assert r.exit_code == 0, r.output
+    write_tiff(tmp_path / "s.tif", synthetic_slide(0))
+    r = predict_cli(tmp_path / "model", tmp_path / "s.tif", out=tmp_path / "out", cache=cache, extra=["--no-clip"])
+    assert r.exit_code == 0, r.output
+    a = ad.read_h5ad(tmp_path / "out" / "s" / "predictions.h5ad")
+    fitted = load_model(tmp_path / "model")
+    assert fitted.feature_meta["slide_centred"] and a.n_obs > 4
+    training_mean = pd.read_csv(train)[fitted.genes].mean().to_numpy()
+    np.testing.assert_allclose(np.asarray(a.X).mean(axis=0), training_mean, rtol=1e-4, atol=1e-4)
+    assert np.asarray(a.X).std(axis=0).min() > 1e-4     # yet the map still varies over the slide

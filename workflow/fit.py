@@ -14,13 +14,13 @@ from hexpr.embedder.datasets import DatasetError, open_dataset
 from hexpr.embedder.errors import UsageError
 from hexpr.embedder.extract import check_embed_options
 from hexpr.embedder.context import check_context, fitting_sizes, format_um, parse_context_um
-from hexpr.embedder.features import FeatureSet, ensure_features, with_context_scales, with_dataset_context
+from hexpr.embedder.features import FeatureSet, ensure_features, with_context_scales, with_dataset_context, with_slide_centring
 from hexpr.heads.base import HeadError
 from hexpr.heads.bags import Bags, check_bag_support
 from hexpr.heads.fitting import AUTO, OOF_FILE, check_config, load_model, read_model_info
 from hexpr.heads.fitting import fit_head as fit_head_on_features
 from hexpr.heads.metrics import top_genes
-from hexpr.heads.sweep import AUTO_CONTEXT_MULTIPLES, AUTO_NEIGHBOURS
+from hexpr.heads.sweep import AUTO_CONTEXT_MULTIPLES, AUTO_NEIGHBOURS, auto_candidates
 from hexpr.heads.targets import make_transform
 from hexpr.workflow.model_card import card_facts, top_gene_scores, units_of, write_card
 from hexpr.workflow.options import WHOLE_NON_NEGATIVE, Int, check_head, check_option, head_names  # noqa: F401
@@ -142,13 +142,14 @@ def auto_context_scales(dataset, context_um=()) -> tuple[float, ...]:
     return sizes
 
 
-def _auto_feature_sets(features: FeatureSet, dataset, neighbours: int = 0, context=None) -> tuple[dict, dict]:
+def _auto_feature_sets(features: FeatureSet, dataset, neighbours: int = 0, context=None,
+                       centre: bool = False) -> tuple[dict, dict]:
     """The feature sets ``head="auto"`` chooses between: the embeddings alone ("plain") and, when the
     dataset has coordinates, with the mean embedding of the k nearest spots appended ("k6"; k =
     ``neighbours`` or 6). ``context``: (scales, scales -> features with those context scales); adds
     one set per prefix of the scales ("c336", "c336+672"), and each with the neighbours too
-    ("c336+k6", "c336+672+k6"). Returns (name -> X, name -> feature meta
-    with its ``neighbours``)."""
+    ("c336+k6", "c336+672+k6"). ``centre``: every set centred per slide (``--centre-slides``).
+    Returns (name -> X, name -> feature meta with its ``neighbours``)."""
     k = int(neighbours) or AUTO_NEIGHBOURS
     named = {"plain": (features, 0)}
     if dataset.coords is not None:
@@ -161,6 +162,7 @@ def _auto_feature_sets(features: FeatureSet, dataset, neighbours: int = 0, conte
         named[name] = (with_scales(scales[:n]), 0)
         if dataset.coords is not None:   # both contexts: the wider squares and the measured neighbours
             named[f"{name}+k{k}"] = (with_dataset_context(named[name][0], dataset, k), k)
+    named = {name: (with_slide_centring(f, dataset, centre), kk) for name, (f, kk) in named.items()}
     X = {name: f.X for name, (f, _) in named.items()}
     meta = {name: {**f.meta(), "neighbours": kk} for name, (f, kk) in named.items()}
     return X, meta
@@ -193,7 +195,8 @@ def fit_head(data, specs: list[BackboneSpec], *, head: str = "ridge", params: di
              transform: str = "none", folds: int = 5, sweep=None, trials: int | None = None,
              sweep_backbones: bool = False, seed: int = 0, n_jobs: int = -1, out_dir=None,
              cache_dir=DEFAULT_CACHE_DIR, tta: bool = False, genes: str | Path | None = None, neighbours: int = 0,
-             bag: int | None = None, context_um=(), progress: bool = True, **embed_options) -> dict:
+             bag: int | None = None, context_um=(), centre_slides: bool = False, progress: bool = True,
+             **embed_options) -> dict:
     """Embed if needed, cross-validate (optionally sweep heads and backbones), refit and save the head.
 
     ``genes``: the gene panel (``hvg:N``, ``heg:N`` or a file), chosen from this training data only and
@@ -205,10 +208,14 @@ def fit_head(data, specs: list[BackboneSpec], *, head: str = "ridge", params: di
     over ``bag`` (default 5) seeds, each without and with neighbour context (k = ``neighbours``, or 6),
     by grouped CV on this training data, and the equal-weight blend of the two on each feature set
     (scored from their out-of-fold predictions); refit the best (see ``_auto_feature_sets``); with
-    source images it also tries context scales (``context_um``, else 3x and 3x + 6x the patch size).
+    source images it also tries context scales (``context_um``, else 3x and 3x + 6x the patch size);
+    with two slides or more, ridge fitted within slides too (and its blend with the mlp).
     ``context_um`` (e.g. ``"336,672"``): append the features of squares of those sizes (µm) around each
     spot, cut from the source slides (``embedder.context``); the model records them and predict cuts
     the same squares.
+    ``centre_slides``: subtract each slide's mean embedding from its spots (``embedder.features.
+    centre_per_slide``), here and, as the model records it, at predict time (each slide by its own mean);
+    ridge is then fitted within slides.
     Example::
 
         >>> report = hexpr.fit_head("demo/train.csv", hexpr.backbone_specs(["resnet18:weights=none,size=64"]),
@@ -221,6 +228,8 @@ def fit_head(data, specs: list[BackboneSpec], *, head: str = "ridge", params: di
     sweep = sweep if space is None else space
     if head == "auto" and sweep_backbones:
         raise HeadError("head 'auto' and --sweep-backbones do not combine; pick the backbones, then run auto")
+    if centre_slides and head == "ridge" and "within_groups" not in (params or {}):
+        params = {**(params or {}), "within_groups": True}   # coefficients and penalty from within slides
     scales = parse_context_um(context_um)
     if scales and sweep_backbones:
         raise UsageError("--context-um and --sweep-backbones do not combine; rank the backbones first, then fit "
@@ -237,17 +246,21 @@ def fit_head(data, specs: list[BackboneSpec], *, head: str = "ridge", params: di
         return with_context_scales(features, dataset, specs, chosen, cache_dir, tta=tta, progress=progress, **embed_options)
 
     if head == "auto":  # each of its feature sets carries its own k and context scales
-        X, meta = _auto_feature_sets(features, dataset, neighbours, (auto_context_scales(dataset, scales), add_scales))
+        X, meta = _auto_feature_sets(features, dataset, neighbours, (auto_context_scales(dataset, scales), add_scales),
+                                     centre=centre_slides)
     elif sweep_backbones:
-        X, meta = feature_choices(features, lambda f: with_dataset_context(f, dataset, neighbours))
+        X, meta = feature_choices(features, lambda f: with_slide_centring(with_dataset_context(f, dataset, neighbours),
+                                                                          dataset, centre_slides))
         meta = {name: {**m, "neighbours": int(neighbours)} for name, m in meta.items()}
         if sweep is None and trials is None:
             sweep = {}  # a grid over backbones alone
     else:
         features = with_dataset_context(add_scales(scales) if scales else features, dataset, neighbours)
+        features = with_slide_centring(features, dataset, centre_slides)
         X, meta = features.X, {**features.meta(), "neighbours": int(neighbours)}
     patch = dataset.patch_scale()  # the tile size predict-slide uses
     for m in (meta.values() if isinstance(X, dict) else [meta]):
+        m.setdefault("slide_centred", bool(centre_slides))
         m["patch"] = patch
         m["target_unit"] = dataset.target_unit   # heatmaps and colour bars name it
     groups, folds = cv_groups(dataset.observation_groups(), folds)
@@ -257,8 +270,12 @@ def fit_head(data, specs: list[BackboneSpec], *, head: str = "ridge", params: di
                   "training": [{"name": dataset.name, "source": str(dataset.source), "n_spots": len(dataset.targets),
                                 "n_slides": 0 if dataset.groups is None else int(dataset.groups.nunique()),
                                 "platforms": units["platforms"]}]}
+    candidates = None
+    if head == "auto":   # with two slides or more, ridge within slides too
+        candidates = auto_candidates(list(X), params=params, transform=transform, seed=seed, bag=bag,
+                                     within_slides=groups is not None and len(np.unique(groups)) >= 2)
     report = fit_head_on_features(
-        X, dataset.targets[panel].to_numpy(), panel, head=head, params=params,
+        X, dataset.targets[panel].to_numpy(), panel, head=head, params=params, candidates=candidates,
         transform=transform, folds=folds, groups=groups,
         seed=seed, out_dir=out_dir, feature_meta=meta, sweep=sweep, trials=trials, n_jobs=n_jobs,
         progress=progress, ids=list(dataset.targets.index) if bags is not None else features.ids, bag=bag,

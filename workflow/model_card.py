@@ -89,6 +89,7 @@ def card_facts(model, *, name: str, training: list[dict] | None = None, cv_schem
         "name": name, "head": config.get("head"), "params": config.get("params", {}), "transform": config.get("transform"),
         "genes": list(model.genes), "units": units or extra.get("units") or UNKNOWN_UNITS,
         "backbones": _backbones(meta), "tta": bool(meta.get("tta")), "neighbours": int(meta.get("neighbours", 0) or 0),
+        "slide_centred": bool(meta.get("slide_centred")),
         "tile": {"um": patch.get("patch_um"), "px": patch.get("patch_px"), "um_per_px": patch.get("um_per_px")},
         "clip": None if value_range is None else {"min": float(np.min(value_range["min"])), "max": float(np.max(value_range["max"]))},
         "training": training or extra.get("training") or [],
@@ -137,7 +138,8 @@ def render_card(f: dict, model_ref: str = "MODEL") -> str:
         lines.append(f"- backbone `{b['spec']}` (preset `{b['preset']}`), weights `{b['weights']}`, "
                      f"weights file sha256 `{b['sha256']}`")
     lines += [f"- tile: {tile_text}", f"- test-time augmentation: {'yes' if f['tta'] else 'no'}; "
-              f"neighbour context: {f['neighbours'] or 'none'}", "",
+              f"neighbour context: {f['neighbours'] or 'none'}; slide centring: "
+              f"{'yes (each slide minus its mean embedding; give all of a slide in one call)' if f.get('slide_centred') else 'no'}", "",
               "## Outputs", "",
               f"- {len(f['genes'])} genes: {', '.join(f['genes'][:20])}{' ...' if len(f['genes']) > 20 else ''} "
               "(all of them in `model.json`)",

@@ -14,7 +14,8 @@ from hexpr.embedder.errors import MissingInputError
 from hexpr.embedder.extract import check_embed_options
 from hexpr.embedder.importers.names import safe_name
 from hexpr.embedder.weights import WeightsError, locate_hub_model, parse_hub_id
-from hexpr.embedder.features import check_features_match, ensure_features, specs_from_meta, with_dataset_context
+from hexpr.embedder.features import (check_features_match, ensure_features, specs_from_meta, with_dataset_context,
+                                     with_slide_centring)
 from hexpr.heads.finetune import load_finetuned
 from hexpr.heads.finetune_model import FINETUNED_KIND, LEGACY_FINETUNED_FILE
 from hexpr.heads.fitting import load_model
@@ -97,8 +98,8 @@ def predictor_meta(model) -> dict:
 def predict_with(model, dataset, *, cache_dir=DEFAULT_CACHE_DIR, progress: bool = True, label: str = "the model",
                  clip: bool = True, **embed_options) -> tuple[pd.DataFrame, dict, list[str]]:
     """(predictions, config, embedding cache files) of ``model`` (see ``load_predictor``) for every
-    patch of ``dataset``: a fitted head embeds through the cache (with its TTA and neighbour
-    context), a fine-tuned network embeds on the fly. A fitted head's predictions are clipped to
+    patch of ``dataset``: a fitted head embeds through the cache (with its TTA, context scales, neighbour
+    context and slide centring: each slide of ``dataset`` by its own mean), a fine-tuned network embeds on the fly. A fitted head's predictions are clipped to
     its training range unless ``clip`` is False.
 
     Example::
@@ -131,6 +132,7 @@ def predict_with_uncertainty(model, dataset, *, interval: float | None = DEFAULT
                                f"{format_um(scales)} µm,", progress=progress, **embed_options)
     features = with_dataset_context(features, dataset, int(meta.get("neighbours", 0)))
     check_features_match(features, meta, label)
+    features = with_slide_centring(features, dataset, bool(meta.get("slide_centred")))
     result = predict_uncertain(model, features.X, interval=interval, clip=clip)
     index = pd.Index(list(features.ids), name="ID")
     as_frame = functools.partial(pd.DataFrame, index=index, columns=model.genes)
