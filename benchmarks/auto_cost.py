@@ -8,7 +8,8 @@ expression, 3 slides as groups, so CV leaves one slide out), with spot coordinat
 slide so that auto also tries k=6 neighbour context. Both runs go through
 ``heads.fitting.fit_head`` exactly as the CLI does after embedding (grouped CV, refit, files
 written), one after the other in this process: ridge (the default head) on the plain features,
-then auto on {plain, k6}. Prints a table and writes JSON (``--out``).
+then auto on {plain, k6} (ridge, ridge within slides, mlp bag5, and each ridge's blend with the
+mlp). Prints a table and writes JSON (``--out``).
 """
 from __future__ import annotations
 
@@ -56,7 +57,7 @@ def main() -> None:
     print(f"synthetic: {n_spots} spots x {n_features} features -> {n_genes} genes, {N_SLIDES} slides", flush=True)
 
     runs = {"ridge (default)": {"head": "ridge", "X": X},
-            "auto (ridge / mlp bag5, plain / k6)": {"head": "auto", "X": {"plain": X, "k6": context.X}}}
+            "auto (ridge / ridge within slides / mlp bag5, plain / k6)": {"head": "auto", "X": {"plain": X, "k6": context.X}}}
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name, run in runs.items():

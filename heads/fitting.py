@@ -281,7 +281,7 @@ def fit_head(X, Y, gene_names, *, head: str = "ridge", params: dict | None = Non
     head="auto" (or ``candidates``: a list of configs, see ``heads.sweep.auto_candidates``): every
        candidate is cross-validated on the same folds, the best is refit; leaderboard.csv ranks them.
        Without ``candidates``, auto tries ridge and an mlp bagged over ``bag`` (default 5) seeds on
-       every named feature set of ``X``.
+       every named feature set of ``X``, and ridge within slides when ``groups`` has two labels or more.
     bags: ``heads.bags.Bags`` (or a per-row observation index) when each observation of ``Y`` is
        measured over several rows of ``X`` (sub-tiles): heads learn so that the mean of their
        sub-tile predictions matches ``Y`` (see heads.bags); ``ids``, ``groups`` and folds are then
@@ -314,8 +314,9 @@ def _fit_into(work: Path, X, Y, gene_names, *, head, params, transform, folds, g
         for candidate in candidates or ([] if head == AUTO else [{"head": head, "params": params}]):
             check_bag_support(candidate["head"], candidate.get("params"))
     if head == AUTO or candidates is not None:
-        if candidates is None:
-            candidates = auto_candidates(list(feature_sets), params=params, transform=transform, seed=seed, bag=bag)
+        if candidates is None:   # with two slides or more, ridge within slides too
+            candidates = auto_candidates(list(feature_sets), params=params, transform=transform, seed=seed, bag=bag,
+                                         within_slides=groups is not None and len(np.unique(groups)) >= 2)
         kept = work / ".candidates"
         kept.mkdir()
         result = score_configs(candidates, feature_sets, Y, fold_list, n_top=n_top, groups=groups, n_jobs=n_jobs,

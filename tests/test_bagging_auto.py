@@ -96,14 +96,17 @@ def test_auto_scores_every_candidate_on_grouped_folds_and_refits_the_best(data, 
                       groups=groups, out_dir=tmp_path / "m", feature_meta={"plain": {"neighbours": 0}, "k6": {"neighbours": 6}},
                       progress=False, n_jobs=1)
     # grouped folds: a group is never on both sides of a split
-    assert seen["n"] == 4 and len(seen["folds"]) == 4
+    assert seen["n"] == 6 and len(seen["folds"]) == 4   # with groups: ridge within slides too
     for train, test in seen["folds"]:
         assert not set(groups[train]) & set(groups[test])
     board = pd.read_csv(tmp_path / "m" / "leaderboard.csv")
-    assert sorted(board["recipe"]) == sorted(["ridge on plain", "ridge on k6", "mlp bag2 on plain", "mlp bag2 on k6",
-                                              "ridge + mlp bag2 on plain", "ridge + mlp bag2 on k6"])
+    recipes = [f"{head} on {s}" for s in ("plain", "k6") for head in
+               ("ridge", "ridge within slides", "mlp bag2", "ridge + mlp bag2", "ridge within slides + mlp bag2")]
+    assert sorted(board["recipe"]) == sorted(recipes)
     assert board["score"].is_monotonic_decreasing and board["error"].isna().all()
-    assert report["auto"]["n_candidates"] == 4 and report["auto"]["n_blends"] == 2
+    assert report["auto"]["n_candidates"] == 6 and report["auto"]["n_blends"] == 4
+    within = json.loads(board.loc[board["recipe"] == "ridge within slides + mlp bag2 on k6", "config"].iloc[0])
+    assert within["params"]["members"][0]["params"]["within_groups"] is True
     # a blend is scored from its members' out-of-fold predictions: the same score as cross-validating
     # the fixed-weight ensemble of the two from scratch on the same folds
     blend = json.loads(board.loc[board["recipe"] == "ridge + mlp bag2 on k6", "config"].iloc[0])

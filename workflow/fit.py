@@ -20,7 +20,7 @@ from hexpr.heads.bags import Bags, check_bag_support
 from hexpr.heads.fitting import AUTO, OOF_FILE, check_config, load_model, read_model_info
 from hexpr.heads.fitting import fit_head as fit_head_on_features
 from hexpr.heads.metrics import top_genes
-from hexpr.heads.sweep import AUTO_CONTEXT_MULTIPLES, AUTO_NEIGHBOURS, auto_candidates
+from hexpr.heads.sweep import AUTO_CONTEXT_MULTIPLES, AUTO_NEIGHBOURS
 from hexpr.heads.targets import make_transform
 from hexpr.workflow.model_card import card_facts, top_gene_scores, units_of, write_card
 from hexpr.workflow.options import WHOLE_NON_NEGATIVE, Int, check_head, check_option, head_names  # noqa: F401
@@ -270,12 +270,8 @@ def fit_head(data, specs: list[BackboneSpec], *, head: str = "ridge", params: di
                   "training": [{"name": dataset.name, "source": str(dataset.source), "n_spots": len(dataset.targets),
                                 "n_slides": 0 if dataset.groups is None else int(dataset.groups.nunique()),
                                 "platforms": units["platforms"]}]}
-    candidates = None
-    if head == "auto":   # with two slides or more, ridge within slides too
-        candidates = auto_candidates(list(X), params=params, transform=transform, seed=seed, bag=bag,
-                                     within_slides=groups is not None and len(np.unique(groups)) >= 2)
     report = fit_head_on_features(
-        X, dataset.targets[panel].to_numpy(), panel, head=head, params=params, candidates=candidates,
+        X, dataset.targets[panel].to_numpy(), panel, head=head, params=params,
         transform=transform, folds=folds, groups=groups,
         seed=seed, out_dir=out_dir, feature_meta=meta, sweep=sweep, trials=trials, n_jobs=n_jobs,
         progress=progress, ids=list(dataset.targets.index) if bags is not None else features.ids, bag=bag,
