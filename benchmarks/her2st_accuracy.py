@@ -47,7 +47,6 @@ from hexpr.embedder.features import add_neighbour_context, ensure_features
 from hexpr.heads.base import make_head
 from hexpr.heads.fitting import fit_head, load_model
 from hexpr.heads.metrics import challenge_score, pearson_per_gene, top_genes
-from hexpr.heads.sweep import auto_candidates
 
 N_TOP = 50
 
@@ -145,12 +144,10 @@ def main() -> None:
         for name, names in (("auto", {"plain": "plain", ctx: f"k{args.neighbours}"}),
                             ("auto --tta", {"TTA": "plain", tta_ctx: f"k{args.neighbours}"})):
             X_sets = {short: feats[long][train] for long, short in names.items()}
-            candidates = auto_candidates(list(X_sets), params=mlp_params or None, bag=2 if args.smoke else None,
-                                         within_slides=True)   # as fit-head builds them: 3 training sections
             with tempfile.TemporaryDirectory() as tmp:
                 t = time.perf_counter()
                 report = fit_head(X_sets, y_train, [str(g) for g in panel], head="auto", folds=len(set(groups[train])), groups=groups[train],
-                                  params=mlp_params or None, bag=2 if args.smoke else None, candidates=candidates,
+                                  params=mlp_params or None, bag=2 if args.smoke else None,
                                   out_dir=Path(tmp) / "model", feature_meta={}, progress=False)
                 fitted = load_model(Path(tmp) / "model")
                 long = {v: k for k, v in names.items()}[report["features"]]
