@@ -13,6 +13,15 @@ MOBILENET_WEIGHTS = SHARED / "weights" / "mobilenetv2_100_tflite_in1k.safetensor
 MOBILENET_SPEC = f"mobilenetv2_100:weights={MOBILENET_WEIGHTS},pad_type=same,mean=0.5/0.5/0.5,std=0.5/0.5/0.5"
 
 
+def backbone_spec(args) -> str:
+    """The shared MobileNetV2, with ``--stages`` (intermediate stages pooled after its own features) when given."""
+    return MOBILENET_SPEC + (f",stages={args.stages}" if args.stages else "")
+
+
+def backbone_label(args) -> str:
+    return "MobileNetV2" + (f" + stages {args.stages}" if args.stages else "")
+
+
 def _status_kib(field: str) -> int | None:
     try:
         for line in Path("/proc/self/status").read_text().splitlines():

@@ -22,6 +22,8 @@ held-out section. ``--tta`` adds the same rows on 8-view TTA features.
 
     python -m benchmarks.context_her2st --work /tmp/ctx        # keep imports and caches for reruns
     python -m benchmarks.context_her2st --work /tmp/ctx --tta  # also the TTA rows (8x the embedding)
+    python -m benchmarks.context_her2st --work /tmp/ctx --tta --stages 2/3/4 \
+        --out benchmarks/results/context_her2st_stages.json   # MobileNetV2 with its stages 2-4 pooled too
 
 Prints a table and writes JSON (default benchmarks/results/context_her2st.json).
 """
@@ -37,7 +39,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from benchmarks._common import MOBILENET_SPEC, her2st_workdir, open_her2st
+from benchmarks._common import backbone_label, backbone_spec, her2st_workdir, open_her2st
 from hexpr.embedder.backbones import parse_backbone
 from hexpr.embedder.features import FeatureSet, add_neighbour_context, ensure_features
 from hexpr.heads.base import make_head
@@ -76,6 +78,8 @@ def main() -> None:
     parser.add_argument("--auto-only", action="store_true", help="only the auto rows (e.g. a second run with another --out)")
     parser.add_argument("--auto-heads", default="ridge,mlp", help="the candidate heads auto scores (ridge alone: "
                         "auto's choice of feature set, in seconds instead of hours on 2 shared cores)")
+    parser.add_argument("--stages", default="", help="also pool these intermediate stages of the backbone (the spec's "
+                        "stages=, e.g. 2/3/4): mid-level features after the model's own")
     parser.add_argument("--work", type=Path, default=None)
     parser.add_argument("--smoke", action="store_true", help="tiny MLPs, 60 genes, 2 seeds: checks the script; numbers mean nothing")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "context_her2st.json")
@@ -97,7 +101,7 @@ def main() -> None:
     Y, groups = dataset.targets.to_numpy(), dataset.groups.to_numpy()
     sections = sorted(set(groups))
     print(f"her2st: {len(dataset)} spots, {Y.shape[1]} genes, sections {sections}", flush=True)
-    spec = [parse_backbone(MOBILENET_SPEC)]
+    spec = [parse_backbone(backbone_spec(args))]
     k = args.neighbours
     embed_seconds, views = {}, {}
     for tta in (False, True) if args.tta else (False,):
@@ -166,12 +170,13 @@ def write_table(args, results, chosen, embed_seconds, seconds) -> None:
     table["mean r"] = table[sections].mean(axis=1)
     table["score"] = frame.groupby("row", sort=False)["score"].mean()
     pd.set_option("display.width", 160)
-    print(f"\nleave-one-section-out on her2st (MobileNetV2), fields of view around each spot: mean Pearson over the "
+    print(f"\nleave-one-section-out on her2st ({backbone_label(args)}), fields of view around each spot: mean Pearson over the "
           f"top-{N_TOP} HVG of the training sections; challenge score over the top-{args.panel} HVG; {seconds} s in all")
     print(table.round(3).to_string())
     print("auto chose:", json.dumps(chosen))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
+        "backbone": backbone_spec(args),
         "panel": args.panel, "seeds": args.seeds, "neighbours": args.neighbours, "context_um": list(SCALES),
         "table": json.loads(table.reset_index().to_json(orient="records")), "auto_chose": chosen,
         "rows": json.loads(frame.to_json(orient="records")), "embed_seconds": embed_seconds, "seconds": seconds,

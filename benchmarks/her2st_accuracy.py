@@ -26,6 +26,8 @@ Rows:
     python -m benchmarks.her2st_accuracy                 # needs ../shared; fits ~5 min on 2 idle cores, plus
                                                          # embedding on the first run (TTA: ~20 min)
     python -m benchmarks.her2st_accuracy --work /tmp/h2  # keep imports/caches for reruns
+    python -m benchmarks.her2st_accuracy --work /tmp/h2 --stages 2/3/4 \
+        --out benchmarks/results/her2st_accuracy_stages.json     # MobileNetV2 with its stages 2-4 pooled too
 
 Prints a table and writes JSON (default benchmarks/results/her2st_accuracy.json).
 """
@@ -41,7 +43,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from benchmarks._common import MOBILENET_SPEC, her2st_workdir, open_her2st
+from benchmarks._common import backbone_label, backbone_spec, her2st_workdir, open_her2st
 from hexpr.embedder.backbones import parse_backbone
 from hexpr.embedder.features import add_neighbour_context, ensure_features
 from hexpr.heads.base import make_head
@@ -63,6 +65,8 @@ def main() -> None:
     parser.add_argument("--neighbours", type=int, default=6)
     parser.add_argument("--seeds", type=int, default=5, help="seeds per bag (and single seeds whose range is shown)")
     parser.add_argument("--bags", type=int, default=3, help="disjoint bags of plain mlp, for the bag range")
+    parser.add_argument("--stages", default="", help="also pool these intermediate stages of the backbone (the spec's "
+                        "stages=, e.g. 2/3/4): mid-level features after the model's own")
     parser.add_argument("--work", type=Path, default=None, help="keep imports/caches here (default: temporary)")
     parser.add_argument("--smoke", action="store_true", help="check the script quickly: 2 seeds, 2 bags, 60 genes, "
                         "no TTA embedding (plain features stand in for TTA); numbers mean nothing")
@@ -87,7 +91,7 @@ def main() -> None:
     sections = sorted(set(groups))
     print(f"her2st: {len(dataset)} spots, {Y.shape[1]} shared genes, sections {sections}", flush=True)
 
-    spec = [parse_backbone(MOBILENET_SPEC)]
+    spec = [parse_backbone(backbone_spec(args))]
     embed_seconds, feats = {}, {}
     for tta in (False, True):
         t = time.perf_counter()
@@ -189,12 +193,13 @@ def write_table(args, results, chosen, timings, embed_seconds, seconds) -> None:
              "training mean"]
     table = table.reindex([r for r in order if r in table.index])
     pd.set_option("display.width", 160)
-    print(f"\nleave-one-section-out on her2st (MobileNetV2): mean Pearson over the top-{N_TOP} HVG of the training "
+    print(f"\nleave-one-section-out on her2st ({backbone_label(args)}): mean Pearson over the top-{N_TOP} HVG of the training "
           f"sections per held-out section; challenge score over the top-{args.panel} HVG panel; {seconds} s in all")
     print(table.round(3).to_string())
     print("auto chose:", json.dumps(chosen))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
+        "backbone": backbone_spec(args),
         "panel": args.panel, "neighbours": args.neighbours, "seeds": args.seeds, "bags": args.bags,
         "table": json.loads(table.reset_index().to_json(orient="records")), "auto_chose": chosen,
         "rows": json.loads(frame.to_json(orient="records")), "embed_seconds": embed_seconds,

@@ -39,8 +39,8 @@ PRETRAINED = "pretrained"
 RANDOM_INIT = "none"
 RANDOM_INIT_SEED = 0
 _HUB_PREFIXES = ("hf-hub:", "hf_hub:", "timm/")
-_SPEC_KEYS = {"weights", "mean", "std", "size", "interpolation", "crop_pct", "pool", "preset"}
-_OPTIONAL_KEYS = ("pool", "preset")  # left out of the spec's dict when unset, so older cache keys stay
+_SPEC_KEYS = {"weights", "mean", "std", "size", "interpolation", "crop_pct", "pool", "preset", "stages"}
+_OPTIONAL_KEYS = ("pool", "preset", "stages")  # left out of the spec's dict when unset, so older cache keys stay
 # constructor kwargs whose string values name a class (timm.layers first, then torch.nn)
 _CLASS_KWARGS = ("mlp_layer", "act_layer", "norm_layer", "embed_layer", "block_fn")
 
@@ -63,6 +63,7 @@ class BackboneSpec:
     crop_pct: float | None = None  # None = resize the whole patch (default); 0.875 = centre crop like timm eval
     pool: str | None = None  # ViT token pooling: cls | mean | cls+mean; None = the model's own output
     preset: str | None = None  # the preset this spec was expanded from (its backend and weights location)
+    stages: tuple[int, ...] | None = None  # intermediate stages whose mean-pooled outputs follow the model's own features
 
     def __hash__(self):
         return hash(self.to_json())
@@ -85,6 +86,7 @@ class BackboneSpec:
         d = asdict(self)
         d["mean"] = list(self.mean) if self.mean is not None else None
         d["std"] = list(self.std) if self.std is not None else None
+        d["stages"] = list(self.stages) if self.stages is not None else None
         for key in _OPTIONAL_KEYS:
             if d[key] is None:
                 del d[key]
@@ -103,6 +105,8 @@ class BackboneSpec:
             if d.get(key) is not None:
                 d[key] = tuple(float(v) for v in d[key])
         d["model_kwargs"] = dict(d.get("model_kwargs") or {})
+        if d.get("stages") is not None:
+            d["stages"] = _check_stages(d.get("name"), d["stages"])
         if d.get("pool") is not None and d["pool"] not in POOLINGS:
             raise BackboneError(f"backbone {d.get('name')!r}: pool={d['pool']!r}; use one of {', '.join(POOLINGS)}")
         if d.get("preset") is not None and get_preset(d["preset"]) is None:
@@ -114,6 +118,18 @@ class BackboneSpec:
         d = self.to_dict()
         d["weights"] = weights_identity(self.weights, self.preset)
         return d
+
+
+def _check_stages(name, stages) -> tuple[int, ...] | None:
+    """Stage indices as a sorted tuple of distinct non-negative ints (None when empty)."""
+    try:
+        values = [int(v) for v in stages]
+        ok = all(float(v) == int(v) for v in stages) and all(v >= 0 for v in values)
+    except (TypeError, ValueError):
+        ok = False
+    if not ok or len(set(values)) != len(values):
+        raise BackboneError(f"backbone {name!r}: stages={stages!r}; give distinct stage numbers from 0 up, e.g. stages=2/3/4")
+    return tuple(sorted(values)) or None
 
 
 def weights_identity(weights: str, preset: str | None = None) -> str:
@@ -163,7 +179,10 @@ def parse_backbone(text: str, default_weights: str = PRETRAINED) -> BackboneSpec
     Keys: ``weights`` (pretrained | none | path), ``mean``/``std`` (``0.5/0.5/0.5``), ``size``,
     ``interpolation``, ``crop_pct``; any other key is passed to ``timm.create_model`` (values are
     read as JSON when they parse, e.g. ``drop_rate=0.1``, else as strings, e.g. ``pad_type=same``).
-    ``pool`` (cls | mean | cls+mean) pools a ViT's tokens. Hub names keep their colon:
+    ``pool`` (cls | mean | cls+mean) pools a ViT's tokens. ``stages`` (``2/3/4``) appends the
+    mean-pooled outputs of those intermediate stages (timm's ``forward_intermediates`` numbering,
+    0 = the stem) to the model's own features: mid-level texture that ImageNet's last layer has
+    already abstracted away. Hub names keep their colon:
     ``hf-hub:MahmoodLab/UNI:weights=none``. A preset name (``uni``, ``virchow2``, see
     ``embedder.presets``) expands to its card's full spec; options then override single values
     (``uni:weights=/models/uni.bin``, ``uni:depth=2``).
@@ -199,6 +218,11 @@ def parse_backbone(text: str, default_weights: str = PRETRAINED) -> BackboneSpec
             fields[key] = value
         elif key == "pool":
             fields[key] = None if value in ("", "none", "model") else value
+        elif key == "stages":
+            try:
+                fields[key] = tuple(int(v) for v in value.split("/") if v.strip()) if value not in ("", "none") else None
+            except ValueError as exc:
+                raise BackboneError(f"backbone {text!r}: stages must look like 2/3/4 (stage numbers)") from exc
         else:
             fields["model_kwargs"][key] = _parse_value(value)
     return BackboneSpec.from_dict(fields)
@@ -414,12 +438,46 @@ class ConchImageEncoder(torch.nn.Module):
         return self.ln_contrast(self.attn_pool_contrast(self.trunk.forward_features(x))[:, 0])
 
 
+class TimmStagePool(torch.nn.Module):
+    """A timm model's own pooled features followed by the spatial means of intermediate stages, in one
+    forward pass (``forward_intermediates``, then the model's head on the final map)."""
+
+    def __init__(self, model: torch.nn.Module, stages: tuple[int, ...]):
+        super().__init__()
+        self.model, self.stages = model, list(stages)
+
+    def forward(self, x):
+        final, intermediates = self.model.forward_intermediates(x, indices=self.stages)
+        pooled = self.model.forward_head(final, pre_logits=True)
+        return torch.cat([pooled] + [t.mean(dim=(2, 3)) for t in intermediates], dim=1)
+
+
+def stage_widths(model: torch.nn.Module, spec: BackboneSpec) -> list[int]:
+    """Channels of each of ``spec.stages`` (timm's ``feature_info``); a clear error when the model
+    has no such stages."""
+    info = getattr(model, "feature_info", None)
+    if not hasattr(model, "forward_intermediates") or not hasattr(model, "forward_head") or not info:
+        raise BackboneError(f"backbone {spec.name!r}: stages= needs a timm model with intermediate stages "
+                            "(forward_intermediates); drop stages=")
+    channels = [int(entry["num_chs"]) for entry in (info.get_dicts() if hasattr(info, "get_dicts") else info)]
+    bad = [s for s in spec.stages if s >= len(channels)]
+    if bad:
+        raise BackboneError(f"backbone {spec.name!r}: stages {'/'.join(map(str, bad))} do not exist; this model has "
+                            f"stages 0 to {len(channels) - 1} ({'/'.join(map(str, channels))} channels)")
+    return [channels[s] for s in spec.stages]
+
+
 def _width(spec: BackboneSpec, base: int) -> int:
     return 2 * base if spec.pool == "cls+mean" else base
 
 
 def _pooled_timm(model: torch.nn.Module, spec: BackboneSpec) -> tuple[torch.nn.Module, int]:
     """Wrap a timm model for ``spec.pool``; refuse outputs that are not one vector per image."""
+    if spec.stages and spec.pool is not None:
+        raise BackboneError(f"backbone {spec.name!r}: stages= adds pooled intermediate stages to the model's own "
+                            "output; it cannot be combined with pool=; drop one of them")
+    if spec.stages:
+        return TimmStagePool(model, spec.stages), int(model.num_features) + sum(stage_widths(model, spec))
     if spec.pool is None:
         if getattr(model, "global_pool", None) == "":
             raise BackboneError(
@@ -475,6 +533,9 @@ _BUILDERS = {"timm": _build_timm, "transformers": _build_transformers, "conch": 
 def _wrap(model: torch.nn.Module, spec: BackboneSpec, backend: str) -> tuple[torch.nn.Module, int]:
     if backend == "timm":
         return _pooled_timm(model, spec)
+    if spec.stages:
+        raise BackboneError(f"backbone {spec.label!r}: stages= works with timm models; this preset is built by "
+                            f"{backend}; drop stages=")
     if backend == "transformers":
         pool = spec.pool or "cls"
         return HFTokenPool(model, pool), _width(spec, int(model.config.hidden_size)) if spec.pool else int(model.config.hidden_size)
